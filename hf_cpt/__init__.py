@@ -1,0 +1,53 @@
+"""hf-cpt: continual pretraining of Hugging Face models without forgetting.
+
+Everything drops into `transformers.Trainer`: configs are dataclasses, techniques are callbacks, collators and
+datasets. Attributes load lazily, so `import hf_cpt` stays fast and pulls no optional dependency.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "CPTConfig": "config",
+    "ModelConfig": "config",
+    "DataConfig": "config",
+    "SourceConfig": "config",
+    "TrainConfig": "config",
+    "ForgettingMonitorConfig": "callbacks.forgetting",
+    "ForgettingMonitorCallback": "callbacks.forgetting",
+    "run_cpt": "train",
+    "CPTResult": "train",
+    "build_training_args": "train",
+    "load_model_and_tokenizer": "models",
+    "build_train_set": "data",
+    "build_eval_sets": "data",
+    "tokenize_and_pack": "data",
+    "load_template": "templates",
+    "list_templates": "templates",
+    "render_model_card": "model_card",
+    "plot_forgetting": "plotting",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .callbacks.forgetting import ForgettingMonitorCallback, ForgettingMonitorConfig
+    from .config import CPTConfig, DataConfig, ModelConfig, SourceConfig, TrainConfig
+    from .data import build_eval_sets, build_train_set, tokenize_and_pack
+    from .model_card import render_model_card
+    from .models import load_model_and_tokenizer
+    from .plotting import plot_forgetting
+    from .templates import list_templates, load_template
+    from .train import CPTResult, build_training_args, run_cpt
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hf_cpt' has no attribute {name!r}")

@@ -1,0 +1,195 @@
+"""Forgetting monitor: held-out loss on general vs domain data during continual pretraining.
+
+Continual pretraining trades *plasticity* (domain loss going down) against *stability* (general loss staying
+put). This callback makes the trade visible: it reads the Trainer's own evaluation of named held-out sets, records
+each loss and its change since step 0, and warns or stops training when the general loss rises past a tolerance.
+
+Evaluation itself stays the Trainer's job, so it runs distributed, in mixed precision and is reported to every
+integration (TensorBoard, W&B, ...) as ``eval_<name>_loss``. Pass the held-out sets as a dict::
+
+    Trainer(..., eval_dataset={"general": general_blocks, "domain": domain_blocks},
+            args=TrainingArguments(..., eval_strategy="steps", eval_steps=50, eval_on_start=True),
+            callbacks=[ForgettingMonitorCallback(ForgettingMonitorConfig(tolerance=0.05))])
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+logger = logging.getLogger(__name__)
+
+ACTIONS = ("warn", "stop", "none")
+TOLERANCE_MODES = ("relative", "absolute")
+
+
+@dataclass
+class ForgettingMonitorConfig:
+    """Settings of the forgetting monitor.
+
+    The general loss *breaches* the tolerance at step t when
+    ``L_general(t) - L_general(0) > tolerance`` (absolute mode) or
+    ``(L_general(t) - L_general(0)) / L_general(0) > tolerance`` (relative mode).
+    """
+
+    general: str = field(default="general", metadata={"help": "Name of the general (upstream) held-out set."})
+    domain: str = field(default="domain", metadata={"help": "Name of the domain (downstream) held-out set."})
+    tolerance: float = field(
+        default=0.05, metadata={"help": "Largest allowed rise of the general held-out loss over its step-0 value."}
+    )
+    tolerance_mode: str = field(
+        default="relative", metadata={"help": "`relative` (fraction of the step-0 loss) or `absolute` (nats)."}
+    )
+    action: str = field(
+        default="warn", metadata={"help": "On a breach: `warn` (log a warning), `stop` (end training), `none`."}
+    )
+    evaluate_at_end: bool = field(
+        default=True, metadata={"help": "Also evaluate after the last step when it is not an evaluation step."}
+    )
+
+    def __post_init__(self) -> None:
+        if not self.general or not self.domain:
+            raise ValueError("`general` and `domain` must name held-out sets, got an empty name")
+        if self.general == self.domain:
+            raise ValueError(f"`general` and `domain` must differ, both are {self.general!r}")
+        if not isinstance(self.tolerance, (int, float)) or not math.isfinite(self.tolerance) or self.tolerance < 0:
+            raise ValueError(f"`tolerance` must be a finite number >= 0, got {self.tolerance!r}")
+        if self.tolerance_mode not in TOLERANCE_MODES:
+            raise ValueError(f"`tolerance_mode` must be one of {TOLERANCE_MODES}, got {self.tolerance_mode!r}")
+        if self.action not in ACTIONS:
+            raise ValueError(f"`action` must be one of {ACTIONS}, got {self.action!r}")
+
+
+def compute_forgetting(
+    history: list[dict[str, float]], general: str = "general", domain: str = "domain"
+) -> dict[str, float | None]:
+    """Summarise a loss history: first/last loss per set, their absolute and relative change.
+
+    Args:
+        history: records ``{"step": int, "<name>_loss": float, ...}`` in step order.
+        general: name of the general held-out set.
+        domain: name of the domain held-out set.
+
+    Returns:
+        ``{"<name>_loss_start", "<name>_loss_end", "<name>_delta", "<name>_delta_rel"}`` for both names
+        (``None`` where the history has no value).
+    """
+    out: dict[str, float | None] = {}
+    for name in (general, domain):
+        values = [r[f"{name}_loss"] for r in history if f"{name}_loss" in r]
+        start, end = (values[0], values[-1]) if values else (None, None)
+        out[f"{name}_loss_start"] = start
+        out[f"{name}_loss_end"] = end
+        out[f"{name}_delta"] = None if start is None else end - start
+        out[f"{name}_delta_rel"] = None if not start else (end - start) / start
+    return out
+
+
+def exceeds_tolerance(baseline: float, current: float, tolerance: float, mode: str = "relative") -> bool:
+    """Whether `current` general loss has risen past the tolerance over `baseline`."""
+    rise = current - baseline
+    if mode == "relative":
+        rise = rise / baseline if baseline else math.inf
+    return rise > tolerance
+
+
+class ForgettingMonitorCallback(TrainerCallback, ExportableState):
+    """Records general vs domain held-out loss over training and guards the general loss.
+
+    Reads ``eval_<general>_loss`` and ``eval_<domain>_loss`` from the Trainer's evaluation metrics. Its history
+    is saved with Trainer checkpoints (restored with ``restore_callback_states_from_checkpoint=True``).
+
+    Args:
+        config: a [`ForgettingMonitorConfig`]; keyword arguments build one when omitted.
+    """
+
+    def __init__(self, config: ForgettingMonitorConfig | dict | None = None, **kwargs: Any) -> None:
+        # a dict arrives when the Trainer rebuilds the callback from a checkpoint's `state()`
+        if isinstance(config, dict):
+            config = ForgettingMonitorConfig(**config)
+        self.config = config if config is not None else ForgettingMonitorConfig(**kwargs)
+        self.history: list[dict[str, float]] = []
+        self.breach_step: int | None = None
+
+    # --- checkpoint state -------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "args": {"config": asdict(self.config)},
+            "attributes": {"history": [dict(r) for r in self.history], "breach_step": self.breach_step},
+        }
+
+    # --- hooks -----------------------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, **kwargs):
+        if getattr(args, "eval_strategy", "no") in ("no", None) or str(args.eval_strategy) == "IntervalStrategy.NO":
+            raise ValueError(
+                "ForgettingMonitorCallback needs evaluation: set `eval_strategy='steps'` (and `eval_steps`) in "
+                "TrainingArguments and pass `eval_dataset` as a dict with keys "
+                f"{self.config.general!r} and {self.config.domain!r}"
+            )
+        if not self.history and not args.eval_on_start:
+            raise ValueError(
+                "ForgettingMonitorCallback measures forgetting against step 0: set `eval_on_start=True` in "
+                "TrainingArguments"
+            )
+        return control
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not metrics:
+            return control
+        step = int(state.global_step)
+        record = self.history[-1] if self.history and self.history[-1]["step"] == step else None
+        found = False
+        for name in (self.config.general, self.config.domain):
+            key = f"eval_{name}_loss"
+            if key in metrics:
+                if record is None:
+                    record = {"step": step}
+                    self.history.append(record)
+                record[f"{name}_loss"] = float(metrics[key])
+                found = True
+        if found and f"{self.config.general}_loss" in record:
+            self._check(record, state, control)
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        last = self.history[-1]["step"] if self.history else -1
+        if self.config.evaluate_at_end and state.global_step >= state.max_steps and last != state.global_step:
+            control.should_evaluate = True
+        return control
+
+    # --- core ------------------------------------------------------------------------------------------------
+    def summary(self) -> dict[str, Any]:
+        """Forgetting numbers of the run so far (see [`compute_forgetting`]) plus breach information."""
+        out: dict[str, Any] = compute_forgetting(self.history, self.config.general, self.config.domain)
+        out.update(
+            tolerance=self.config.tolerance,
+            tolerance_mode=self.config.tolerance_mode,
+            tolerance_breached=self.breach_step is not None,
+            breach_step=self.breach_step,
+        )
+        return out
+
+    def _check(self, record: dict[str, float], state, control) -> None:
+        key = f"{self.config.general}_loss"
+        baseline = next(r[key] for r in self.history if key in r)
+        if not exceeds_tolerance(baseline, record[key], self.config.tolerance, self.config.tolerance_mode):
+            return
+        if self.breach_step is None:
+            self.breach_step = record["step"]
+        if self.config.action == "none":
+            return
+        msg = (
+            f"general held-out loss rose from {baseline:.4f} to {record[key]:.4f} at step {record['step']}, past "
+            f"the {self.config.tolerance_mode} tolerance {self.config.tolerance}"
+        )
+        if self.config.action == "stop":
+            if state.is_world_process_zero:
+                logger.warning("%s: stopping training", msg)
+            control.should_training_stop = True
+        elif state.is_world_process_zero:
+            logger.warning(msg)

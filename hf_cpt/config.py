@@ -1,0 +1,263 @@
+"""Configuration of a continual-pretraining run: dataclasses that both the Python API and the YAML templates use.
+
+`CPTConfig.from_yaml(path)` / `CPTConfig.from_dict(d)` build the same objects a Python user builds by hand;
+every error names the offending field by its dotted path (``data.replay_ratio``) and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .callbacks.forgetting import ForgettingMonitorConfig
+
+EMBEDDED_MODEL = "embedded:smollm2-135m"
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+def _check_positive_int(name: str, value: Any, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+        raise ValueError(f"`{name}` must be an integer >= {0 if allow_zero else 1}, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to continue pretraining, and how to load it."""
+
+    name_or_path: str = field(
+        default=EMBEDDED_MODEL,
+        metadata={"help": "A local directory, a Hub id, or `embedded:smollm2-135m` (offline default)."},
+    )
+    dtype: str = field(default="float32", metadata={"help": f"Weights dtype, one of {DTYPES}."})
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run modelling code from the Hub repo. Off unless you trust it."}
+    )
+    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. `sdpa`, `eager`."})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name_or_path, str) or not self.name_or_path.strip():
+            raise ValueError(f"`name_or_path` must be a model directory or Hub id, got {self.name_or_path!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"`dtype` must be one of {DTYPES}, got {self.dtype!r}")
+
+
+@dataclass
+class SourceConfig:
+    """One text corpus: a training split and an optional held-out split.
+
+    A split is a local file, directory or glob (`.jsonl`/`.json`, `.txt`, `.parquet`, `.csv`, optionally
+    `.gz`), an embedded corpus (`embedded:python-docs/train`), or a Hub dataset id (`hub:org/name:split`).
+    """
+
+    train: str = field(metadata={"help": "Training split: path, glob, `embedded:NAME/SPLIT` or `hub:ID:SPLIT`."})
+    eval: str | None = field(default=None, metadata={"help": "Held-out split for the forgetting monitor."})
+    text_field: str = field(default="text", metadata={"help": "Column holding the text."})
+    streaming: bool = field(
+        default=False, metadata={"help": "Stream the training split instead of loading it (large corpora)."}
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.train, str) or not self.train.strip():
+            raise ValueError(f"`train` must name a data file, glob or dataset, got {self.train!r}")
+        if not self.text_field:
+            raise ValueError("`text_field` must name the text column, got an empty value")
+
+
+@dataclass
+class DataConfig:
+    """Domain data, general (replay) data, and how they are packed and mixed.
+
+    Training blocks are `block_size` tokens long; a share `replay_ratio` of them (hence of the training tokens,
+    since blocks are equal) comes from the general corpus, interleaved evenly.
+    """
+
+    domain: SourceConfig = field(
+        default_factory=lambda: SourceConfig("embedded:python-docs/train", "embedded:python-docs/validation"),
+        metadata={"help": "The corpus to adapt to."},
+    )
+    general: SourceConfig | None = field(
+        default_factory=lambda: SourceConfig("embedded:kjv/train", "embedded:kjv/validation"),
+        metadata={"help": "General text replayed against forgetting; also the general held-out set."},
+    )
+    replay_ratio: float = field(default=0.25, metadata={"help": "Share of training tokens from `general`, in [0, 1]."})
+    block_size: int = field(default=256, metadata={"help": "Tokens per packed training/eval block."})
+    max_eval_blocks: int = field(default=32, metadata={"help": "Held-out blocks per eval set (0: all)."})
+    shuffle_seed: int = field(default=0, metadata={"help": "Seed for the order of blocks within each corpus."})
+
+    def __post_init__(self) -> None:
+        r = self.replay_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 <= r <= 1.0) or math.isnan(r):
+            raise ValueError(f"`replay_ratio` must be in [0, 1], got {r!r}")
+        if self.general is None and r > 0:
+            raise ValueError(f"`replay_ratio` is {r} but no `general` corpus is set: add `general` or set 0")
+        _check_positive_int("block_size", self.block_size)
+        _check_positive_int("max_eval_blocks", self.max_eval_blocks, allow_zero=True)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings, mapped onto `transformers.TrainingArguments`.
+
+    Anything not listed here goes in `training_args` (any `TrainingArguments` field).
+    """
+
+    max_steps: int = field(default=100, metadata={"help": "Optimizer updates to run."})
+    learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Any transformers scheduler name."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Blocks per device per micro-batch."})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Blocks per device per eval batch."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per update."})
+    eval_steps: int = field(default=20, metadata={"help": "Evaluate the held-out sets every N updates."})
+    logging_steps: int = field(default=5, metadata={"help": "Log the training loss every N updates."})
+    save_steps: int = field(default=0, metadata={"help": "Checkpoint every N updates (0: only the final model)."})
+    seed: int = field(default=42, metadata={"help": "Seed for initialisation and data order."})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision (GPU/recent CPUs)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
+    report_to: list[str] = field(default_factory=list, metadata={"help": "Integrations, e.g. [tensorboard]."})
+    training_args: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Extra `TrainingArguments` fields, passed through verbatim."}
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
+                     "gradient_accumulation_steps", "eval_steps", "logging_steps"):
+            _check_positive_int(name, getattr(self, name))
+        _check_positive_int("warmup_steps", self.warmup_steps, allow_zero=True)
+        _check_positive_int("save_steps", self.save_steps, allow_zero=True)
+        lr = self.learning_rate
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0) or math.isinf(lr):
+            raise ValueError(f"`learning_rate` must be a positive number, got {lr!r}")
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(
+                f"`warmup_steps` ({self.warmup_steps}) is longer than the run (`max_steps`={self.max_steps})"
+            )
+        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
+            raise ValueError(f"`weight_decay` must be >= 0, got {self.weight_decay!r}")
+        from transformers import TrainingArguments  # deferred: keeps config parsing import-light
+
+        known = {f.name for f in dataclasses.fields(TrainingArguments)}
+        own = {f.name for f in dataclasses.fields(self)} - {"training_args"}
+        for key in self.training_args:
+            if key not in known:
+                hint = difflib.get_close_matches(key, known | own, n=1)
+                where = "" if hint and hint[0] in own else "training_args."
+                raise ValueError(
+                    f"`training_args.{key}` is not a TrainingArguments field"
+                    + (f"; did you mean `{where}{hint[0]}`?" if hint else "")
+                )
+            if key in own or key in ("output_dir", "max_steps", "eval_strategy", "eval_on_start"):
+                raise ValueError(f"`training_args.{key}` is set by hf-cpt; set `train.{key}` instead" if key in own
+                                 else f"`training_args.{key}` is set by hf-cpt and cannot be overridden")
+
+
+@dataclass
+class CPTConfig:
+    """A whole continual-pretraining run: model, data, optimisation and forgetting monitor."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: ForgettingMonitorConfig = field(default_factory=ForgettingMonitorConfig)
+    output_dir: str | None = field(default=None, metadata={"help": "Where the adapted model is written."})
+    description: str = field(default="", metadata={"help": "One line shown by `hf-cpt templates`."})
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> CPTConfig:
+        """Build (and validate) a config from nested plain data, e.g. parsed YAML."""
+        return _build(cls, data or {}, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> CPTConfig:
+        """Read a YAML file written by `hf-cpt init` (or by hand)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        if data is not None and not isinstance(data, dict):
+            raise ValueError(f"config file {str(path)!r} must hold a mapping at the top level")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """Recursively turn plain data into dataclass `cls`, naming fields by dotted path in errors."""
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(data, dict):
+        raise TypeError(f"`{where}` must be a mapping of fields, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), list(fields), n=1)
+            raise ValueError(
+                f"unknown field `{prefix}{key}`" + (f"; did you mean `{prefix}{hint[0]}`?" if hint else "")
+                + f" (known: {', '.join(fields)})"
+            )
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"`{prefix}{missing[0]}` is required") from None
+        raise e
+    except ValueError as e:
+        # validators name the bare field; prefix it with its path in the config
+        msg = str(e)
+        for name in fields:
+            if f"`{name}`" in msg or f"`{name}." in msg:
+                msg = msg.replace(f"`{name}", f"`{prefix}{name}")
+        raise ValueError(msg) from None
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, path)
+    if dataclasses.is_dataclass(tp):
+        return value if isinstance(value, tp) else _build(tp, value, path + ".")
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `5e-5` (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise ValueError(f"`{path}` must be a number, got {value!r}") from None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ValueError(f"`{path}` must be true or false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"`{path}` must be an integer, got {value!r}")
+    if tp is str and not isinstance(value, str):
+        raise ValueError(f"`{path}` must be a string, got {value!r}")
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ValueError(f"`{path}` must be a list, got {value!r}")
+    if origin is dict and not isinstance(value, dict):
+        raise ValueError(f"`{path}` must be a mapping, got {value!r}")
+    return value

@@ -1,0 +1,198 @@
+"""Loading, tokenizing and packing text corpora with `datasets`, and building the mixed training set."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .config import DataConfig, SourceConfig
+from .mixers.ratio import mix_indices, mix_streams, ratio_schedule
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_CORPORA = {
+    "python-docs": "Python 3.11 documentation sources (PSF License 2.0): technical domain text",
+    "kjv": "King James Bible, one document per chapter (public domain): general English text",
+}
+_BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".text": "text", ".parquet": "parquet",
+             ".csv": "csv"}
+
+
+def embedded_corpus_path(spec: str) -> Path:
+    """Path of an embedded corpus split, `embedded:NAME/SPLIT` (e.g. `embedded:kjv/validation`)."""
+    body = spec.split(":", 1)[1]
+    name, _, split = body.partition("/")
+    split = split or "train"
+    if name not in EMBEDDED_CORPORA or split not in ("train", "validation"):
+        raise ValueError(
+            f"unknown embedded corpus {spec!r}; known: "
+            + ", ".join(f"embedded:{n}/train, embedded:{n}/validation" for n in EMBEDDED_CORPORA)
+        )
+    return Path(str(resources.files("hf_cpt") / "data" / name / f"{split}.jsonl.gz"))
+
+
+def _builder_for(path: str) -> str:
+    stem = path[:-3] if path.endswith(".gz") else path
+    ext = os.path.splitext(stem)[1].lower()
+    if ext not in _BUILDERS:
+        raise ValueError(f"cannot read {path!r}: use .jsonl/.json, .txt, .parquet or .csv (optionally .gz)")
+    return _BUILDERS[ext]
+
+
+def resolve_data_files(spec: str, field: str) -> tuple[str, list[str]]:
+    """Resolve a split spec to a `datasets` builder name and a list of files.
+
+    Raises:
+        FileNotFoundError: naming `field`, when nothing matches.
+    """
+    if spec.startswith("embedded:"):
+        try:
+            path = embedded_corpus_path(spec)
+        except ValueError as e:
+            raise ValueError(f"`{field}`: {e}") from None
+        return "json", [str(path)]
+    expanded = os.path.expanduser(spec)
+    if os.path.isdir(expanded):
+        files = sorted(
+            str(p) for p in Path(expanded).rglob("*") if p.is_file() and _try_builder(str(p)) is not None
+        )
+    elif any(c in expanded for c in "*?["):
+        files = sorted(glob.glob(expanded, recursive=True))
+    else:
+        files = [expanded] if os.path.isfile(expanded) else []
+    if not files:
+        raise FileNotFoundError(f"`{field}`: no data file found at {spec!r}; check the path (globs are allowed)")
+    builders = {_try_builder(f) for f in files}
+    if None in builders or len(builders) > 1:
+        raise ValueError(f"`{field}`: {spec!r} must match files of one format (.jsonl/.txt/.parquet/.csv), got "
+                         + ", ".join(sorted({os.path.basename(f) for f in files})[:5]))
+    return builders.pop(), files
+
+
+def _try_builder(path: str) -> str | None:
+    try:
+        return _builder_for(path)
+    except ValueError:
+        return None
+
+
+def load_split(spec: str, source: SourceConfig, field: str, streaming: bool = False):
+    """Load one split as a `datasets.Dataset` (or `IterableDataset` when `streaming`) with a text column."""
+    import datasets
+
+    if spec.startswith("hub:"):
+        repo, _, split = spec[4:].partition(":")
+        ds = datasets.load_dataset(repo, split=split or "train", streaming=streaming)
+    else:
+        builder, files = resolve_data_files(spec, field)
+        ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming)
+    columns = ds.column_names
+    if columns is not None and source.text_field not in columns:
+        parent = field.rsplit(".", 1)[0]
+        raise ValueError(
+            f"`{parent}.text_field`: column {source.text_field!r} not found in {spec!r} (columns: {columns}); "
+            "set `text_field` to the column holding the text"
+        )
+    return ds
+
+
+def pack_blocks(token_lists: list[list[int]], block_size: int, sep_id: int | None) -> list[list[int]]:
+    """Concatenate documents (each followed by `sep_id`) and cut them into full blocks of `block_size`.
+
+    The tail shorter than a block is dropped: every block is exactly `block_size` tokens, with no padding.
+    """
+    stream: list[int] = []
+    for ids in token_lists:
+        stream.extend(ids)
+        if sep_id is not None:
+            stream.append(sep_id)
+    usable = len(stream) - len(stream) % block_size
+    return [stream[i : i + block_size] for i in range(0, usable, block_size)]
+
+
+def tokenize_and_pack(ds, tokenizer, text_field: str, block_size: int, desc: str = ""):
+    """Tokenize a text dataset and pack it into `block_size` blocks with `input_ids`, `attention_mask`, `labels`.
+
+    Works on map-style and streaming datasets alike (lazily on the latter). Documents are separated by the
+    tokenizer's EOS token, the usual pretraining layout.
+    """
+    import datasets
+
+    sep = tokenizer.eos_token_id
+    is_map = isinstance(ds, datasets.Dataset)
+    columns = ds.column_names
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        texts = [t for t in batch[text_field] if isinstance(t, str) and t.strip()]
+        return {"input_ids": tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []}
+
+    def group(batch: dict[str, list]) -> dict[str, list]:
+        blocks = pack_blocks(batch["input_ids"], block_size, sep)
+        return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks],
+                "labels": [list(b) for b in blocks]}
+
+    extra: dict[str, Any] = {"desc": f"Tokenizing {desc}"} if is_map else {}
+    ds = ds.map(tokenize, batched=True, remove_columns=columns, **extra)
+    if is_map:
+        extra["desc"] = f"Packing {desc} into {block_size}-token blocks"
+    # 1000 documents per batch: the dropped tail per batch is < 1 block, negligible next to ~1000 documents
+    return ds.map(group, batched=True, batch_size=1000, remove_columns=["input_ids"], **extra)
+
+
+def build_eval_sets(cfg: DataConfig, tokenizer) -> dict[str, Any]:
+    """Held-out block sets keyed `domain` / `general`, each capped at `max_eval_blocks`."""
+    out = {}
+    for name in ("general", "domain"):
+        source: SourceConfig | None = getattr(cfg, name)
+        if source is None or source.eval is None:
+            continue
+        ds = load_split(source.eval, source, f"data.{name}.eval")
+        blocks = tokenize_and_pack(ds, tokenizer, source.text_field, cfg.block_size, f"{name} held-out")
+        if len(blocks) == 0:
+            raise ValueError(f"`data.{name}.eval`: the held-out text is shorter than one block "
+                             f"(`data.block_size`={cfg.block_size}); add text or lower `data.block_size`")
+        if cfg.max_eval_blocks:
+            blocks = blocks.select(range(min(cfg.max_eval_blocks, len(blocks))))
+        out[name] = blocks
+    return out
+
+
+def build_train_set(cfg: DataConfig, tokenizer, num_blocks: int) -> tuple[Any, dict[str, int]]:
+    """The mixed training set of exactly `num_blocks` blocks, and the number of training tokens per source.
+
+    A share `cfg.replay_ratio` of blocks comes from `general`, spread evenly (see [`ratio_schedule`]); a corpus
+    that runs out starts another pass in a new order. Streaming sources give an `IterableDataset`.
+    """
+    import datasets
+
+    r = cfg.replay_ratio if cfg.general is not None else 0.0
+    names = ["domain"] + (["general"] if r > 0 else [])
+    packed = {}
+    for name in names:
+        src: SourceConfig = getattr(cfg, name)
+        ds = load_split(src.train, src, f"data.{name}.train", streaming=src.streaming)
+        packed[name] = tokenize_and_pack(ds, tokenizer, src.text_field, cfg.block_size, f"{name} train")
+        if isinstance(packed[name], datasets.Dataset) and len(packed[name]) == 0:
+            raise ValueError(f"`data.{name}.train`: the text is shorter than one block "
+                             f"(`data.block_size`={cfg.block_size}); add text or lower `data.block_size`")
+    streaming = any(isinstance(p, datasets.IterableDataset) for p in packed.values())
+    if not streaming:
+        general_len = len(packed["general"]) if "general" in packed else 0
+        idx, counts = mix_indices(num_blocks, r, len(packed["domain"]), general_len, cfg.shuffle_seed)
+        combined = datasets.concatenate_datasets(list(packed.values()))
+        train = combined.select(idx)
+    else:
+        def gen() -> Iterator[dict]:
+            yield from mix_streams(lambda: packed["domain"], (lambda: packed["general"]) if r > 0 else None,
+                                   r, num_blocks)
+
+        train = datasets.IterableDataset.from_generator(gen)
+        n_general = int(ratio_schedule(num_blocks, r).sum())
+        counts = {"domain": num_blocks - n_general, "general": n_general}
+    tokens = {k: v * cfg.block_size for k, v in counts.items()}
+    return train, tokens

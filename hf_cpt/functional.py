@@ -1,0 +1,18 @@
+"""Every pure core of hf-cpt on one page: plain Python / tensors in, new values out, no Trainer.
+
+This is the list of what the library can do; each function is documented where it is defined.
+"""
+
+from .callbacks.forgetting import compute_forgetting, exceeds_tolerance
+from .data import pack_blocks
+from .mixers.ratio import cycled_indices, mix_indices, mix_streams, ratio_schedule
+
+__all__ = [
+    "compute_forgetting",
+    "cycled_indices",
+    "exceeds_tolerance",
+    "mix_indices",
+    "mix_streams",
+    "pack_blocks",
+    "ratio_schedule",
+]

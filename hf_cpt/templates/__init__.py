@@ -1,0 +1,38 @@
+"""Per-domain YAML templates, shipped as package data and parsed into [`CPTConfig`]."""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+
+from ..config import CPTConfig
+
+
+def list_templates() -> dict[str, str]:
+    """Template names with their one-line descriptions."""
+    out = {}
+    for entry in sorted(resources.files(__name__).iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".yaml"):
+            name = entry.name[: -len(".yaml")]
+            out[name] = load_template(name).description
+    return out
+
+
+def template_text(name: str) -> str:
+    """The commented YAML of template `name`."""
+    path = resources.files(__name__) / f"{name}.yaml"
+    if not path.is_file():
+        names = [p.name[:-5] for p in resources.files(__name__).iterdir() if p.name.endswith(".yaml")]
+        hint = difflib.get_close_matches(name, names, n=1)
+        raise ValueError(
+            f"unknown template {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+            + f" (available: {', '.join(sorted(names))})"
+        )
+    return path.read_text(encoding="utf-8")
+
+
+def load_template(name: str) -> CPTConfig:
+    """Parse template `name` into the same [`CPTConfig`] the Python API uses."""
+    import yaml
+
+    return CPTConfig.from_dict(yaml.safe_load(template_text(name)))

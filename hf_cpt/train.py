@@ -1,0 +1,181 @@
+"""The continual-pretraining job behind `hf-cpt train`, as one public function: [`run_cpt`].
+
+It only wires together what a Trainer user would: load model and data, mix, train with
+`transformers.Trainer` plus [`ForgettingMonitorCallback`], then write the adapted checkpoint, its config,
+metrics, forgetting plot and model card into the output directory, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .callbacks.forgetting import ForgettingMonitorCallback
+from .config import CPTConfig
+from .utils import atomic_output_dir
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "hf_cpt_config.yaml"
+METRICS_FILE = "metrics.json"
+PLOT_FILE = "forgetting.png"
+
+
+@dataclass
+class CPTResult:
+    """What [`run_cpt`] produced."""
+
+    output_dir: Path
+    metrics: dict[str, Any]
+
+
+def build_training_args(cfg: CPTConfig, output_dir: str | Path):
+    """`TrainingArguments` for `cfg`: evaluation at step 0 and every `train.eval_steps`, sequential block order
+    (the mix is already interleaved and shuffled), no checkpoints unless `train.save_steps` > 0."""
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        eval_strategy="steps",
+        eval_steps=t.eval_steps,
+        eval_on_start=True,
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=t.bf16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        report_to=t.report_to or "none",
+        train_sampling_strategy="sequential",
+        restore_callback_states_from_checkpoint=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    kwargs.update(t.training_args)
+    return TrainingArguments(**kwargs)
+
+
+def _base_model_id(name_or_path: str) -> str | None:
+    from .models import EMBEDDED_MODELS
+
+    if name_or_path in EMBEDDED_MODELS:
+        return EMBEDDED_MODELS[name_or_path]["hub_id"]
+    return None if os.path.exists(os.path.expanduser(name_or_path)) else name_or_path
+
+
+def check_data_paths(cfg: CPTConfig) -> None:
+    """Resolve every data path of `cfg` and check the held-out splits the monitor needs, without loading data.
+
+    Raises:
+        FileNotFoundError / ValueError: naming the field (`data.domain.train`, ...).
+    """
+    from .data import resolve_data_files
+
+    for name in ("domain", "general"):
+        source = getattr(cfg.data, name)
+        if source is None:
+            continue
+        for split in ("train", "eval"):
+            spec = getattr(source, split)
+            if spec is not None and not spec.startswith("hub:"):
+                resolve_data_files(spec, f"data.{name}.{split}")
+    for name in ("domain", "general"):
+        source = getattr(cfg.data, name)
+        if source is None or source.eval is None:
+            raise ValueError(f"`data.{name}.eval` is not set: the forgetting monitor needs a held-out split "
+                             f"of the {name} text")
+
+
+def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: bool = False) -> CPTResult:
+    """Continue pretraining `cfg.model` on `cfg.data` and write the adapted model to `output_dir`.
+
+    Args:
+        cfg: the run configuration.
+        output_dir: overrides `cfg.output_dir`.
+        overwrite: replace a non-empty `output_dir` (only once the new run has finished).
+
+    Returns:
+        a [`CPTResult`] with the final directory and the metrics also written to `metrics.json`.
+
+    Output files: `model.safetensors` (+ config, tokenizer), `hf_cpt_config.yaml`, `metrics.json`,
+    `forgetting.png`, `README.md` (model card). A run that fails leaves no output directory behind.
+    """
+    from transformers import Trainer, default_data_collator
+
+    from .data import build_eval_sets, build_train_set
+    from .model_card import render_model_card
+    from .models import load_model_and_tokenizer
+    from .plotting import plot_forgetting
+
+    output_dir = output_dir or cfg.output_dir
+    if not output_dir:
+        raise ValueError("`output_dir` is not set: pass it or set `output_dir` in the config")
+    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+        start = time.perf_counter()
+        args = build_training_args(cfg, tmp / "checkpoints")
+        check_data_paths(cfg)  # fail on a bad path before spending time on the model
+        model, tokenizer = load_model_and_tokenizer(cfg.model)
+        num_blocks = cfg.train.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+        num_blocks *= args.world_size
+        eval_sets = build_eval_sets(cfg.data, tokenizer)
+        train_set, train_tokens = build_train_set(cfg.data, tokenizer, num_blocks)
+        monitor = ForgettingMonitorCallback(cfg.monitor)
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train_set,
+            eval_dataset=eval_sets,
+            data_collator=default_data_collator,
+            processing_class=tokenizer,
+            callbacks=[monitor],
+        )
+        train_out = trainer.train()
+        # a resumed run rebuilds the callback from its checkpoint state: read the live one
+        monitor = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ForgettingMonitorCallback))
+        trainer.save_model(str(tmp))
+        # training_args.bin is a pickle; the recipe is recorded as YAML instead (safetensors/text only)
+        (tmp / "training_args.bin").unlink(missing_ok=True)
+        metrics: dict[str, Any] = {
+            "model": cfg.model.name_or_path,
+            "global_step": trainer.state.global_step,
+            "train_tokens": train_tokens,
+            "train_loss": train_out.training_loss,
+            "train_runtime_s": train_out.metrics.get("train_runtime"),
+            "train_tokens_per_s": sum(train_tokens.values()) / max(train_out.metrics.get("train_runtime", 0), 1e-9),
+            "total_runtime_s": None,
+            "forgetting": monitor.summary(),
+            "eval_history": monitor.history,
+            "log_history": trainer.state.log_history,
+        }
+        if trainer.is_world_process_zero():
+            (tmp / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
+            plot_forgetting(
+                monitor.history, tmp / PLOT_FILE, cfg.monitor.general, cfg.monitor.domain,
+                tolerance=cfg.monitor.tolerance, tolerance_mode=cfg.monitor.tolerance_mode,
+                title=f"hf-cpt: {cfg.model.name_or_path}",
+            )
+            metrics["total_runtime_s"] = time.perf_counter() - start
+            (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+            card = render_model_card(cfg.to_dict(), metrics, base_model=_base_model_id(cfg.model.name_or_path))
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+        if not cfg.train.save_steps:
+            shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
+    return CPTResult(output_dir=Path(output_dir).expanduser().resolve(), metrics=metrics)

@@ -1,0 +1,69 @@
+"""Small helpers shared by the techniques: model unwrapping, version drift, atomic output directories."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Return the bare model under DDP/FSDP/`torch.compile`/accelerate wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        for attr in ("module", "_orig_mod"):
+            inner = getattr(model, attr, None)
+            if isinstance(inner, torch.nn.Module):
+                model = inner
+                break
+    return model
+
+
+def get_processing_class(kwargs: dict[str, Any]) -> Any:
+    """The tokenizer/processor passed to a callback hook (`processing_class` in recent transformers,
+    `tokenizer` in older ones)."""
+    return kwargs.get("processing_class", kwargs.get("tokenizer"))
+
+
+def is_nonempty_dir(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.exists() and (not p.is_dir() or any(p.iterdir()))
+
+
+@contextlib.contextmanager
+def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to `final`; on success move it to `final`, on failure delete it.
+
+    A crash or an exception never leaves a half-written `final`. With `overwrite`, an existing `final` is
+    replaced only once the new one is complete.
+    """
+    final = Path(final).expanduser().resolve()
+    if is_nonempty_dir(final) and not overwrite:
+        raise FileExistsError(
+            f"`output_dir` {str(final)!r} exists and is not empty; choose another `output_dir` or pass "
+            "`overwrite=True` (CLI: --overwrite)"
+        )
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like a normal dir
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, trash / final.name)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)

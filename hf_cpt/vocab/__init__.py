@@ -1,0 +1,1 @@
+"""Vocabulary extension: merging domain subwords into a tokenizer and initialising their embeddings."""

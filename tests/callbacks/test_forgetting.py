@@ -1,0 +1,127 @@
+import math
+
+import pytest
+from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments, default_data_collator
+
+from hf_cpt.callbacks.forgetting import (
+    ForgettingMonitorCallback,
+    ForgettingMonitorConfig,
+    compute_forgetting,
+    exceeds_tolerance,
+)
+from hf_cpt.config import DataConfig
+from hf_cpt.data import build_eval_sets, build_train_set
+
+from ..conftest import make_tiny_llama
+
+
+def test_compute_forgetting_against_naive_reference():
+    history = [
+        {"step": 0, "general_loss": 2.0, "domain_loss": 4.0},
+        {"step": 5, "general_loss": 2.2},
+        {"step": 10, "general_loss": 2.5, "domain_loss": 3.0},
+    ]
+    out = compute_forgetting(history)
+    assert out["general_loss_start"] == 2.0 and out["general_loss_end"] == 2.5
+    assert out["general_delta"] == pytest.approx(0.5) and out["general_delta_rel"] == pytest.approx(0.25)
+    assert out["domain_delta"] == pytest.approx(-1.0) and out["domain_delta_rel"] == pytest.approx(-0.25)
+    empty = compute_forgetting([])
+    assert empty["general_delta"] is None and empty["domain_loss_end"] is None
+
+
+@pytest.mark.parametrize(
+    "baseline, current, tol, mode, expected",
+    [(2.0, 2.09, 0.05, "relative", False), (2.0, 2.11, 0.05, "relative", True),
+     (2.0, 2.09, 0.1, "absolute", False), (2.0, 2.11, 0.1, "absolute", True), (2.0, 1.0, 0.0, "relative", False)],
+)
+def test_exceeds_tolerance(baseline, current, tol, mode, expected):
+    assert exceeds_tolerance(baseline, current, tol, mode) is expected
+
+
+def _state(step, max_steps=10):
+    s = TrainerState()
+    s.global_step, s.max_steps = step, max_steps
+    return s
+
+
+@pytest.mark.parametrize("action, stops", [("stop", True), ("warn", False), ("none", False)])
+def test_breach_stops_or_warns(action, stops, caplog):
+    cb = ForgettingMonitorCallback(tolerance=0.1, action=action)
+    control = TrainerControl()
+    cb.on_evaluate(None, _state(0), control, metrics={"eval_general_loss": 2.0})
+    cb.on_evaluate(None, _state(0), control, metrics={"eval_domain_loss": 3.0})
+    cb.on_evaluate(None, _state(4), control, metrics={"eval_general_loss": 2.1, "eval_domain_loss": 2.8})
+    assert not control.should_training_stop and cb.breach_step is None
+    with caplog.at_level("WARNING"):
+        cb.on_evaluate(None, _state(8), control, metrics={"eval_general_loss": 2.5})
+    assert control.should_training_stop is stops
+    assert cb.breach_step == 8
+    assert ("rose from 2.0000 to 2.5000" in caplog.text) is (action != "none")
+    assert cb.history == [
+        {"step": 0, "general_loss": 2.0, "domain_loss": 3.0},
+        {"step": 4, "general_loss": 2.1, "domain_loss": 2.8},
+        {"step": 8, "general_loss": 2.5},
+    ]
+    assert cb.summary()["tolerance_breached"] is True
+
+
+def test_state_round_trip_rebuilds_an_equal_callback():
+    cb = ForgettingMonitorCallback(ForgettingMonitorConfig(tolerance=0.3, action="stop", domain="medical"))
+    cb.on_evaluate(None, _state(0), TrainerControl(), metrics={"eval_general_loss": 1.0, "eval_medical_loss": 2.0})
+    cb.breach_step = 7
+    data = cb.state()
+    # what Trainer._load_callback_state does on resume
+    new = type(cb)(**data["args"])
+    for k, v in data["attributes"].items():
+        setattr(new, k, v)
+    assert new.config == cb.config and new.history == cb.history and new.breach_step == 7
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="`tolerance_mode`"):
+        ForgettingMonitorConfig(tolerance_mode="percent")
+    with pytest.raises(ValueError, match="must differ"):
+        ForgettingMonitorConfig(general="x", domain="x")
+
+
+def _trainer(tmp_path, tiny_tokenizer, monitor, max_steps=5, eval_on_start=True, eval_strategy="steps", lr=1e-3):
+    data = DataConfig(block_size=32, max_eval_blocks=4)
+    train, _ = build_train_set(data, tiny_tokenizer, num_blocks=max_steps * 2)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=2, learning_rate=lr,
+        eval_strategy=eval_strategy, eval_steps=2, eval_on_start=eval_on_start, report_to="none",
+        save_strategy="no", logging_steps=1, use_cpu=True, lr_scheduler_type="constant",
+    )
+    return Trainer(model=make_tiny_llama(len(tiny_tokenizer)), args=args, train_dataset=train,
+                   eval_dataset=build_eval_sets(data, tiny_tokenizer), data_collator=default_data_collator,
+                   callbacks=[monitor])
+
+
+def test_trainer_records_step_zero_every_eval_step_and_the_end(tmp_path, tiny_tokenizer):
+    monitor = ForgettingMonitorCallback(tolerance=100.0)
+    trainer = _trainer(tmp_path, tiny_tokenizer, monitor, max_steps=5)
+    trainer.train()
+    assert [r["step"] for r in monitor.history] == [0, 2, 4, 5]  # 5 is not an eval step: evaluated at the end
+    assert all(set(r) == {"step", "general_loss", "domain_loss"} for r in monitor.history)
+    # the losses went through the Trainer's own logging, so every integration saw them
+    logged = [h for h in trainer.state.log_history if "eval_general_loss" in h]
+    assert len(logged) == 4
+    assert math.isclose(logged[0]["eval_general_loss"], monitor.history[0]["general_loss"])
+    # training on the mix lowers the domain loss of a random model
+    assert monitor.history[-1]["domain_loss"] < monitor.history[0]["domain_loss"]
+
+
+def test_trainer_stops_when_general_loss_rises(tmp_path, tiny_tokenizer):
+    # a huge learning rate wrecks a freshly initialised model: the general loss rises past 0 tolerance
+    monitor = ForgettingMonitorCallback(tolerance=0.0, action="stop")
+    trainer = _trainer(tmp_path, tiny_tokenizer, monitor, max_steps=20, lr=5.0)
+    trainer.train()
+    assert monitor.breach_step is not None
+    assert trainer.state.global_step == monitor.breach_step < 20
+
+
+def test_trainer_without_evaluation_is_a_clear_error(tmp_path, tiny_tokenizer):
+    with pytest.raises(ValueError, match="eval_on_start=True"):
+        _trainer(tmp_path, tiny_tokenizer, ForgettingMonitorCallback(), eval_on_start=False).train()
+    with pytest.raises(ValueError, match="eval_strategy='steps'"):
+        _trainer(tmp_path, tiny_tokenizer, ForgettingMonitorCallback(), eval_strategy="no").train()

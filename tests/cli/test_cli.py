@@ -1,0 +1,102 @@
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from hf_cpt.cli.main import app
+from hf_cpt.config import CPTConfig
+
+from ..conftest import tiny_run_dict
+
+runner = CliRunner()
+
+
+def _write(tmp_path, data, name="run.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_templates_lists_every_template():
+    result = runner.invoke(app, ["templates"])
+    assert result.exit_code == 0
+    for name in ("quickstart", "medical", "legal", "finance", "code", "new-language"):
+        assert name in result.output
+
+
+def test_init_writes_an_editable_template_that_parses(tmp_path):
+    out = tmp_path / "med.yaml"
+    result = runner.invoke(app, ["init", "--domain", "medical", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert CPTConfig.from_yaml(out).model.dtype == "bfloat16"
+    again = runner.invoke(app, ["init", "--domain", "medical", "--output", str(out)])
+    assert again.exit_code == 2 and "--force" in again.output
+    unknown = runner.invoke(app, ["init", "--domain", "astrology", "--output", str(tmp_path / "x.yaml")])
+    assert unknown.exit_code == 2 and "unknown template 'astrology'" in unknown.output
+
+
+def test_train_runs_end_to_end_and_writes_every_output(tmp_path, tiny_model_dir):
+    config = _write(tmp_path, tiny_run_dict(tiny_model_dir))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["train", str(config), "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "domain  held-out loss" in result.output
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "hf_cpt_config.yaml", "metrics.json",
+                 "forgetting.png", "README.md"):
+        assert (out / name).is_file(), name
+    assert not (out / "training_args.bin").exists() and not (out / "checkpoints").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["step"] for r in metrics["eval_history"]] == [0, 2, 4]
+    assert metrics["train_tokens"] == {"domain": 6 * 32, "general": 2 * 32}
+    assert metrics["forgetting"]["domain_loss_end"] < metrics["forgetting"]["domain_loss_start"]
+    card = (out / "README.md").read_text()
+    assert "hf-cpt" in card and "| general (upstream) |" in card
+    # the written config reproduces the run's config
+    assert CPTConfig.from_yaml(out / "hf_cpt_config.yaml") == CPTConfig.from_yaml(config)
+    # the result reloads with stock transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out)
+
+    # a second run into the same non-empty directory is refused, then allowed with --overwrite
+    again = runner.invoke(app, ["train", str(config), "--output-dir", str(out), "--max-steps", "2"])
+    assert again.exit_code == 2 and "exists and is not empty" in again.output and "--overwrite" in again.output
+    again = runner.invoke(app, ["train", str(config), "--output-dir", str(out), "--max-steps", "2", "--overwrite"])
+    assert again.exit_code == 0, again.output
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == 2
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"data": {"domain": {"train": "/nonexistent/d.jsonl", "eval": "embedded:python-docs/validation"}}},
+         "`data.domain.train`: no data file found"),
+        ({"data": {"domain": {"train": "embedded:python-docs/train"}}}, "`data.domain.eval` is not set"),
+        ({"data": {"replay_ratio": 1.5}}, "`data.replay_ratio` must be in [0, 1]"),
+        ({"model": {"name_or_path": "./no/such/model"}}, "`model.name_or_path`"),
+    ],
+)
+def test_bad_input_gives_one_clear_error_and_no_output(tmp_path, tiny_model_dir, change, message):
+    data = tiny_run_dict(tiny_model_dir)
+    for section, values in change.items():
+        for k, v in values.items():
+            if isinstance(v, dict):
+                data[section].setdefault(k, {}).update(v)
+            else:
+                data[section][k] = v
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["train", str(_write(tmp_path, data)), "-o", str(out)])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
+    assert not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir())  # no half-written leftovers
+
+
+def test_unknown_template_and_missing_arguments():
+    result = runner.invoke(app, ["train", "--template", "quickstrt"])
+    assert result.exit_code == 2 and "did you mean 'quickstart'" in result.output
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 2 and "--template NAME" in result.output
