@@ -19,6 +19,12 @@ _EXPORTS = {
     "TrainConfig": "config",
     "ForgettingMonitorConfig": "callbacks.forgetting",
     "ForgettingMonitorCallback": "callbacks.forgetting",
+    "RewarmConfig": "callbacks.rewarm",
+    "CycleConfig": "callbacks.rewarm",
+    "RewarmCallback": "callbacks.rewarm",
+    "make_rewarm_scheduler": "callbacks.rewarm",
+    "make_rewarm_optimizer": "callbacks.rewarm",
+    "lr_at_checkpoint": "callbacks.rewarm",
     "run_cpt": "train",
     "CPTResult": "train",
     "build_training_args": "train",
@@ -36,6 +42,14 @@ __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .callbacks.forgetting import ForgettingMonitorCallback, ForgettingMonitorConfig
+    from .callbacks.rewarm import (
+        CycleConfig,
+        RewarmCallback,
+        RewarmConfig,
+        lr_at_checkpoint,
+        make_rewarm_optimizer,
+        make_rewarm_scheduler,
+    )
     from .config import CPTConfig, DataConfig, ModelConfig, SourceConfig, TrainConfig
     from .data import build_eval_sets, build_train_set, tokenize_and_pack
     from .model_card import render_model_card

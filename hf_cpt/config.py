@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 
 from .callbacks.forgetting import ForgettingMonitorConfig
+from .callbacks.rewarm import RewarmConfig
 
 EMBEDDED_MODEL = "embedded:smollm2-135m"
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -169,8 +171,16 @@ class CPTConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: ForgettingMonitorConfig = field(default_factory=ForgettingMonitorConfig)
+    schedule: RewarmConfig | None = field(
+        default=None, metadata={"help": "Rewarming LR schedule; replaces `train.lr_scheduler_type`."}
+    )
     output_dir: str | None = field(default=None, metadata={"help": "Where the adapted model is written."})
     description: str = field(default="", metadata={"help": "One line shown by `hf-cpt templates`."})
+
+    def __post_init__(self) -> None:
+        if self.schedule is not None and self.train.warmup_steps:
+            raise ValueError("`train.warmup_steps` is set but `schedule` defines the LR: set "
+                             "`schedule.warmup_steps` instead and remove `train.warmup_steps`")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> CPTConfig:
@@ -224,10 +234,8 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise e
     except ValueError as e:
         # validators name the bare field; prefix it with its path in the config
-        msg = str(e)
-        for name in fields:
-            if f"`{name}`" in msg or f"`{name}." in msg:
-                msg = msg.replace(f"`{name}", f"`{prefix}{name}")
+        names = "|".join(re.escape(n) for n in sorted(fields, key=len, reverse=True))
+        msg = re.sub(rf"`({names})(?=[`.\[])", lambda m: f"`{prefix}{m.group(1)}", str(e)) if prefix else str(e)
         raise ValueError(msg) from None
 
 

@@ -4,13 +4,17 @@ This is the list of what the library can do; each function is documented where i
 """
 
 from .callbacks.forgetting import compute_forgetting, exceeds_tolerance
+from .callbacks.rewarm import build_cycles, lr_multiplier, lr_multiplier_cycles
 from .data import pack_blocks
 from .mixers.ratio import cycled_indices, mix_indices, mix_streams, ratio_schedule
 
 __all__ = [
+    "build_cycles",
     "compute_forgetting",
     "cycled_indices",
     "exceeds_tolerance",
+    "lr_multiplier",
+    "lr_multiplier_cycles",
     "mix_indices",
     "mix_streams",
     "pack_blocks",

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .callbacks.forgetting import ForgettingMonitorCallback
+from .callbacks.rewarm import RewarmCallback, make_rewarm_optimizer, make_rewarm_scheduler
 from .config import CPTConfig
 from .utils import atomic_output_dir
 
@@ -71,6 +72,16 @@ def build_training_args(cfg: CPTConfig, output_dir: str | Path):
     )
     kwargs.update(t.training_args)
     return TrainingArguments(**kwargs)
+
+
+def build_rewarm_optimizers(model, cfg: CPTConfig, args) -> tuple:
+    """AdamW (embeddings in their own group at `schedule.embedding_lr_ratio`) and the rewarming scheduler,
+    with the betas/eps/weight decay of `args`, for `Trainer(optimizers=...)`."""
+    optimizer = make_rewarm_optimizer(
+        model, cfg.schedule, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+    )
+    return optimizer, make_rewarm_scheduler(optimizer, cfg.schedule, args.max_steps)
 
 
 def _base_model_id(name_or_path: str) -> str | None:
@@ -138,6 +149,11 @@ def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: boo
         eval_sets = build_eval_sets(cfg.data, tokenizer)
         train_set, train_tokens = build_train_set(cfg.data, tokenizer, num_blocks)
         monitor = ForgettingMonitorCallback(cfg.monitor)
+        callbacks: list = [monitor]
+        optimizers: tuple = (None, None)
+        if cfg.schedule is not None:
+            optimizers = build_rewarm_optimizers(model, cfg, args)
+            callbacks.append(RewarmCallback(cfg.schedule))
         trainer = Trainer(
             model=model,
             args=args,
@@ -145,7 +161,8 @@ def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: boo
             eval_dataset=eval_sets,
             data_collator=default_data_collator,
             processing_class=tokenizer,
-            callbacks=[monitor],
+            callbacks=callbacks,
+            optimizers=optimizers,
         )
         train_out = trainer.train()
         # a resumed run rebuilds the callback from its checkpoint state: read the live one

@@ -2,53 +2,17 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+# before anything imports huggingface_hub, which reads these once: tests never download
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-DATA = Path(__file__).resolve().parents[1] / "hf_cpt" / "data"
-
-
-def read_embedded(name: str, split: str = "train", limit: int | None = None) -> list[str]:
-    with gzip.open(DATA / name / f"{split}.jsonl.gz", "rt", encoding="utf-8") as fh:
-        texts = [json.loads(line)["text"] for line in fh]
-    return texts[:limit] if limit else texts
-
-
-def make_tiny_tokenizer(vocab_size: int = 384):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<eos>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    corpus = read_embedded("python-docs", limit=20) + read_embedded("kjv", limit=20)
-    tok.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
-
-
-def make_tiny_llama(vocab_size: int, seed: int = 0):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-        eos_token_id=0, pad_token_id=1, bos_token_id=None,
-    )
-    return LlamaForCausalLM(cfg)
+from hf_cpt.testing import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -45,3 +45,13 @@ def test_unwrap_model_and_processing_class():
     assert unwrap_model(wrapped) is inner and unwrap_model(inner) is inner
     assert get_processing_class({"processing_class": 1, "tokenizer": 2}) == 1
     assert get_processing_class({"tokenizer": 2}) == 2
+
+
+def test_public_api_and_functional_page_resolve():
+    import hf_cpt
+    import hf_cpt.functional as F
+
+    for name in hf_cpt.__all__:
+        assert getattr(hf_cpt, name) is not None
+    for name in F.__all__:
+        assert callable(getattr(F, name))

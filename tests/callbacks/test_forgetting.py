@@ -11,8 +11,7 @@ from hf_cpt.callbacks.forgetting import (
 )
 from hf_cpt.config import DataConfig
 from hf_cpt.data import build_eval_sets, build_train_set
-
-from ..conftest import make_tiny_llama
+from hf_cpt.testing import make_tiny_llama
 
 
 def test_compute_forgetting_against_naive_reference():

@@ -100,3 +100,20 @@ def test_unknown_template_and_missing_arguments():
     assert result.exit_code == 2 and "did you mean 'quickstart'" in result.output
     result = runner.invoke(app, ["train"])
     assert result.exit_code == 2 and "--template NAME" in result.output
+
+
+def test_train_with_a_rewarming_schedule_block(tmp_path, tiny_model_dir):
+    from hf_cpt.callbacks.rewarm import RewarmConfig, lr_multiplier
+
+    data = tiny_run_dict(tiny_model_dir, max_steps=6, learning_rate=1e-3)
+    data["schedule"] = {"schedule": "cycles", "embedding_lr_ratio": 2.0, "cycles": [
+        {"steps": 3, "warmup_steps": 1, "floor": 0.1}, {"steps": 3, "peak": 0.5, "warmup_steps": 1}]}
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["train", str(_write(tmp_path, data)), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    logged = [(h["step"], h["learning_rate"]) for h in json.loads((out / "metrics.json").read_text())["log_history"]
+              if "learning_rate" in h]
+    sched = CPTConfig.from_dict(data).schedule
+    assert isinstance(sched, RewarmConfig)
+    assert [lr for _, lr in logged] == pytest.approx([1e-3 * lr_multiplier(s - 1, sched, 6) for s, _ in logged])
+    assert "schedule:" in (out / "hf_cpt_config.yaml").read_text()

@@ -1,0 +1,64 @@
+"""Tiny offline models and tokenizers for tests, benchmarks and examples (like `transformers.testing_utils`).
+
+Nothing here downloads: the tokenizer is trained in a second on the embedded corpora, the model is built from
+a config with random weights.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any
+
+from .data import embedded_corpus_path
+
+
+def read_embedded(name: str, split: str = "train", limit: int | None = None) -> list[str]:
+    """Texts of an embedded corpus (`python-docs`, `kjv`), optionally the first `limit` documents."""
+    texts = []
+    with gzip.open(embedded_corpus_path(f"embedded:{name}/{split}"), "rt", encoding="utf-8") as fh:
+        for line in fh:
+            texts.append(json.loads(line)["text"])
+            if limit and len(texts) >= limit:
+                break
+    return texts
+
+
+def make_tiny_tokenizer(vocab_size: int = 384) -> Any:
+    """A byte-level BPE tokenizer trained on 40 embedded documents; `<eos>` is id 0, `<pad>` id 1."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<eos>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(read_embedded("python-docs", limit=20) + read_embedded("kjv", limit=20), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+def make_tiny_llama(vocab_size: int, seed: int = 0, hidden_size: int = 32, num_layers: int = 2) -> Any:
+    """A randomly initialised Llama causal LM with tied embeddings, small enough for unit tests."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, eos_token_id=0, pad_token_id=1, bos_token_id=None,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def save_tiny_checkpoint(out_dir: str | Path, **model_kwargs: Any) -> Path:
+    """Write a tiny model + tokenizer checkpoint loadable with `from_pretrained`."""
+    out_dir = Path(out_dir)
+    tok = make_tiny_tokenizer()
+    make_tiny_llama(len(tok), **model_kwargs).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
