@@ -25,6 +25,9 @@ _EXPORTS = {
     "make_rewarm_scheduler": "callbacks.rewarm",
     "make_rewarm_optimizer": "callbacks.rewarm",
     "lr_at_checkpoint": "callbacks.rewarm",
+    "ActiveForgettingConfig": "callbacks.active_forgetting",
+    "ActiveForgettingCallback": "callbacks.active_forgetting",
+    "relearn_embeddings": "callbacks.active_forgetting",
     "run_cpt": "train",
     "CPTResult": "train",
     "build_training_args": "train",
@@ -41,6 +44,7 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .callbacks.active_forgetting import ActiveForgettingCallback, ActiveForgettingConfig, relearn_embeddings
     from .callbacks.forgetting import ForgettingMonitorCallback, ForgettingMonitorConfig
     from .callbacks.rewarm import (
         CycleConfig,

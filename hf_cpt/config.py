@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .callbacks.active_forgetting import ActiveForgettingConfig
 from .callbacks.forgetting import ForgettingMonitorConfig
 from .callbacks.rewarm import RewarmConfig
 
@@ -126,6 +127,9 @@ class TrainConfig:
     seed: int = field(default=42, metadata={"help": "Seed for initialisation and data order."})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision (GPU/recent CPUs)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
+    trainable: str = field(
+        default="all", metadata={"help": "`all`, or `embeddings` (body frozen: the relearning phase)."}
+    )
     report_to: list[str] = field(default_factory=list, metadata={"help": "Integrations, e.g. [tensorboard]."})
     training_args: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "Extra `TrainingArguments` fields, passed through verbatim."}
@@ -136,6 +140,8 @@ class TrainConfig:
                      "gradient_accumulation_steps", "eval_steps", "logging_steps"):
             _check_positive_int(name, getattr(self, name))
         _check_positive_int("warmup_steps", self.warmup_steps, allow_zero=True)
+        if self.trainable not in ("all", "embeddings"):
+            raise ValueError(f"`trainable` must be `all` or `embeddings`, got {self.trainable!r}")
         _check_positive_int("save_steps", self.save_steps, allow_zero=True)
         lr = self.learning_rate
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0) or math.isinf(lr):
@@ -173,6 +179,9 @@ class CPTConfig:
     monitor: ForgettingMonitorConfig = field(default_factory=ForgettingMonitorConfig)
     schedule: RewarmConfig | None = field(
         default=None, metadata={"help": "Rewarming LR schedule; replaces `train.lr_scheduler_type`."}
+    )
+    active_forgetting: ActiveForgettingConfig | None = field(
+        default=None, metadata={"help": "Reset the embeddings every K updates (plasticity pretraining)."}
     )
     output_dir: str | None = field(default=None, metadata={"help": "Where the adapted model is written."})
     description: str = field(default="", metadata={"help": "One line shown by `hf-cpt templates`."})

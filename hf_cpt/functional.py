@@ -3,6 +3,7 @@
 This is the list of what the library can do; each function is documented where it is defined.
 """
 
+from .callbacks.active_forgetting import clear_optimizer_state, reset_embeddings
 from .callbacks.forgetting import compute_forgetting, exceeds_tolerance
 from .callbacks.rewarm import build_cycles, lr_multiplier, lr_multiplier_cycles
 from .data import pack_blocks
@@ -10,6 +11,7 @@ from .mixers.ratio import cycled_indices, mix_indices, mix_streams, ratio_schedu
 
 __all__ = [
     "build_cycles",
+    "clear_optimizer_state",
     "compute_forgetting",
     "cycled_indices",
     "exceeds_tolerance",
@@ -19,4 +21,5 @@ __all__ = [
     "mix_streams",
     "pack_blocks",
     "ratio_schedule",
+    "reset_embeddings",
 ]

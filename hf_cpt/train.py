@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .callbacks.active_forgetting import ActiveForgettingCallback, relearn_embeddings
 from .callbacks.forgetting import ForgettingMonitorCallback
 from .callbacks.rewarm import RewarmCallback, make_rewarm_optimizer, make_rewarm_scheduler
 from .config import CPTConfig
@@ -151,6 +152,10 @@ def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: boo
         monitor = ForgettingMonitorCallback(cfg.monitor)
         callbacks: list = [monitor]
         optimizers: tuple = (None, None)
+        if cfg.train.trainable == "embeddings":
+            relearn_embeddings(model)
+        if cfg.active_forgetting is not None:
+            callbacks.append(ActiveForgettingCallback(cfg.active_forgetting))
         if cfg.schedule is not None:
             optimizers = build_rewarm_optimizers(model, cfg, args)
             callbacks.append(RewarmCallback(cfg.schedule))

@@ -117,3 +117,23 @@ def test_train_with_a_rewarming_schedule_block(tmp_path, tiny_model_dir):
     assert isinstance(sched, RewarmConfig)
     assert [lr for _, lr in logged] == pytest.approx([1e-3 * lr_multiplier(s - 1, sched, 6) for s, _ in logged])
     assert "schedule:" in (out / "hf_cpt_config.yaml").read_text()
+
+
+def test_train_with_active_forgetting_and_embedding_only_relearning(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    data = tiny_run_dict(tiny_model_dir, max_steps=4, trainable="embeddings")
+    data["active_forgetting"] = {"every_k_updates": 4}
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["train", str(_write(tmp_path, data)), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    # body frozen; the embeddings were trained, then reset at update 4
+    assert all(torch_equal(before[k], after[k]) for k in before if "embed" not in k)
+    assert not torch_equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+
+
+def torch_equal(a, b):
+    import torch
+
+    return torch.equal(a, b)
