@@ -25,8 +25,8 @@ def read_embedded(name: str, split: str = "train", limit: int | None = None) -> 
     return texts
 
 
-def make_tiny_tokenizer(vocab_size: int = 384) -> Any:
-    """A byte-level BPE tokenizer trained on 40 embedded documents; `<eos>` is id 0, `<pad>` id 1."""
+def train_bpe_tokenizer(texts: list[str], vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer trained on `texts`, wrapped for transformers; `<eos>` id 0, `<pad>` id 1."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -37,8 +37,13 @@ def make_tiny_tokenizer(vocab_size: int = 384) -> Any:
         vocab_size=vocab_size, special_tokens=["<eos>", "<pad>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    tok.train_from_iterator(read_embedded("python-docs", limit=20) + read_embedded("kjv", limit=20), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+
+
+def make_tiny_tokenizer(vocab_size: int = 384) -> Any:
+    """A byte-level BPE tokenizer trained on 40 embedded documents; `<eos>` is id 0, `<pad>` id 1."""
+    return train_bpe_tokenizer(read_embedded("python-docs", limit=20) + read_embedded("kjv", limit=20), vocab_size)
 
 
 def make_tiny_llama(vocab_size: int, seed: int = 0, hidden_size: int = 32, num_layers: int = 2) -> Any:
