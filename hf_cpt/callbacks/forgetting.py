@@ -125,7 +125,7 @@ class ForgettingMonitorCallback(TrainerCallback, ExportableState):
 
     # --- hooks -----------------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
-        if getattr(args, "eval_strategy", "no") in ("no", None) or str(args.eval_strategy) == "IntervalStrategy.NO":
+        if getattr(args, "eval_strategy", "no") in ("no", None):  # IntervalStrategy is a str enum: "no" matches
             raise ValueError(
                 "ForgettingMonitorCallback needs evaluation: set `eval_strategy='steps'` (and `eval_steps`) in "
                 "TrainingArguments and pass `eval_dataset` as a dict with keys "
