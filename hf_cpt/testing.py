@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import json
-from pathlib import Path
 from typing import Any
 
 from .data import embedded_corpus_path
@@ -59,11 +58,3 @@ def make_tiny_llama(vocab_size: int, seed: int = 0, hidden_size: int = 32, num_l
     )
     return LlamaForCausalLM(cfg)
 
-
-def save_tiny_checkpoint(out_dir: str | Path, **model_kwargs: Any) -> Path:
-    """Write a tiny model + tokenizer checkpoint loadable with `from_pretrained`."""
-    out_dir = Path(out_dir)
-    tok = make_tiny_tokenizer()
-    make_tiny_llama(len(tok), **model_kwargs).save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return out_dir
