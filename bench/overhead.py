@@ -48,7 +48,7 @@ def run(with_hf_cpt: bool, train, evals, vocab: int, steps: int, out: str) -> fl
         output_dir=out, max_steps=steps, per_device_train_batch_size=8, per_device_eval_batch_size=8,
         learning_rate=1e-3, eval_strategy="steps", eval_steps=20, eval_on_start=True, logging_steps=10,
         save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
-        train_sampling_strategy="sequential", dataloader_pin_memory=False,
+        dataloader_pin_memory=False,
     )
     trainer = Trainer(model=make_tiny_llama(vocab, hidden_size=128, num_layers=4), args=args, train_dataset=train,
                       eval_dataset=evals, data_collator=default_data_collator, callbacks=callbacks)
@@ -64,7 +64,7 @@ def main() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     tok = make_tiny_tokenizer()
     data = DataConfig(block_size=128, max_eval_blocks=16)
-    train, _ = build_train_set(data, tok, num_blocks=a.steps * 8)
+    train = build_train_set(data, tok)
     evals = build_eval_sets(data, tok)
     plain, ours = [], []
     with tempfile.TemporaryDirectory() as out:

@@ -31,7 +31,7 @@ HIDDEN, LAYERS, VOCAB, BLOCK = 128, 4, 2000, 64
 def data_for(corpus: str, tok, num_blocks: int, eval_blocks: int = 32):
     src = SourceConfig(f"embedded:{corpus}/train", f"embedded:{corpus}/validation")
     cfg = DataConfig(domain=src, general=src, replay_ratio=0.0, block_size=BLOCK, max_eval_blocks=eval_blocks)
-    train, _ = build_train_set(cfg, tok, num_blocks)
+    train = build_train_set(cfg, tok)
     return train, build_eval_sets(cfg, tok)["domain"]
 
 
@@ -41,7 +41,7 @@ def args_for(out: Path, steps: int, lr: float, eval_steps: int | None = None) ->
         learning_rate=lr, warmup_steps=min(100, steps // 10), lr_scheduler_type="constant_with_warmup",
         eval_strategy="steps" if eval_steps else "no", eval_steps=eval_steps, eval_on_start=bool(eval_steps),
         logging_steps=50, save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
-        train_sampling_strategy="sequential", dataloader_pin_memory=False,
+        dataloader_pin_memory=False,
     )
 
 

@@ -45,7 +45,7 @@ def run_one(path: str, peak: float, schedule: RewarmConfig, train, evals, steps:
     args = TrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=4, per_device_eval_batch_size=16,
         learning_rate=peak, eval_strategy="steps", eval_steps=10, eval_on_start=True, logging_steps=10,
-        save_strategy="no", report_to="none", seed=0, train_sampling_strategy="sequential", disable_tqdm=True,
+        save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
         dataloader_pin_memory=False,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
@@ -64,7 +64,7 @@ def main() -> None:
     path = resolve_model_path("embedded:smollm2-135m")
     tok = AutoTokenizer.from_pretrained(path)
     data = DataConfig(replay_ratio=0.0, block_size=128, max_eval_blocks=16)  # no replay, as in the paper
-    train, _ = build_train_set(data, tok, num_blocks=a.steps * 4)
+    train = build_train_set(data, tok)  # every Trainer run iterates it from the start
     evals = build_eval_sets(data, tok)
     results = {}
     for name, (peak, schedule) in RUNS.items():

@@ -17,6 +17,11 @@ _EXPORTS = {
     "DataConfig": "config",
     "SourceConfig": "config",
     "TrainConfig": "config",
+    "ReplayStage": "config",
+    "ReplayMixer": "mixers.replay",
+    "ReplayMixerConfig": "mixers.replay",
+    "RatioStage": "mixers.core",
+    "ReplayMixerCallback": "callbacks.replay_mixer",
     "ForgettingMonitorConfig": "callbacks.forgetting",
     "ForgettingMonitorCallback": "callbacks.forgetting",
     "RewarmConfig": "callbacks.rewarm",
@@ -54,7 +59,10 @@ if TYPE_CHECKING:  # pragma: no cover
         make_rewarm_optimizer,
         make_rewarm_scheduler,
     )
-    from .config import CPTConfig, DataConfig, ModelConfig, SourceConfig, TrainConfig
+    from .callbacks.replay_mixer import ReplayMixerCallback
+    from .config import CPTConfig, DataConfig, ModelConfig, ReplayStage, SourceConfig, TrainConfig
+    from .mixers.core import RatioStage
+    from .mixers.replay import ReplayMixer, ReplayMixerConfig
     from .data import build_eval_sets, build_train_set, tokenize_and_pack
     from .model_card import render_model_card
     from .models import load_model_and_tokenizer

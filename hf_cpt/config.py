@@ -76,11 +76,30 @@ class SourceConfig:
 
 
 @dataclass
+class ReplayStage:
+    """From `start` (a fraction of the run, in [0, 1)) on, replay `replay_ratio` of the tokens instead.
+
+    E.g. `{start: 0.8, replay_ratio: 0.05}` upsamples the domain in the last 20% of training.
+    """
+
+    start: float = field(metadata={"help": "Fraction of the run after which this share applies."})
+    replay_ratio: float = field(metadata={"help": "Share of training tokens from `general` in this stage."})
+
+    def __post_init__(self) -> None:
+        s = self.start
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
+            raise ValueError(f"`start` must be a fraction in [0, 1), got {s!r}")
+        r = self.replay_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 <= r <= 1.0):
+            raise ValueError(f"`replay_ratio` must be in [0, 1], got {r!r}")
+
+
+@dataclass
 class DataConfig:
     """Domain data, general (replay) data, and how they are packed and mixed.
 
-    Training blocks are `block_size` tokens long; a share `replay_ratio` of them (hence of the training tokens,
-    since blocks are equal) comes from the general corpus, interleaved evenly.
+    Training blocks are `block_size` tokens long and are mixed by [`ReplayMixer`]: a share `replay_ratio` of
+    the training tokens comes from the general corpus, exact to within one block over any stretch of training.
     """
 
     domain: SourceConfig = field(
@@ -94,9 +113,33 @@ class DataConfig:
     replay_ratio: float = field(default=0.25, metadata={"help": "Share of training tokens from `general`, in [0, 1]."})
     block_size: int = field(default=256, metadata={"help": "Tokens per packed training/eval block."})
     max_eval_blocks: int = field(default=32, metadata={"help": "Held-out blocks per eval set (0: all)."})
-    shuffle_seed: int = field(default=0, metadata={"help": "Seed for the order of blocks within each corpus."})
+    shuffle_seed: int = field(default=0, metadata={"help": "Seed for the order of documents within each corpus."})
+    granularity: str = field(
+        default="block",
+        metadata={"help": "`block`: each block from one corpus; `token`: blocks filled from both by token share."},
+    )
+    on_exhausted: str = field(
+        default="cycle", metadata={"help": "`cycle`: a corpus that runs out starts another pass; `stop`: the mix ends."}
+    )
+    replay_stages: list[ReplayStage] = field(
+        default_factory=list,
+        metadata={"help": "Later changes of `replay_ratio`, e.g. [{start: 0.8, replay_ratio: 0.05}]."},
+    )
 
     def __post_init__(self) -> None:
+        from .mixers.replay import GRANULARITIES, ON_EXHAUSTED
+
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"`granularity` must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.on_exhausted not in ON_EXHAUSTED:
+            raise ValueError(f"`on_exhausted` must be one of {ON_EXHAUSTED}, got {self.on_exhausted!r}")
+        self.replay_stages = [s if isinstance(s, ReplayStage) else ReplayStage(**s) for s in self.replay_stages]
+        for i, stage in enumerate(self.replay_stages):
+            if self.general is None and stage.replay_ratio > 0:
+                raise ValueError(f"`replay_stages[{i}].replay_ratio` is {stage.replay_ratio} but no `general` "
+                                 "corpus is set")
+            if i and stage.start <= self.replay_stages[i - 1].start:
+                raise ValueError(f"`replay_stages[{i}].start` must come after `replay_stages[{i - 1}].start`")
         r = self.replay_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 <= r <= 1.0) or math.isnan(r):
             raise ValueError(f"`replay_ratio` must be in [0, 1], got {r!r}")
@@ -275,6 +318,9 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             value = [value]
         if not isinstance(value, list):
             raise ValueError(f"`{path}` must be a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        if dataclasses.is_dataclass(item):
+            return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict and not isinstance(value, dict):
         raise ValueError(f"`{path}` must be a mapping, got {value!r}")
     return value

@@ -5,13 +5,13 @@ from __future__ import annotations
 import glob
 import logging
 import os
-from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .config import DataConfig, SourceConfig
-from .mixers.ratio import mix_indices, mix_streams, ratio_schedule
+from .mixers.core import RatioStage
+from .mixers.replay import ReplayMixer, ReplayMixerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,11 @@ def load_split(spec: str, source: SourceConfig, field: str, streaming: bool = Fa
         ds = datasets.load_dataset(repo, split=split or "train", streaming=streaming)
     else:
         builder, files = resolve_data_files(spec, field)
-        ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming)
+        try:
+            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming)
+        except datasets.exceptions.DatasetGenerationError as e:  # e.g. an empty file: no schema to infer
+            raise ValueError(f"`{field}`: {spec!r} could not be read as {builder} ({e.__cause__ or e}); check "
+                             "that it holds documents") from None
     columns = ds.column_names
     if columns is not None and source.text_field not in columns:
         parent = field.rsplit(".", 1)[0]
@@ -162,37 +166,34 @@ def build_eval_sets(cfg: DataConfig, tokenizer) -> dict[str, Any]:
     return out
 
 
-def build_train_set(cfg: DataConfig, tokenizer, num_blocks: int) -> tuple[Any, dict[str, int]]:
-    """The mixed training set of exactly `num_blocks` blocks, and the number of training tokens per source.
+def build_train_set(cfg: DataConfig, tokenizer, total_blocks: int | None = None) -> ReplayMixer:
+    """The training stream: a [`ReplayMixer`] of `domain` and `general` (share `cfg.replay_ratio` of tokens).
 
-    A share `cfg.replay_ratio` of blocks comes from `general`, spread evenly (see [`ratio_schedule`]); a corpus
-    that runs out starts another pass in a new order. Streaming sources give an `IterableDataset`.
+    Args:
+        cfg: the data settings.
+        tokenizer: tokenizes documents on the fly (EOS between documents).
+        total_blocks: blocks in the whole run (all processes); places `cfg.replay_stages`.
+
+    Streaming sources (`streaming: true`) are read lazily; the others are loaded as `datasets.Dataset`s and read
+    in a seeded random document order per pass.
     """
-    import datasets
-
     r = cfg.replay_ratio if cfg.general is not None else 0.0
-    names = ["domain"] + (["general"] if r > 0 else [])
-    packed = {}
+    names = ["domain"] + (["general"] if cfg.general is not None and (r > 0 or cfg.replay_stages) else [])
+    sources: dict[str, Any] = {}
     for name in names:
         src: SourceConfig = getattr(cfg, name)
         ds = load_split(src.train, src, f"data.{name}.train", streaming=src.streaming)
-        packed[name] = tokenize_and_pack(ds, tokenizer, src.text_field, cfg.block_size, f"{name} train")
-        if isinstance(packed[name], datasets.Dataset) and len(packed[name]) == 0:
-            raise ValueError(f"`data.{name}.train`: the text is shorter than one block "
-                             f"(`data.block_size`={cfg.block_size}); add text or lower `data.block_size`")
-    streaming = any(isinstance(p, datasets.IterableDataset) for p in packed.values())
-    if not streaming:
-        general_len = len(packed["general"]) if "general" in packed else 0
-        idx, counts = mix_indices(num_blocks, r, len(packed["domain"]), general_len, cfg.shuffle_seed)
-        combined = datasets.concatenate_datasets(list(packed.values()))
-        train = combined.select(idx)
-    else:
-        def gen() -> Iterator[dict]:
-            yield from mix_streams(lambda: packed["domain"], (lambda: packed["general"]) if r > 0 else None,
-                                   r, num_blocks)
-
-        train = datasets.IterableDataset.from_generator(gen)
-        n_general = int(ratio_schedule(num_blocks, r).sum())
-        counts = {"domain": num_blocks - n_general, "general": n_general}
-    tokens = {k: v * cfg.block_size for k, v in counts.items()}
-    return train, tokens
+        if not src.streaming and len(ds) == 0:
+            raise ValueError(f"`data.{name}.train`: {src.train!r} holds no documents; point it at your text")
+        sources[name] = ds
+    ratios = {"domain": 1.0 - r, "general": r} if len(names) == 2 else {"domain": 1.0}
+    stages = [RatioStage(s.start, {"domain": 1.0 - s.replay_ratio, "general": s.replay_ratio})
+              for s in cfg.replay_stages] if len(names) == 2 else []
+    if stages and total_blocks is None:
+        raise ValueError("`data.replay_stages` needs the run length: pass `total_blocks`")
+    mixer_cfg = ReplayMixerConfig(
+        ratios=ratios, block_size=cfg.block_size, granularity=cfg.granularity, on_exhausted=cfg.on_exhausted,
+        stages=stages, total_blocks=total_blocks if stages else None, seed=cfg.shuffle_seed,
+        text_field={n: getattr(cfg, n).text_field for n in names},
+    )
+    return ReplayMixer(sources, tokenizer, mixer_cfg)

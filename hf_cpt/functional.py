@@ -7,19 +7,19 @@ from .callbacks.active_forgetting import clear_optimizer_state, reset_embeddings
 from .callbacks.forgetting import compute_forgetting, exceeds_tolerance
 from .callbacks.rewarm import build_cycles, lr_multiplier, lr_multiplier_cycles
 from .data import pack_blocks
-from .mixers.ratio import cycled_indices, mix_indices, mix_streams, ratio_schedule
+from .mixers.core import allocate_shares, assign_blocks, check_ratios, ratios_at
 
 __all__ = [
     "build_cycles",
     "clear_optimizer_state",
     "compute_forgetting",
-    "cycled_indices",
+    "allocate_shares",
+    "assign_blocks",
+    "check_ratios",
     "exceeds_tolerance",
     "lr_multiplier",
     "lr_multiplier_cycles",
-    "mix_indices",
-    "mix_streams",
     "pack_blocks",
-    "ratio_schedule",
+    "ratios_at",
     "reset_embeddings",
 ]

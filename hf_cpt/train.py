@@ -20,6 +20,7 @@ import torch
 
 from .callbacks.active_forgetting import ActiveForgettingCallback, relearn_embeddings
 from .callbacks.forgetting import ForgettingMonitorCallback
+from .callbacks.replay_mixer import ReplayMixerCallback
 from .callbacks.rewarm import RewarmCallback, make_rewarm_optimizer, make_rewarm_scheduler
 from .config import CPTConfig
 from .utils import atomic_output_dir
@@ -40,8 +41,9 @@ class CPTResult:
 
 
 def build_training_args(cfg: CPTConfig, output_dir: str | Path):
-    """`TrainingArguments` for `cfg`: evaluation at step 0 and every `train.eval_steps`, sequential block order
-    (the mix is already interleaved and shuffled), no checkpoints unless `train.save_steps` > 0."""
+    """`TrainingArguments` for `cfg`: evaluation at step 0 and every `train.eval_steps`, no checkpoints unless
+    `train.save_steps` > 0, and resume that restores the [`ReplayMixer`] position instead of re-reading data
+    (`ignore_data_skip=True`; see [`ReplayMixerCallback`])."""
     from transformers import TrainingArguments
 
     t = cfg.train
@@ -66,7 +68,7 @@ def build_training_args(cfg: CPTConfig, output_dir: str | Path):
         bf16=t.bf16,
         gradient_checkpointing=t.gradient_checkpointing,
         report_to=t.report_to or "none",
-        train_sampling_strategy="sequential",
+        ignore_data_skip=True,
         restore_callback_states_from_checkpoint=True,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -148,9 +150,9 @@ def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: boo
         num_blocks = cfg.train.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
         num_blocks *= args.world_size
         eval_sets = build_eval_sets(cfg.data, tokenizer)
-        train_set, train_tokens = build_train_set(cfg.data, tokenizer, num_blocks)
+        train_set = build_train_set(cfg.data, tokenizer, total_blocks=num_blocks)
         monitor = ForgettingMonitorCallback(cfg.monitor)
-        callbacks: list = [monitor]
+        callbacks: list = [monitor, ReplayMixerCallback(train_set)]
         optimizers: tuple = (None, None)
         if cfg.train.trainable == "embeddings":
             relearn_embeddings(model)
@@ -170,8 +172,10 @@ def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: boo
             optimizers=optimizers,
         )
         train_out = trainer.train()
-        # a resumed run rebuilds the callback from its checkpoint state: read the live one
+        # a resumed run rebuilds callbacks from their checkpoint state: read the live ones
         monitor = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ForgettingMonitorCallback))
+        mixer_cb = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ReplayMixerCallback))
+        train_tokens = mixer_cb.tokens_per_source
         trainer.save_model(str(tmp))
         # training_args.bin is a pickle; the recipe is recorded as YAML instead (safetensors/text only)
         (tmp / "training_args.bin").unlink(missing_ok=True)

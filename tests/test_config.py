@@ -64,3 +64,15 @@ def test_from_yaml_errors(tmp_path):
     ok = tmp_path / "ok.yaml"
     ok.write_text("train:\n  max_steps: 7\n")
     assert CPTConfig.from_yaml(ok).train.max_steps == 7
+
+
+def test_replay_stages_are_parsed_and_validated_by_path():
+    cfg = CPTConfig.from_dict({"data": {"replay_stages": [{"start": 0.8, "replay_ratio": 0.05}]}})
+    assert cfg.data.replay_stages[0].replay_ratio == 0.05
+    with pytest.raises(ValueError, match=r"`data.replay_stages\[0\].start` must be a fraction in \[0, 1\)"):
+        CPTConfig.from_dict({"data": {"replay_stages": [{"start": 1.5, "replay_ratio": 0.05}]}})
+    with pytest.raises(ValueError, match=r"`data.replay_stages\[1\].start` must come after"):
+        CPTConfig.from_dict({"data": {"replay_stages": [{"start": 0.5, "replay_ratio": 0.1},
+                                                        {"start": 0.2, "replay_ratio": 0.1}]}})
+    with pytest.raises(ValueError, match=r"`data.granularity` must be one of"):
+        CPTConfig.from_dict({"data": {"granularity": "document"}})

@@ -4,6 +4,7 @@ import datasets
 import pytest
 
 from hf_cpt.config import DataConfig, SourceConfig
+from hf_cpt.mixers import ReplayMixer
 from hf_cpt.data import (
     build_eval_sets,
     build_train_set,
@@ -77,18 +78,16 @@ def test_tokenize_and_pack_gives_full_blocks_with_labels(tiny_tokenizer):
     assert tiny_tokenizer.eos_token_id in sum(blocks["input_ids"], [])
 
 
-def test_build_train_set_is_token_exact_and_deterministic(tiny_tokenizer):
+def test_build_train_set_is_a_token_exact_mixer(tiny_tokenizer):
     cfg = DataConfig(replay_ratio=0.25, block_size=32)
-    train, tokens = build_train_set(cfg, tiny_tokenizer, num_blocks=40)
-    assert len(train) == 40
-    assert tokens == {"domain": 30 * 32, "general": 10 * 32}
-    again, _ = build_train_set(cfg, tiny_tokenizer, num_blocks=40)
-    assert train["input_ids"] == again["input_ids"]
-    # every 4th block is general text: check it against the general corpus's own blocks
-    general = tokenize_and_pack(load_split("embedded:kjv/train", cfg.general, "x"), tiny_tokenizer, "text", 32)
-    general_set = {tuple(b) for b in general["input_ids"]}
-    from_general = [tuple(b) in general_set for b in train["input_ids"]]
-    assert sum(from_general) == 10 and from_general[3] and not from_general[0]
+    train = build_train_set(cfg, tiny_tokenizer)
+    assert isinstance(train, ReplayMixer) and train.config.ratios == {"domain": 0.75, "general": 0.25}
+    it = iter(train)
+    rows = [next(it) for _ in range(40)]
+    assert all(len(r["input_ids"]) == 32 for r in rows)
+    assert train.tokens_per_source == {"domain": 30 * 32, "general": 10 * 32}
+    again = iter(build_train_set(cfg, tiny_tokenizer))
+    assert [next(again) for _ in range(40)] == rows
 
 
 def test_streaming_sources_give_the_same_token_shares(tiny_tokenizer):
@@ -97,11 +96,25 @@ def test_streaming_sources_give_the_same_token_shares(tiny_tokenizer):
         general=SourceConfig("embedded:kjv/validation", streaming=True),
         replay_ratio=0.5, block_size=32,
     )
-    train, tokens = build_train_set(cfg, tiny_tokenizer, num_blocks=12)
-    assert isinstance(train, datasets.IterableDataset)
-    rows = list(train)
-    assert len(rows) == 12 and all(len(r["input_ids"]) == 32 for r in rows)
-    assert tokens == {"domain": 6 * 32, "general": 6 * 32}
+    train = build_train_set(cfg, tiny_tokenizer)
+    it = iter(train)
+    rows = [next(it) for _ in range(12)]
+    assert all(len(r["input_ids"]) == 32 for r in rows)
+    assert train.tokens_per_source == {"domain": 6 * 32, "general": 6 * 32}
+
+
+def test_replay_stages_change_the_share_late_in_the_run(tiny_tokenizer):
+    cfg = DataConfig(replay_ratio=0.5, block_size=16, replay_stages=[{"start": 0.5, "replay_ratio": 0.0}])
+    train = build_train_set(cfg, tiny_tokenizer, total_blocks=20)
+    it = iter(train)
+    for _ in range(10):
+        next(it)
+    assert train.tokens_per_source == {"domain": 5 * 16, "general": 5 * 16}
+    for _ in range(10):
+        next(it)
+    assert train.tokens_per_source == {"domain": 15 * 16, "general": 5 * 16}
+    with pytest.raises(ValueError, match="needs the run length"):
+        build_train_set(cfg, tiny_tokenizer)
 
 
 def test_eval_sets_are_capped_and_named(tiny_tokenizer):
@@ -110,9 +123,9 @@ def test_eval_sets_are_capped_and_named(tiny_tokenizer):
     assert all(len(s) == 5 for s in sets.values())
 
 
-def test_text_shorter_than_a_block_is_a_clear_error(tmp_path, tiny_tokenizer):
-    path = tmp_path / "tiny.jsonl"
-    path.write_text(json.dumps({"text": "too short"}) + "\n")
+def test_an_empty_training_file_is_a_clear_error(tmp_path, tiny_tokenizer):
+    path = tmp_path / "empty.txt"
+    path.write_text("")
     cfg = DataConfig(domain=SourceConfig(str(path), str(path)), general=None, replay_ratio=0.0, block_size=64)
-    with pytest.raises(ValueError, match="`data.domain.train`: the text is shorter than one block"):
-        build_train_set(cfg, tiny_tokenizer, 4)
+    with pytest.raises(ValueError, match="`data.domain.train`: .* (holds no documents|could not be read)"):
+        build_train_set(cfg, tiny_tokenizer)

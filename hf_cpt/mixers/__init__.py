@@ -1,5 +1,7 @@
-"""Mixing domain data with general (replay) data."""
+"""Mixing named text sources (domain data, general replay data, ...) at exact token shares."""
 
-from .ratio import cycled_indices, mix_indices, mix_streams, ratio_schedule
+from .core import RatioStage, allocate_shares, assign_blocks, check_ratios, ratios_at
+from .replay import ReplayMixer, ReplayMixerConfig
 
-__all__ = ["cycled_indices", "mix_indices", "mix_streams", "ratio_schedule"]
+__all__ = ["RatioStage", "ReplayMixer", "ReplayMixerConfig", "allocate_shares", "assign_blocks", "check_ratios",
+           "ratios_at"]

@@ -79,11 +79,11 @@ class Recorder(TrainerCallback):
 
 
 def _trainer(tmp_path, tok, max_steps=7, accum=1, save_steps=0):
-    train, _ = build_train_set(DataConfig(block_size=32), tok, num_blocks=max_steps * 2 * accum)
+    train = build_train_set(DataConfig(block_size=32), tok)
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=2, learning_rate=1e-3,
         gradient_accumulation_steps=accum, report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
-        train_sampling_strategy="sequential", save_strategy="steps" if save_steps else "no",
+        save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500, logging_steps=1,
     )
     before, after = type("Before", (Recorder,), {})(), type("After", (Recorder,), {})()

@@ -85,7 +85,7 @@ def test_config_validation():
 
 def _trainer(tmp_path, tiny_tokenizer, monitor, max_steps=5, eval_on_start=True, eval_strategy="steps", lr=1e-3):
     data = DataConfig(block_size=32, max_eval_blocks=4)
-    train, _ = build_train_set(data, tiny_tokenizer, num_blocks=max_steps * 2)
+    train = build_train_set(data, tiny_tokenizer)
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=2, learning_rate=lr,
         eval_strategy=eval_strategy, eval_steps=2, eval_on_start=eval_on_start, report_to="none",

@@ -169,10 +169,10 @@ STAGES = RewarmConfig(schedule="cycles", cycles=[CycleConfig(steps=6, warmup_ste
 
 def _trainer(tmp_path, tiny_tokenizer, cfg, via="callback", max_steps=12, save_steps=0):
     data = DataConfig(block_size=32)
-    train, _ = build_train_set(data, tiny_tokenizer, num_blocks=max_steps * 2)
+    train = build_train_set(data, tiny_tokenizer)
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=2, learning_rate=BASE_LR,
-        logging_steps=1, report_to="none", use_cpu=True, seed=0, train_sampling_strategy="sequential",
+        logging_steps=1, report_to="none", use_cpu=True, seed=0,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, disable_tqdm=True,
         lr_scheduler_type="constant",
     )

@@ -1,0 +1,108 @@
+"""Trainer glue for [`ReplayMixer`]: save its position with every checkpoint, restore it on resume, and log the
+tokens seen per source."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from ..mixers.replay import ReplayMixer
+
+logger = logging.getLogger(__name__)
+
+
+def find_mixer(dataloader: Any) -> ReplayMixer | None:
+    """The [`ReplayMixer`] under a (possibly accelerate-wrapped) dataloader, or None."""
+    seen: set[int] = set()
+    todo = [dataloader]
+    while todo:
+        obj = todo.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, ReplayMixer):
+            return obj
+        todo.extend(getattr(obj, a, None) for a in ("dataset", "base_dataloader"))
+    return None
+
+
+class ReplayMixerCallback(TrainerCallback, ExportableState):
+    """Makes a [`ReplayMixer`] training set resumable and accounted for.
+
+    - Each checkpoint stores the mixer state *at the last consumed block* (global step x blocks per update), not
+      at the dataloader's prefetch position, so a resumed run sees exactly the blocks an uninterrupted one would.
+    - On `resume_from_checkpoint` with `ignore_data_skip=True` and `restore_callback_states_from_checkpoint=True`
+      the mixer jumps to that state directly; with `ignore_data_skip=False` the Trainer's own batch skipping
+      replays the stream from the start instead (exact too, but it re-reads the data).
+    - `mixer/tokens_<source>` is added to the Trainer logs; `tokens_per_source` holds the final counts.
+
+    Args:
+        mixer: the training set; found automatically in the train dataloader when omitted.
+
+    A checkpoint written with other ratios/block size/seed/vocabulary is refused unless the mixer was built with
+    `strict_resume=False` (then positions are kept and the new settings apply from the resumed step).
+    """
+
+    def __init__(self, mixer: ReplayMixer | None = None) -> None:
+        self.mixer = mixer
+        self.saved_state: dict | None = None
+        self.blocks_per_step: int | None = None
+        self.global_step = 0
+
+    def state(self) -> dict:
+        return {"args": {},
+                "attributes": {"saved_state": self._consumed_state(), "blocks_per_step": self.blocks_per_step}}
+
+    def _consumed_state(self) -> dict | None:
+        if self.mixer is None or self.blocks_per_step is None:
+            return self.saved_state
+        return self.mixer.state_at(self.global_step * self.blocks_per_step)
+
+    @property
+    def tokens_per_source(self) -> dict[str, int]:
+        """Tokens per source in the blocks consumed by training so far."""
+        state = self._consumed_state()
+        return {n: s["tokens"] for n, s in state["sources"].items()} if state else {}
+
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        self.mixer = self.mixer or find_mixer(train_dataloader)
+        if self.mixer is None:
+            raise ValueError("ReplayMixerCallback found no ReplayMixer: pass it, or use one as `train_dataset`")
+        if args.dataloader_num_workers:
+            raise ValueError("a ReplayMixer training set needs `dataloader_num_workers=0` (it tokenizes on the fly "
+                             "and its position is checkpointed from the main process)")
+        per_update = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        if self.blocks_per_step not in (None, per_update):
+            raise ValueError(f"the checkpoint consumed {self.blocks_per_step} blocks per update, this run "
+                             f"{per_update}: keep per-device batch size x accumulation x processes unchanged")
+        self.blocks_per_step = per_update
+        self.global_step = state.global_step
+        if state.global_step and args.ignore_data_skip:
+            if self.saved_state is None:
+                why = ("set `restore_callback_states_from_checkpoint=True` in TrainingArguments so the Trainer "
+                       "restores it" if not args.restore_callback_states_from_checkpoint else
+                       "the checkpoint has none; set `ignore_data_skip=False` so the Trainer replays the stream")
+                raise ValueError(f"resuming with `ignore_data_skip=True` needs the mixer position: {why}")
+            self.mixer.load_state_dict(self.saved_state, strict=self.mixer.strict_resume)
+            if self.saved_state["blocks"] != state.global_step * per_update:
+                raise ValueError(f"the checkpoint's mixer stopped at block {self.saved_state['blocks']}, not at "
+                                 f"step {state.global_step} x {per_update} blocks")
+        else:
+            self.mixer.reset()
+            if state.global_step:
+                logger.info("replaying %d steps of the mix to resume (set ignore_data_skip=True to jump there)",
+                            state.global_step)
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.global_step = state.global_step
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is not None and self.mixer is not None and self.blocks_per_step is not None:
+            for name, n in self.tokens_per_source.items():
+                logs[f"mixer/tokens_{name}"] = n
+        return control

@@ -1,0 +1,356 @@
+"""`ReplayMixer`: packed fixed-length blocks from N named text sources at token-exact shares; streaming,
+deterministic, resumable from a Trainer checkpoint, and shardable across ranks.
+
+Paper context: replaying general data is the main defence against forgetting in continual pretraining
+("Simple and Scalable Strategies to Continually Pre-train Large Language Models", Ibrahim et al. 2024:
+1-5% replay for a weak distribution shift, ~25% for a new language). Unlike `datasets.interleave_datasets`,
+which draws *documents* with the given probabilities (so a source with 10x longer documents gets ~10x the
+tokens), the shares here are shares of *tokens*: blocks are all `block_size` tokens and are allocated by credit
+(see [`allocate_shares`]), so the error after any prefix is below one block (or one token with
+`granularity="token"`).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .core import RatioStage, allocate_shares, check_ratios, ratios_at
+
+logger = logging.getLogger(__name__)
+
+GRANULARITIES = ("block", "token")
+ON_EXHAUSTED = ("cycle", "stop")
+_HISTORY = 8192  # block states kept for checkpointing: covers the dataloader's prefetch with room to spare
+
+
+class _Exhausted(Exception):
+    pass
+
+
+@dataclass
+class ReplayMixerConfig:
+    """How a [`ReplayMixer`] mixes its sources.
+
+    Args:
+        ratios: share of training tokens per source name, summing to 1, e.g. `{"domain": 0.75, "general": 0.25}`.
+        block_size: tokens per packed block (documents are joined with the EOS token, as in pretraining).
+        granularity: `block` (each block comes from one source; share error < 1 block over any prefix) or
+            `token` (each block is filled from every source by token credit; error < 1 token per source).
+        on_exhausted: `cycle` (a source that runs out starts another pass, reshuffled) or `stop` (the mix ends
+            when any source runs out).
+        stages: optional [`RatioStage`]s changing the shares later in the run (needs `total_blocks`).
+        total_blocks: blocks in the whole run (global, all ranks), to place `stages`.
+        seed: seed of the per-pass document order.
+        shuffle: shuffle documents of map-style sources (streaming sources keep their order; shuffle them
+            upstream with `IterableDataset.shuffle`, which is re-seeded per pass through `set_epoch`).
+        text_field: column holding the text (one name, or one per source).
+    """
+
+    ratios: dict[str, float]
+    block_size: int = 2048
+    granularity: str = "block"
+    on_exhausted: str = "cycle"
+    stages: list[RatioStage] = field(default_factory=list)
+    total_blocks: int | None = None
+    seed: int = 0
+    shuffle: bool = True
+    text_field: str | dict[str, str] = "text"
+
+    def __post_init__(self) -> None:
+        self.ratios = check_ratios(self.ratios, "ratios")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"`block_size` must be an integer >= 1, got {self.block_size!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"`granularity` must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.on_exhausted not in ON_EXHAUSTED:
+            raise ValueError(f"`on_exhausted` must be one of {ON_EXHAUSTED}, got {self.on_exhausted!r}")
+        self.stages = [s if isinstance(s, RatioStage) else RatioStage(**s) for s in self.stages]
+        for i, stage in enumerate(self.stages):
+            if set(stage.ratios) != set(self.ratios):
+                raise ValueError(f"`stages[{i}].ratios` must name the same sources as `ratios` "
+                                 f"({sorted(self.ratios)}), got {sorted(stage.ratios)}")
+            if i and stage.start <= self.stages[i - 1].start:
+                raise ValueError(f"`stages[{i}].start` must be after `stages[{i - 1}].start`")
+        if self.stages and (not isinstance(self.total_blocks, int) or self.total_blocks < 1):
+            raise ValueError("`total_blocks` must be set (blocks in the whole run) when `stages` are used")
+
+    def text_field_for(self, name: str) -> str:
+        return self.text_field.get(name, "text") if isinstance(self.text_field, dict) else self.text_field
+
+
+class _SourceReader:
+    """Reads one source document by document, tokenizes in batches, and hands out tokens; its position
+    (pass, document, offset) is all that is needed to resume it exactly."""
+
+    def __init__(self, name: str, index: int, data: Any, tokenizer, cfg: ReplayMixerConfig, batch: int = 64):
+        self.name, self.index, self.data, self.tokenizer, self.cfg, self.batch = name, index, data, tokenizer, cfg, batch
+        self.text_field = cfg.text_field_for(name)
+        self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        self.map_style = hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(
+            data, torch.utils.data.IterableDataset)
+        columns = getattr(data, "column_names", None)
+        if isinstance(columns, list) and self.text_field not in columns:
+            raise ValueError(f"source {name!r}: column {self.text_field!r} not found (columns: {columns}); set "
+                             "`text_field` to the column holding the text")
+        if self.map_style and len(data) == 0:
+            raise ValueError(f"source {name!r} is empty: give it at least one document")
+        self.seek({"pass": 0, "doc": 0, "offset": 0, "tokens": 0})
+
+    # --- position -------------------------------------------------------------------------------------------
+    def state(self) -> dict[str, int]:
+        doc = self.buf[0][0] if self.buf else self.next_doc
+        return {"pass": self.pass_idx, "doc": doc, "offset": self.offset, "tokens": self.tokens}
+
+    def seek(self, state: Mapping[str, int]) -> None:
+        self.pass_idx, self.next_doc, self.offset, self.tokens = (
+            int(state["pass"]), int(state["doc"]), int(state["offset"]), int(state["tokens"]))
+        self.buf: deque[tuple[int, list[int]]] = deque()
+        self._order = self._iter = None
+        self._pass_tokens = 0
+        if not self.map_style:
+            self._iter = iter(self._stream_pass(self.pass_idx))
+            for _ in itertools.islice(self._iter, self.next_doc):  # streaming: re-read (not re-tokenize) the prefix
+                pass
+
+    def _stream_pass(self, p: int):
+        if hasattr(self.data, "set_epoch"):
+            self.data.set_epoch(p)  # datasets.IterableDataset: a new shuffle order per pass
+        return self.data
+
+    def _pass_order(self) -> np.ndarray:
+        if self._order is None:
+            n = len(self.data)
+            if self.cfg.shuffle:
+                self._order = np.random.default_rng([self.cfg.seed, self.index, self.pass_idx]).permutation(n)
+            else:
+                self._order = np.arange(n)
+        return self._order
+
+    # --- reading --------------------------------------------------------------------------------------------
+    def _text(self, item: Any) -> Any:
+        if isinstance(item, str):
+            return item
+        if not isinstance(item, Mapping) or self.text_field not in item:
+            keys = list(item) if isinstance(item, Mapping) else type(item).__name__
+            raise ValueError(f"source {self.name!r}: a document has no {self.text_field!r} field (got {keys}); "
+                             "set `text_field` to the column holding the text")
+        return item[self.text_field]
+
+    def _read_docs(self) -> list[Any]:
+        if self.map_style:
+            idx = self._pass_order()[self.next_doc:self.next_doc + self.batch].tolist()
+            if not idx:
+                return []
+            if hasattr(self.data, "column_names"):  # datasets.Dataset: one batched read
+                return list(self.data[idx][self.text_field])
+            return [self._text(self.data[i]) for i in idx]
+        return [self._text(x) for x in itertools.islice(self._iter, self.batch)]
+
+    def _fill(self) -> None:
+        while not self.buf:
+            texts = self._read_docs()
+            if not texts:  # end of this pass
+                if self._pass_tokens == 0 and self.tokens == 0:
+                    raise ValueError(f"source {self.name!r} produced no text: it is empty or every document is "
+                                     "blank")
+                if self.cfg.on_exhausted == "stop":
+                    raise _Exhausted(self.name)
+                self.pass_idx += 1
+                self.next_doc, self._order, self._pass_tokens = 0, None, 0
+                if not self.map_style:
+                    self._iter = iter(self._stream_pass(self.pass_idx))
+                logger.info("replay mixer: source %r starts pass %d", self.name, self.pass_idx)
+                continue
+            keep = [(self.next_doc + i, t) for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
+            self.next_doc += len(texts)
+            if keep:
+                ids = self.tokenizer([t for _, t in keep], add_special_tokens=False)["input_ids"]
+                for (doc, _), toks in zip(keep, ids):
+                    if self.eos is not None:
+                        toks = toks + [self.eos]
+                    if toks:
+                        self.buf.append((doc, toks))
+                        self._pass_tokens += len(toks)
+
+    def take(self, n: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < n:
+            if not self.buf:
+                self._fill()
+            _, toks = self.buf[0]
+            k = min(n - len(out), len(toks) - self.offset)
+            out.extend(toks[self.offset:self.offset + k])
+            self.offset += k
+            if self.offset == len(toks):
+                self.buf.popleft()
+                self.offset = 0
+        self.tokens += n
+        return out
+
+
+class ReplayMixer(torch.utils.data.IterableDataset):
+    """An `IterableDataset` of packed blocks (`input_ids`, `attention_mask`, `labels`) mixing named sources
+    at exact token shares.
+
+    Args:
+        sources: `{name: data}`; data is a `datasets.Dataset`, a `datasets.IterableDataset` (streaming), or any
+            sequence/iterable of strings or of dicts with the text column.
+        tokenizer: a tokenizer (fast or slow) whose EOS token separates documents.
+        config: a [`ReplayMixerConfig`]; keyword arguments build one when omitted.
+        rank / world_size: iterate only this rank's share (block `i` goes to rank `i % world_size`). Leave at
+            0/1 under `transformers.Trainer`: accelerate already splits each global batch between ranks.
+        strict_resume: when resuming from a Trainer checkpoint, refuse a state written with other ratios, stages,
+            block size, seed or vocabulary (False: keep the positions, apply the new settings from there).
+
+    The state (`state_dict()`) is the position of every source plus the credits: restoring it continues the
+    stream exactly. [`ReplayMixerCallback`] saves it with every Trainer checkpoint.
+
+    Example:
+    ```python
+    >>> mixer = ReplayMixer({"domain": ["a b c"] * 9, "general": ["x y"] * 9}, tok,
+    ...                     ratios={"domain": 0.75, "general": 0.25}, block_size=4)
+    >>> sorted(next(iter(mixer)))
+    ['attention_mask', 'input_ids', 'labels']
+    ```
+    """
+
+    def __init__(self, sources: Mapping[str, Any], tokenizer, config: ReplayMixerConfig | None = None, *,
+                 rank: int = 0, world_size: int = 1, strict_resume: bool = True, **kwargs: Any) -> None:
+        self.config = config if config is not None else ReplayMixerConfig(**kwargs)
+        if config is not None and kwargs:
+            raise TypeError(f"pass either `config` or keyword fields, not both (got {sorted(kwargs)})")
+        missing = set(self.config.ratios) - set(sources)
+        extra = set(sources) - set(self.config.ratios)
+        if missing or extra:
+            raise ValueError(f"`ratios` and `sources` must name the same sources: no data for {sorted(missing)}, "
+                             f"no ratio for {sorted(extra)}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"`rank` must be in [0, world_size={world_size}), got {rank}")
+        self.tokenizer, self.rank, self.world_size, self.strict_resume = tokenizer, rank, world_size, strict_resume
+        self.names = list(self.config.ratios)
+        self.readers = {n: _SourceReader(n, i, sources[n], tokenizer, self.config) for i, n in enumerate(self.names)}
+        self._history: deque[tuple[int, dict]] = deque(maxlen=_HISTORY)
+        c = self.config
+        self._fingerprint = {
+            "ratios": c.ratios, "stages": [asdict(s) for s in c.stages], "total_blocks": c.total_blocks,
+            "block_size": c.block_size, "granularity": c.granularity, "seed": c.seed, "shuffle": c.shuffle,
+            "vocab_size": len(tokenizer)}
+        self.reset()
+
+    # --- state ------------------------------------------------------------------------------------------------
+    def fingerprint(self) -> dict[str, Any]:
+        """What must not change between a checkpoint and its resume (else the stream would silently differ)."""
+        return copy.deepcopy(self._fingerprint)
+
+    def reset(self) -> None:
+        """Go back to the start of the stream."""
+        self.load_state_dict(None)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position before the next block the live iterator will produce (after `load_state_dict`: the loaded
+        position, where the next iteration starts)."""
+        return copy.deepcopy(self._state())
+
+    def _state(self) -> dict[str, Any]:
+        return {"blocks": self._blocks, "credits": dict(self._credits), "mix_pass": self._mix_pass,
+                "sources": {n: r.state() for n, r in self.readers.items()}, "config": self._fingerprint}
+
+    def state_at(self, block: int) -> dict[str, Any]:
+        """The state before global block `block`, if it was produced recently (for checkpoints taken while the
+        dataloader has already prefetched later blocks)."""
+        if block == self._blocks:
+            return self.state_dict()
+        for index, state in reversed(self._history):
+            if index == block:
+                return copy.deepcopy(state)
+        raise ValueError(f"the mixer has no record of block {block} (it is at block {self._blocks}); the "
+                         "dataloader read too far ahead, or blocks are consumed in another process (use "
+                         "`dataloader_num_workers=0`)")
+
+    def load_state_dict(self, state: Mapping[str, Any] | None, strict: bool = True) -> None:
+        """Start every following iteration from `state` (None: from the start of the stream).
+
+        Args:
+            strict: refuse a state written with different ratios/stages/block size/seed/vocabulary. With False
+                the source positions are kept, the credits restart, and the new settings apply from here.
+        """
+        self._history.clear()
+        if state is None:
+            state = {"blocks": 0, "credits": {}, "mix_pass": 0,
+                     "sources": {n: {"pass": 0, "doc": 0, "offset": 0, "tokens": 0} for n in self.names}}
+        elif set(state.get("sources", {})) != set(self.names):
+            raise ValueError(f"the mixer state is for sources {sorted(state.get('sources', {}))}, this mixer has "
+                             f"{sorted(self.names)}; resume with the same sources")
+        elif strict and state.get("config") != self.fingerprint():
+            old, new = state.get("config", {}), self.fingerprint()
+            diff = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
+            raise ValueError(f"the checkpoint's mixer was configured differently ({diff}); resuming would not "
+                             "continue the same stream. Restore the original settings, or load with "
+                             "`strict=False` (`ReplayMixer(..., strict_resume=False)` under the Trainer) to switch settings at this point")
+        same = strict or state.get("config") == self.fingerprint()
+        self._start = {"blocks": int(state["blocks"]), "mix_pass": int(state["mix_pass"]),
+                       "credits": {k: float(v) for k, v in state["credits"].items()} if same else {},
+                       "sources": {n: dict(state["sources"][n]) for n in self.names}}
+        self._seek(self._start)
+
+    def _seek(self, state: Mapping[str, Any]) -> None:
+        self._history.clear()
+        self._blocks, self._mix_pass = state["blocks"], state["mix_pass"]
+        self._credits = dict(state["credits"])
+        for name, reader in self.readers.items():
+            reader.seek(state["sources"][name])
+        self._at_start = True
+
+    @property
+    def tokens_per_source(self) -> dict[str, int]:
+        """Tokens handed out per source so far by the live iterator (prefetched blocks included)."""
+        return {n: r.tokens for n, r in self.readers.items()}
+
+    # --- iteration ----------------------------------------------------------------------------------------------
+    def _next_block(self) -> list[int]:
+        cfg = self.config
+        ratios = ratios_at(self._blocks, cfg.ratios, cfg.stages, cfg.total_blocks)
+        amount = 1 if cfg.granularity == "block" else cfg.block_size
+        alloc, credits = allocate_shares(self._credits, ratios, amount)
+        ids: list[int] = []
+        for name in self.names:
+            n = alloc[name] * (cfg.block_size if cfg.granularity == "block" else 1)
+            if n:
+                ids.extend(self.readers[name].take(n))
+        self._credits = credits
+        return ids
+
+    def __iter__(self) -> Iterator[dict[str, list[int]]]:
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and worker.num_workers > 1:
+            raise RuntimeError("ReplayMixer must be read by a single process (it tokenizes on the fly and keeps "
+                               "its position for checkpoints): set `dataloader_num_workers` to 0")
+        if not self._at_start:  # every iteration starts at the start (or at the state loaded to resume)
+            self._seek(self._start)
+        self._at_start = False
+        while True:
+            self._history.append((self._blocks, self._state()))
+            try:
+                ids = self._next_block()
+            except _Exhausted as e:
+                # `stop` mode: the next iteration (the Trainer's next epoch) is another pass over the whole mix,
+                # numbered on from here so checkpoints stay addressable
+                logger.info("replay mixer: source %s ran out; the mix stops (on_exhausted='stop')", e)
+                state = self._state()
+                for src in state["sources"].values():
+                    src.update({"pass": src["pass"] + 1, "doc": 0, "offset": 0})  # reshuffled
+                self._start = {**state, "credits": {}, "mix_pass": self._mix_pass + 1}
+                return
+            index = self._blocks
+            self._blocks += 1
+            if index % self.world_size == self.rank:
+                yield {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
