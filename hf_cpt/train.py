@@ -182,6 +182,7 @@ def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: boo
         metrics: dict[str, Any] = {
             "model": cfg.model.name_or_path,
             "global_step": trainer.state.global_step,
+            "world_size": args.world_size,
             "train_tokens": train_tokens,
             "train_loss": train_out.training_loss,
             "train_runtime_s": train_out.metrics.get("train_runtime"),

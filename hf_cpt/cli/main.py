@@ -4,6 +4,8 @@
     hf-cpt train my_run.yaml -o runs/my_run     # run your own config
     hf-cpt init --domain medical                # write a commented template to edit
     hf-cpt templates                            # list the templates
+    hf-cpt cmr pilot my_run.yaml -o records.csv # pilot runs at several domain shares
+    hf-cpt cmr fit records.csv --budget-tokens 2e9 --tolerance 0.05
 """
 
 from __future__ import annotations
@@ -102,6 +104,86 @@ def templates() -> None:
     width = max(map(len, items))
     for name, description in items.items():
         typer.echo(f"{name:<{width}}  {description}")
+
+
+cmr_app = typer.Typer(help="Critical mixture ratio: pilot runs, then fit the scaling law and predict the ratio.",
+                      no_args_is_help=True)
+app.add_typer(cmr_app, name="cmr")
+
+
+def _load_config(config: Optional[Path], template: Optional[str]):
+    from ..config import CPTConfig
+    from ..templates import load_template
+
+    if (config is None) == (template is None):
+        raise ValueError("give either a CONFIG file or `--template NAME`")
+    return CPTConfig.from_yaml(config) if config is not None else load_template(template)
+
+
+@cmr_app.command("pilot")
+@_user_errors
+def cmr_pilot(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config of the run to plan.")] = None,
+    template: Annotated[Optional[str], typer.Option("--template", "-t", help="Or a shipped template.")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Records CSV to write.")] = Path("cmr_records.csv"),
+    ratios: Annotated[str, typer.Option(help="Domain shares to try, comma-separated.")] = "0.25,0.5,0.75,1.0",
+    budgets: Annotated[int, typer.Option(help="Evaluations per run (token budgets), evenly spaced.")] = 4,
+    max_steps: Annotated[Optional[int], typer.Option(help="Steps per pilot run (overrides train.max_steps).")] = None,
+) -> None:
+    """Run short pilot trainings at several domain shares and write their held-out losses per token budget."""
+    from ..mixers.cmr_pilot import run_cmr_pilot
+
+    cfg = _load_config(config, template)
+    if max_steps is not None:
+        cfg.train.max_steps = max_steps
+    try:
+        shares = [float(x) for x in ratios.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"`--ratios` must be comma-separated numbers, got {ratios!r}") from None
+    records = run_cmr_pilot(cfg, shares, budgets, output)
+    typer.echo(f"Wrote {len(records)} records to {output}. Next: hf-cpt cmr fit {output} --budget-tokens N "
+               "--tolerance 0.05")
+
+
+@cmr_app.command("fit")
+@_user_errors
+def cmr_fit(
+    records: Annotated[Path, typer.Argument(help="Records CSV from `hf-cpt cmr pilot`.")],
+    budget_tokens: Annotated[float, typer.Option(help="Training tokens of the planned run.")],
+    tolerance: Annotated[float, typer.Option(help="Allowed rise of the general held-out loss.")] = 0.05,
+    tolerance_mode: Annotated[str, typer.Option(help="relative (0.05 = 5%) or absolute (nats).")] = "relative",
+    plot: Annotated[Path, typer.Option(help="PNG of the fitted surfaces and feasible region.")] = Path("cmr.png"),
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap refits for the interval.")] = 100,
+    config: Annotated[Optional[Path], typer.Option(help="A run config to update with the predicted ratio.")] = None,
+    write_config: Annotated[Optional[Path], typer.Option(help="Where to write the updated config.")] = None,
+) -> None:
+    """Fit the CMR scaling law to pilot records and predict the domain share (and replay ratio) for a budget."""
+    import json
+
+    from ..mixers.cmr import fit_cmr_law, plot_cmr, predict_cmr, read_records
+
+    if (config is None) != (write_config is None):
+        raise ValueError("`--config` and `--write-config` go together: the config to update and where to write it")
+    fit = fit_cmr_law(read_records(records), tolerance, tolerance_mode)
+    pred = predict_cmr(fit, budget_tokens, bootstrap=bootstrap)
+    plot_cmr(fit, pred, plot)
+    typer.echo(json.dumps({"law": fit.to_dict()["law"], "rmse_general": fit.rmse_general,
+                           "rmse_domain": fit.rmse_domain}, indent=1))
+    typer.echo(f"CMR at {budget_tokens:.3g} tokens: domain share {pred.cmr:.3f} "
+               f"(90% interval {pred.interval[0]:.3f}-{pred.interval[1]:.3f}; paper's power law: "
+               + (f"{pred.power_law_cmr:.3f})" if pred.power_law_cmr is not None else "n/a)"))
+    typer.echo(f"  -> data.replay_ratio: {pred.replay_ratio:.3f}    plot: {plot}")
+    if config is not None:
+        from ..config import CPTConfig
+
+        cfg = CPTConfig.from_yaml(config)
+        cfg.data.replay_ratio = round(pred.replay_ratio, 4)
+        tmp = write_config.with_name(f".{write_config.name}.tmp")
+        tmp.write_text(f"# replay_ratio from `hf-cpt cmr fit {records}` (CMR {pred.cmr:.3f} at "
+                       f"{budget_tokens:.3g} tokens, tolerance {tolerance} {tolerance_mode})\n" + cfg.to_yaml(),
+                       encoding="utf-8")
+        tmp.replace(write_config)
+        typer.echo(f"Wrote {write_config}: hf-cpt train {write_config}")
 
 
 def main() -> None:
