@@ -22,6 +22,15 @@ _EXPORTS = {
     "ReplayMixerConfig": "mixers.replay",
     "RatioStage": "mixers.core",
     "ReplayMixerCallback": "callbacks.replay_mixer",
+    "fit_cmr_law": "mixers.cmr",
+    "predict_cmr": "mixers.cmr",
+    "read_records": "mixers.cmr",
+    "run_cmr_pilot": "mixers.cmr_pilot",
+    "chunked_linear_cross_entropy": "losses",
+    "apply_chunked_loss": "losses",
+    "resolve_liger": "liger",
+    "add_lora_for_cpt": "adapters",
+    "TrainedParametersCallback": "adapters",
     "ForgettingMonitorConfig": "callbacks.forgetting",
     "ForgettingMonitorCallback": "callbacks.forgetting",
     "RewarmConfig": "callbacks.rewarm",
@@ -59,7 +68,12 @@ if TYPE_CHECKING:  # pragma: no cover
         make_rewarm_optimizer,
         make_rewarm_scheduler,
     )
+    from .adapters import TrainedParametersCallback, add_lora_for_cpt
     from .callbacks.replay_mixer import ReplayMixerCallback
+    from .liger import resolve_liger
+    from .losses import apply_chunked_loss, chunked_linear_cross_entropy
+    from .mixers.cmr import fit_cmr_law, predict_cmr, read_records
+    from .mixers.cmr_pilot import run_cmr_pilot
     from .config import CPTConfig, DataConfig, ModelConfig, ReplayStage, SourceConfig, TrainConfig
     from .mixers.core import RatioStage
     from .mixers.replay import ReplayMixer, ReplayMixerConfig

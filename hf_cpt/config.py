@@ -173,6 +173,14 @@ class TrainConfig:
     trainable: str = field(
         default="all", metadata={"help": "`all`, or `embeddings` (body frozen: the relearning phase)."}
     )
+    use_liger: str | bool = field(
+        default="auto", metadata={"help": "Liger kernels: auto (on CUDA with a supported model), true, false."}
+    )
+    chunked_loss: str | bool = field(
+        default="auto",
+        metadata={"help": "Chunked linear cross-entropy where Liger is off: auto (causal LMs), true, false."},
+    )
+    loss_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk of the chunked loss."})
     report_to: list[str] = field(default_factory=list, metadata={"help": "Integrations, e.g. [tensorboard]."})
     training_args: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "Extra `TrainingArguments` fields, passed through verbatim."}
@@ -183,6 +191,14 @@ class TrainConfig:
                      "gradient_accumulation_steps", "eval_steps", "logging_steps"):
             _check_positive_int(name, getattr(self, name))
         _check_positive_int("warmup_steps", self.warmup_steps, allow_zero=True)
+        for name in ("use_liger", "chunked_loss"):
+            value = getattr(self, name)
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+                setattr(self, name, value)
+            if value not in ("auto", "true", "false"):
+                raise ValueError(f"`{name}` must be auto, true or false, got {value!r}")
+        _check_positive_int("loss_chunk_size", self.loss_chunk_size)
         if self.trainable not in ("all", "embeddings"):
             raise ValueError(f"`trainable` must be `all` or `embeddings`, got {self.trainable!r}")
         _check_positive_int("save_steps", self.save_steps, allow_zero=True)
@@ -297,7 +313,12 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(args[0], value, path)
+        for arg in args[:-1]:  # the first member the value fits; the last one reports the error
+            try:
+                return _coerce(arg, value, path)
+            except (ValueError, TypeError):
+                continue
+        return _coerce(args[-1], value, path)
     if dataclasses.is_dataclass(tp):
         return value if isinstance(value, tp) else _build(tp, value, path + ".")
     if tp is float and isinstance(value, str):

@@ -69,6 +69,7 @@ def build_training_args(cfg: CPTConfig, output_dir: str | Path):
         gradient_checkpointing=t.gradient_checkpointing,
         report_to=t.report_to or "none",
         ignore_data_skip=True,
+        prediction_loss_only=True,  # evaluation needs the loss only; the chunked loss returns no logits
         restore_callback_states_from_checkpoint=True,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -85,6 +86,30 @@ def build_rewarm_optimizers(model, cfg: CPTConfig, args) -> tuple:
         betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
     )
     return optimizer, make_rewarm_scheduler(optimizer, cfg.schedule, args.max_steps)
+
+
+def setup_loss(model, cfg: CPTConfig, args) -> str:
+    """Liger kernels where they can run (`train.use_liger`), else the chunked loss (`train.chunked_loss`) where
+    the model supports it; returns which, and logs one line saying so."""
+    from .liger import resolve_liger
+    from .losses import apply_chunked_loss, supports_chunked_loss
+
+    use, note = resolve_liger(cfg.train.use_liger, model)
+    if use:
+        args.use_liger_kernel = True
+        logger.info(note)
+        return "liger"
+    if cfg.train.use_liger != "false":
+        logger.info(note)
+    mode = cfg.train.chunked_loss
+    reason = supports_chunked_loss(model)
+    if mode == "false" or (mode == "auto" and reason is not None):
+        if reason and mode == "auto":
+            logger.info("chunked loss off: %s", reason)
+        return "standard"
+    apply_chunked_loss(model, cfg.train.loss_chunk_size)  # raises with the reason when `true` cannot apply
+    logger.info("chunked cross-entropy on (%d tokens per chunk): no full logits tensor", cfg.train.loss_chunk_size)
+    return "chunked"
 
 
 def _base_model_id(name_or_path: str) -> str | None:
@@ -154,6 +179,7 @@ def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: boo
         monitor = ForgettingMonitorCallback(cfg.monitor)
         callbacks: list = [monitor, ReplayMixerCallback(train_set)]
         optimizers: tuple = (None, None)
+        setup_loss(model, cfg, args)
         if cfg.train.trainable == "embeddings":
             relearn_embeddings(model)
         if cfg.active_forgetting is not None:

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from ..import_utils import require
+
 TOLERANCE_MODES = ("relative", "absolute")
 RECORD_FIELDS = ("ratio", "tokens", "general_loss", "domain_loss")
 
@@ -85,6 +87,7 @@ def critical_ratio(law: CMRLaw, tokens: float, tolerance: float, mode: str = "re
     Raises:
         ValueError: when even r = 0 (all replay) breaks the tolerance.
     """
+    require("scipy", "Solving for the CMR")
     from scipy.optimize import brentq
 
     bound = general_bound(law.general_start, tolerance, mode)
@@ -194,6 +197,7 @@ class CMRFit:
 
 
 def _fit_surfaces(records: Sequence[CMRRecord]) -> tuple[CMRLaw, float, float]:
+    require("scipy", "Fitting the CMR law")
     from scipy.optimize import least_squares
 
     base = [r for r in records if r.tokens == 0]
@@ -239,6 +243,7 @@ def _fit_surfaces(records: Sequence[CMRRecord]) -> tuple[CMRLaw, float, float]:
 
 
 def _fit_power_law(budgets: Sequence[float], cmrs: Sequence[float]) -> tuple[float, float, float] | None:
+    require("scipy", "Fitting the CMR law")
     from scipy.optimize import least_squares
 
     b = np.asarray(budgets, dtype=float)

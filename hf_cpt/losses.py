@@ -1,0 +1,208 @@
+"""Memory-efficient causal-LM loss: linear head + cross-entropy in chunks, never the full logits tensor.
+
+The logits of a batch are `tokens x vocab` floats: at 128k vocab and 16k tokens per batch that is 8 GiB in fp32,
+more than the model. `chunked_linear_cross_entropy` computes the loss of `chunk_size` tokens at a time and, in the
+same pass, the exact gradients w.r.t. the hidden states, the head weight (and bias): for one token with logits
+z = W h + b, target y and weight w, d(w * CE)/dz = w * (softmax(z) - onehot(y)). Peak extra memory is
+`chunk_size x vocab` instead of `tokens x vocab` (the same trick as Liger's fused linear cross-entropy, in plain
+PyTorch so it runs on CPU and accepts per-token weights).
+
+`apply_chunked_loss(model)` makes a Hugging Face causal LM use it whenever `labels` are passed, so it works
+unchanged inside `Trainer`, TRL trainers and accelerate loops; Liger (`hf_cpt.liger`) is preferred on CUDA.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import types
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+REDUCTIONS = ("mean", "sum")
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, token_weights, ignore_index, chunk_size, divisor):
+        n = hidden.shape[0]
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 softmax for half inputs, fp64 stays fp64
+        valid = target != ignore_index
+        w_tok = valid.to(acc)
+        if token_weights is not None:
+            w_tok = w_tok * token_weights.to(acc)
+        needs = ctx.needs_input_grad
+        grad_h = torch.zeros_like(hidden) if needs[0] else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if needs[1] else None
+        grad_b = torch.zeros_like(bias, dtype=acc) if bias is not None and needs[2] else None
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        safe_target = target.clamp(min=0)
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            h = hidden[start:end]
+            logits = (h @ weight.t()).to(acc)
+            if bias is not None:
+                logits = logits + bias.to(acc)
+            lse = torch.logsumexp(logits, dim=-1)
+            t = safe_target[start:end]
+            picked = logits.gather(1, t[:, None])[:, 0]
+            w = w_tok[start:end]
+            total = total + ((lse - picked) * w).sum()
+            if grad_h is None and grad_w is None and grad_b is None:
+                continue
+            g = torch.exp(logits - lse[:, None])  # softmax, reusing the logits buffer's size only once
+            g[torch.arange(end - start, device=g.device), t] -= 1.0
+            g *= w[:, None]
+            if grad_h is not None:
+                grad_h[start:end] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_w is not None:
+                grad_w += g.t() @ h.to(acc)
+            if grad_b is not None:
+                grad_b += g.sum(0)
+            del logits, g
+        scale = 1.0 / divisor if divisor is not None else 1.0
+        ctx.grads = (
+            grad_h * scale if grad_h is not None else None,
+            (grad_w * scale).to(weight.dtype) if grad_w is not None else None,
+            (grad_b * scale).to(bias.dtype) if grad_b is not None else None,
+        )
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gh, gw, gb = ctx.grads
+        ctx.grads = None
+        return (gh * grad_out if gh is not None else None, gw * grad_out if gw is not None else None,
+                gb * grad_out if gb is not None else None, None, None, None, None, None)
+
+
+def chunked_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int = 1024,
+    num_items: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of `hidden @ weight.T + bias` against `target`, computed `chunk_size` rows at a time.
+
+    Equals `F.cross_entropy(hidden @ weight.T + bias, target, ignore_index=ignore_index)` (values and gradients)
+    without materialising the logits. With `token_weights` w the loss is ``sum_i w_i CE_i / sum_i w_i`` over
+    non-ignored tokens (mean) or ``sum_i w_i CE_i`` (sum).
+
+    Args:
+        hidden: `(..., H)` hidden states (flattened to `(N, H)`).
+        weight: `(V, H)` output head.
+        target: `(...)` token ids, `ignore_index` where no loss is wanted.
+        bias: optional `(V,)` head bias.
+        token_weights: optional per-token weights shaped like `target`.
+        reduction: `mean` or `sum`.
+        chunk_size: rows per chunk; peak extra memory is `chunk_size x V` floats.
+        num_items: divide the sum by this instead (the Trainer's `num_items_in_batch` under gradient
+            accumulation).
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be an integer >= 1, got {chunk_size!r}")
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = target.reshape(-1)
+    if t.shape[0] != h.shape[0]:
+        raise ValueError(f"`target` has {t.shape[0]} tokens but `hidden` has {h.shape[0]} rows")
+    tw = token_weights.reshape(-1) if token_weights is not None else None
+    if num_items is not None:
+        divisor = float(num_items)
+    elif reduction == "mean":
+        valid = (t != ignore_index).float()
+        denom = (valid * tw.float()).sum() if tw is not None else valid.sum()
+        divisor = max(float(denom), 1e-12)
+    else:
+        divisor = None
+    return _ChunkedLinearCrossEntropy.apply(h, weight, bias, t, tw, ignore_index, chunk_size, divisor)
+
+
+# --- model glue -----------------------------------------------------------------------------------------------------
+def supports_chunked_loss(model: torch.nn.Module) -> str | None:
+    """None if `apply_chunked_loss` can serve `model`, else the reason it cannot."""
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "final_logit_softcapping", None):
+        return "the model soft-caps its logits (e.g. Gemma 2), which the chunked loss does not reproduce"
+    if getattr(cfg, "is_encoder_decoder", False):
+        return "encoder-decoder models are not supported"
+    if not hasattr(model, "get_decoder") or model.get_output_embeddings() is None:
+        return f"{type(model).__name__} has no decoder + output head (is it a causal LM?)"
+    try:
+        model.get_decoder()
+    except (AttributeError, NotImplementedError):
+        return f"{type(model).__name__} exposes no decoder"
+    if getattr(model.get_output_embeddings(), "weight", None) is None:
+        return "the output head has no weight"
+    return None
+
+
+def _chunked_forward(self, input_ids=None, attention_mask=None, labels=None, token_weights=None,
+                     num_items_in_batch=None, **kwargs):
+    if labels is None:
+        return self._hf_cpt_original_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    kwargs.pop("logits_to_keep", None)
+    outputs = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    hidden = outputs[0]
+    head = self.get_output_embeddings()
+    # causal shift: position i predicts token i+1
+    shift_h = hidden[:, :-1, :]
+    shift_t = labels[:, 1:].to(hidden.device)
+    shift_w = token_weights[:, 1:].to(hidden.device) if token_weights is not None else None
+    loss = chunked_linear_cross_entropy(
+        shift_h, head.weight, shift_t, bias=getattr(head, "bias", None), token_weights=shift_w,
+        chunk_size=self._hf_cpt_chunk_size, num_items=num_items_in_batch,
+        reduction="sum" if num_items_in_batch is not None else "mean",
+    )
+    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(outputs, "past_key_values", None))
+
+
+def apply_chunked_loss(model: torch.nn.Module, chunk_size: int = 1024) -> torch.nn.Module:
+    """Make `model.forward(..., labels=...)` use [`chunked_linear_cross_entropy`] (returns no logits then).
+
+    Also accepts `token_weights` (batch x seq, e.g. from the lexicon/LEM causal collators) and the Trainer's
+    `num_items_in_batch`. Without labels the model behaves as before. Idempotent.
+
+    Raises:
+        ValueError: if the model is not a supported causal LM (see [`supports_chunked_loss`]).
+    """
+    reason = supports_chunked_loss(model)
+    if reason is None and lm_head_has_lora(model):
+        reason = ("a LoRA adapter wraps the output head and the chunked loss reads `lm_head.weight` directly, so "
+                  "the adapter would get no gradient: train the head with `modules_to_save` or drop it from "
+                  "`target_modules`")
+    if reason:
+        raise ValueError(f"cannot use the chunked loss: {reason}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be an integer >= 1, got {chunk_size!r}")
+    if not hasattr(model, "_hf_cpt_original_forward"):
+        model._hf_cpt_original_forward = model.forward
+        model.forward = types.MethodType(functools.wraps(type(model).forward)(_chunked_forward), model)
+    model._hf_cpt_chunk_size = chunk_size
+    return model
+
+
+def remove_chunked_loss(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo [`apply_chunked_loss`]."""
+    if hasattr(model, "_hf_cpt_original_forward"):
+        del model.forward
+        del model._hf_cpt_original_forward
+    return model
+
+
+def lm_head_has_lora(model: Any) -> bool:
+    """True when a PEFT LoRA adapter wraps the output head: a fused/chunked loss reading `lm_head.weight`
+    directly would silently skip the adapter (no gradient reaches it)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head is not None and any(hasattr(head, a) for a in ("lora_A", "lora_embedding_A", "base_layer"))
