@@ -1,6 +1,6 @@
 """Peak memory and time of the naive full-logits cross-entropy vs hf-cpt's chunked loss, on CPU.
 
-    python bench/loss_memory.py [--tokens 2048] [--hidden 1024] [--vocabs 32768,131072,262144] [--chunk 1024]
+    python bench/loss_memory.py [--tokens 2048] [--hidden 1024] [--vocabs 32768,131072,262144] [--chunk 0]
 
 Each measurement runs in a fresh subprocess (forward + backward of head + loss, fp32) and reports the peak
 resident memory above the inputs (`ru_maxrss`), so allocations of one run cannot hide in another's. Prints the
@@ -29,13 +29,13 @@ hidden = torch.randn(n, h, requires_grad=True)
 weight = (torch.randn(v, h) * 0.02).requires_grad_()
 target = torch.randint(0, v, (n,))
 # touch the gradient buffers the optimizer would hold anyway, so both methods start from the same footprint
-hidden.grad = torch.zeros_like(hidden); weight.grad = torch.zeros_like(weight)
+hidden.grad = torch.empty_like(hidden).fill_(0.0); weight.grad = torch.empty_like(weight).fill_(0.0)  # touched pages
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 if method == "naive":
     loss = torch.nn.functional.cross_entropy(hidden @ weight.t(), target)
 else:
-    loss = chunked_linear_cross_entropy(hidden, weight, target, chunk_size=chunk)
+    loss = chunked_linear_cross_entropy(hidden, weight, target, chunk_size=chunk or None)
 loss.backward()
 dt = time.perf_counter() - t0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -55,9 +55,9 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--vocabs", default="32768,131072,262144")
-    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--chunk", type=int, default=0, help="rows per chunk; 0: auto (hf-cpt's default)")
     a = p.parse_args()
-    print(f"{a.tokens} tokens, hidden {a.hidden}, fp32, forward+backward, chunk {a.chunk}, CPU x{os.cpu_count()}")
+    print(f"{a.tokens} tokens, hidden {a.hidden}, fp32, forward+backward, chunk {a.chunk or 'auto'}, CPU x{os.cpu_count()}")
     print(f"{'vocab':>8} {'naive MiB':>10} {'chunked MiB':>12} {'mem ratio':>10} {'naive s':>8} {'chunked s':>10} "
           f"{'time ratio':>11} {'|dloss|':>9}")
     for v in (int(x) for x in a.vocabs.split(",")):

@@ -167,6 +167,9 @@ class TrainConfig:
     eval_steps: int = field(default=20, metadata={"help": "Evaluate the held-out sets every N updates."})
     logging_steps: int = field(default=5, metadata={"help": "Log the training loss every N updates."})
     save_steps: int = field(default=0, metadata={"help": "Checkpoint every N updates (0: only the final model)."})
+    keep_checkpoints: bool = field(
+        default=False, metadata={"help": "Keep `<output_dir>.checkpoints` after a successful run."}
+    )
     seed: int = field(default=42, metadata={"help": "Seed for initialisation and data order."})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision (GPU/recent CPUs)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
@@ -180,7 +183,9 @@ class TrainConfig:
         default="auto",
         metadata={"help": "Chunked linear cross-entropy where Liger is off: auto (causal LMs), true, false."},
     )
-    loss_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk of the chunked loss."})
+    loss_chunk_size: int = field(
+        default=0, metadata={"help": "Tokens per chunk of the chunked loss (0: auto, logits ~ hidden-state size)."}
+    )
     report_to: list[str] = field(default_factory=list, metadata={"help": "Integrations, e.g. [tensorboard]."})
     training_args: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "Extra `TrainingArguments` fields, passed through verbatim."}
@@ -198,7 +203,7 @@ class TrainConfig:
                 setattr(self, name, value)
             if value not in ("auto", "true", "false"):
                 raise ValueError(f"`{name}` must be auto, true or false, got {value!r}")
-        _check_positive_int("loss_chunk_size", self.loss_chunk_size)
+        _check_positive_int("loss_chunk_size", self.loss_chunk_size, allow_zero=True)
         if self.trainable not in ("all", "embeddings"):
             raise ValueError(f"`trainable` must be `all` or `embeddings`, got {self.trainable!r}")
         _check_positive_int("save_steps", self.save_steps, allow_zero=True)

@@ -36,7 +36,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             w_tok = w_tok * token_weights.to(acc)
         needs = ctx.needs_input_grad
         grad_h = torch.zeros_like(hidden) if needs[0] else None
-        grad_w = torch.zeros_like(weight, dtype=acc) if needs[1] else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if needs[1] else None  # fp32 (or fp64) accumulation
         grad_b = torch.zeros_like(bias, dtype=acc) if bias is not None and needs[2] else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
         safe_target = target.clamp(min=0)
@@ -53,7 +53,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             total = total + ((lse - picked) * w).sum()
             if grad_h is None and grad_w is None and grad_b is None:
                 continue
-            g = torch.exp(logits - lse[:, None])  # softmax, reusing the logits buffer's size only once
+            g = logits.sub_(lse[:, None]).exp_()  # softmax in place: one chunk-sized buffer in all
             g[torch.arange(end - start, device=g.device), t] -= 1.0
             g *= w[:, None]
             if grad_h is not None:
@@ -64,19 +64,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_b += g.sum(0)
             del logits, g
         scale = 1.0 / divisor if divisor is not None else 1.0
-        ctx.grads = (
-            grad_h * scale if grad_h is not None else None,
-            (grad_w * scale).to(weight.dtype) if grad_w is not None else None,
-            (grad_b * scale).to(bias.dtype) if grad_b is not None else None,
-        )
+        # scale in place and cast only when needed: a second vocab x hidden buffer would double the head's cost
+        ctx.grads = tuple(None if g is None else g.mul_(scale).to(p.dtype)
+                          for g, p in ((grad_h, hidden), (grad_w, weight), (grad_b, bias)))
         return total * scale
 
     @staticmethod
     def backward(ctx, grad_out):
-        gh, gw, gb = ctx.grads
+        grads = ctx.grads
         ctx.grads = None
-        return (gh * grad_out if gh is not None else None, gw * grad_out if gw is not None else None,
-                gb * grad_out if gb is not None else None, None, None, None, None, None)
+        unit = grad_out.numel() == 1 and float(grad_out) == 1.0  # the usual loss.backward(): no extra copy
+        gh, gw, gb = (None if g is None else (g if unit else g.mul_(grad_out.to(g.dtype))) for g in grads)
+        return gh, gw, gb, None, None, None, None, None
 
 
 def chunked_linear_cross_entropy(
@@ -87,7 +86,7 @@ def chunked_linear_cross_entropy(
     token_weights: torch.Tensor | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
     num_items: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T + bias` against `target`, computed `chunk_size` rows at a time.
@@ -103,15 +102,21 @@ def chunked_linear_cross_entropy(
         bias: optional `(V,)` head bias.
         token_weights: optional per-token weights shaped like `target`.
         reduction: `mean` or `sum`.
-        chunk_size: rows per chunk; peak extra memory is `chunk_size x V` floats.
+        chunk_size: rows per chunk; peak extra memory is about `chunk_size x V` floats plus the head's gradient.
+            None: `N / ceil(V / H)` rows (a chunk's logits about the size of the hidden states), clamped to
+            [128, 1024] so CPU matmuls stay efficient.
         num_items: divide the sum by this instead (the Trainer's `num_items_in_batch` under gradient
             accumulation).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be an integer >= 1, got {chunk_size!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"`chunk_size` must be an integer >= 1 or None, got {chunk_size!r}")
     h = hidden.reshape(-1, hidden.shape[-1])
+    if chunk_size is None:
+        vocab, dim = weight.shape
+        chunk_size = min(max(h.shape[0] // -(-vocab // dim), 128), 1024)
     t = target.reshape(-1)
     if t.shape[0] != h.shape[0]:
         raise ValueError(f"`target` has {t.shape[0]} tokens but `hidden` has {h.shape[0]} rows")
@@ -168,7 +173,7 @@ def _chunked_forward(self, input_ids=None, attention_mask=None, labels=None, tok
     return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(outputs, "past_key_values", None))
 
 
-def apply_chunked_loss(model: torch.nn.Module, chunk_size: int = 1024) -> torch.nn.Module:
+def apply_chunked_loss(model: torch.nn.Module, chunk_size: int | None = None) -> torch.nn.Module:
     """Make `model.forward(..., labels=...)` use [`chunked_linear_cross_entropy`] (returns no logits then).
 
     Also accepts `token_weights` (batch x seq, e.g. from the lexicon/LEM causal collators) and the Trainer's
@@ -184,8 +189,9 @@ def apply_chunked_loss(model: torch.nn.Module, chunk_size: int = 1024) -> torch.
                   "`target_modules`")
     if reason:
         raise ValueError(f"cannot use the chunked loss: {reason}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be an integer >= 1, got {chunk_size!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"`chunk_size` must be an integer >= 1 or None (auto), got {chunk_size!r}")
     if not hasattr(model, "_hf_cpt_original_forward"):
         model._hf_cpt_original_forward = model.forward
         model.forward = types.MethodType(functools.wraps(type(model).forward)(_chunked_forward), model)

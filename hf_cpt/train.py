@@ -23,7 +23,7 @@ from .callbacks.forgetting import ForgettingMonitorCallback
 from .callbacks.replay_mixer import ReplayMixerCallback
 from .callbacks.rewarm import RewarmCallback, make_rewarm_optimizer, make_rewarm_scheduler
 from .config import CPTConfig
-from .utils import atomic_output_dir
+from .utils import commit_staging_dir, make_staging_dir
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ def build_training_args(cfg: CPTConfig, output_dir: str | Path):
         restore_callback_states_from_checkpoint=True,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # several processes and no GPU (torchrun on CPU): accelerate only sets up gloo DDP when told `cpu`
+        use_cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
     )
     kwargs.update(t.training_args)
     return TrainingArguments(**kwargs)
@@ -107,8 +109,9 @@ def setup_loss(model, cfg: CPTConfig, args) -> str:
         if reason and mode == "auto":
             logger.info("chunked loss off: %s", reason)
         return "standard"
-    apply_chunked_loss(model, cfg.train.loss_chunk_size)  # raises with the reason when `true` cannot apply
-    logger.info("chunked cross-entropy on (%d tokens per chunk): no full logits tensor", cfg.train.loss_chunk_size)
+    apply_chunked_loss(model, cfg.train.loss_chunk_size or None)  # raises with the reason when `true` cannot apply
+    logger.info("chunked cross-entropy on (%s tokens per chunk): no full logits tensor",
+                cfg.train.loss_chunk_size or "auto")
     return "chunked"
 
 
@@ -143,21 +146,66 @@ def check_data_paths(cfg: CPTConfig) -> None:
                              f"of the {name} text")
 
 
-def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: bool = False) -> CPTResult:
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    """Where a run writing `output_dir` keeps its Trainer checkpoints: `<output_dir>.checkpoints`, next to it,
+    so they survive a crash (the output directory itself only appears, complete, at the end)."""
+    final = Path(output_dir).expanduser().resolve()
+    return final.with_name(final.name + ".checkpoints")
+
+
+def _check_resumable(cfg: CPTConfig, ckpt_dir: Path) -> None:
+    """Refuse to resume checkpoints written by a different recipe (ratios, vocabulary, schedule, ...)."""
+    saved_path = ckpt_dir / CONFIG_FILE
+    if not saved_path.is_file():
+        raise ValueError(f"{str(ckpt_dir)!r} has no {CONFIG_FILE}: it was not written by `hf-cpt train`; "
+                         "resume it with the Python API or delete it")
+    saved = CPTConfig.from_yaml(saved_path).to_dict()
+    now = cfg.to_dict()
+    # fields that do not change what the resumed run computes
+    for d in (saved, now):
+        d.pop("output_dir", None)
+        d.pop("description", None)
+        d["train"].pop("report_to", None)
+        d["train"].pop("logging_steps", None)
+    diffs = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+        elif a != b:
+            diffs.append(f"`{path}`: {a!r} -> {b!r}")
+
+    walk(saved, now, "")
+    if diffs:
+        raise ValueError(f"the checkpoints in {str(ckpt_dir)!r} were written with another config ("
+                         + "; ".join(diffs[:6]) + "); resuming would silently mix two recipes. Restore the "
+                         "original values, or delete the checkpoints to start over")
+
+
+def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: bool = False,
+            resume: bool = False) -> CPTResult:
     """Continue pretraining `cfg.model` on `cfg.data` and write the adapted model to `output_dir`.
 
     Args:
         cfg: the run configuration.
         output_dir: overrides `cfg.output_dir`.
         overwrite: replace a non-empty `output_dir` (only once the new run has finished).
+        resume: continue from the last checkpoint in `<output_dir>.checkpoints` (see [`checkpoint_dir`]);
+            refused when those checkpoints were written with a different config.
 
     Returns:
         a [`CPTResult`] with the final directory and the metrics also written to `metrics.json`.
 
     Output files: `model.safetensors` (+ config, tokenizer), `hf_cpt_config.yaml`, `metrics.json`,
-    `forgetting.png`, `README.md` (model card). A run that fails leaves no output directory behind.
+    `forgetting.png`, `README.md` (model card). A run that fails leaves no output directory behind. With
+    `train.save_steps` > 0, checkpoints go to `<output_dir>.checkpoints` and are deleted after success unless
+    `train.keep_checkpoints`. Under `torchrun`/`accelerate launch` every process calls this; only the main one
+    writes files.
     """
+    from accelerate import PartialState
     from transformers import Trainer, default_data_collator
+    from transformers.trainer_utils import get_last_checkpoint
 
     from .data import build_eval_sets, build_train_set
     from .model_card import render_model_card
@@ -167,68 +215,116 @@ def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: boo
     output_dir = output_dir or cfg.output_dir
     if not output_dir:
         raise ValueError("`output_dir` is not set: pass it or set `output_dir` in the config")
-    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
-        start = time.perf_counter()
-        args = build_training_args(cfg, tmp / "checkpoints")
-        check_data_paths(cfg)  # fail on a bad path before spending time on the model
-        model, tokenizer = load_model_and_tokenizer(cfg.model)
-        num_blocks = cfg.train.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
-        num_blocks *= args.world_size
-        eval_sets = build_eval_sets(cfg.data, tokenizer)
-        train_set = build_train_set(cfg.data, tokenizer, total_blocks=num_blocks)
-        monitor = ForgettingMonitorCallback(cfg.monitor)
-        callbacks: list = [monitor, ReplayMixerCallback(train_set)]
-        optimizers: tuple = (None, None)
-        setup_loss(model, cfg, args)
-        if cfg.train.trainable == "embeddings":
-            relearn_embeddings(model)
-        if cfg.active_forgetting is not None:
-            callbacks.append(ActiveForgettingCallback(cfg.active_forgetting))
-        if cfg.schedule is not None:
-            optimizers = build_rewarm_optimizers(model, cfg, args)
-            callbacks.append(RewarmCallback(cfg.schedule))
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=train_set,
-            eval_dataset=eval_sets,
-            data_collator=default_data_collator,
-            processing_class=tokenizer,
-            callbacks=callbacks,
-            optimizers=optimizers,
+    start = time.perf_counter()
+    args = build_training_args(cfg, output_dir)  # also sets up the process group under torchrun
+    state = PartialState()
+    final = Path(output_dir).expanduser().resolve()
+    ckpt = checkpoint_dir(final)
+    last = None
+    if cfg.train.save_steps:
+        existing = get_last_checkpoint(str(ckpt)) if ckpt.is_dir() else None
+        if resume:
+            if existing is None:
+                raise FileNotFoundError(f"nothing to resume: no checkpoint in {str(ckpt)!r}")
+            _check_resumable(cfg, ckpt)
+            last = existing
+        elif existing is not None:
+            raise FileExistsError(f"checkpoints of an earlier run are in {str(ckpt)!r}: pass `resume=True` "
+                                  "(CLI: --resume) to continue it, or delete them to start over")
+    elif resume:
+        raise ValueError("`resume` needs checkpoints: set `train.save_steps` > 0")
+    tmp = make_staging_dir(final, overwrite) if state.is_main_process else None
+    if state.num_processes > 1:
+        holder = [str(tmp) if tmp else None]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        tmp = Path(holder[0])
+    try:
+        if cfg.train.save_steps:
+            args.output_dir = str(ckpt)
+            if state.is_main_process:
+                ckpt.mkdir(parents=True, exist_ok=True)
+                (ckpt / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
+        else:
+            args.output_dir = str(tmp / "checkpoints")
+        metrics = _train_and_write(cfg, args, tmp, last, start, Trainer, default_data_collator,
+                                   build_eval_sets, build_train_set, render_model_card, load_model_and_tokenizer,
+                                   plot_forgetting)
+        state.wait_for_everyone()
+    except BaseException:
+        if state.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if state.is_main_process:
+        shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
+        commit_staging_dir(tmp, final)
+        if cfg.train.save_steps and not cfg.train.keep_checkpoints:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    state.wait_for_everyone()
+    return CPTResult(output_dir=final, metrics=metrics)
+
+
+def _train_and_write(cfg, args, tmp, last, start, Trainer, default_data_collator, build_eval_sets, build_train_set,
+                     render_model_card, load_model_and_tokenizer, plot_forgetting) -> dict[str, Any]:
+    check_data_paths(cfg)  # fail on a bad path before spending time on the model
+    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    num_blocks = cfg.train.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    num_blocks *= args.world_size
+    eval_sets = build_eval_sets(cfg.data, tokenizer)
+    train_set = build_train_set(cfg.data, tokenizer, total_blocks=num_blocks)
+    monitor = ForgettingMonitorCallback(cfg.monitor)
+    callbacks: list = [monitor, ReplayMixerCallback(train_set)]
+    optimizers: tuple = (None, None)
+    setup_loss(model, cfg, args)
+    if cfg.train.trainable == "embeddings":
+        relearn_embeddings(model)
+    if cfg.active_forgetting is not None:
+        callbacks.append(ActiveForgettingCallback(cfg.active_forgetting))
+    if cfg.schedule is not None:
+        optimizers = build_rewarm_optimizers(model, cfg, args)
+        callbacks.append(RewarmCallback(cfg.schedule))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_sets,
+        data_collator=default_data_collator,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        optimizers=optimizers,
+    )
+    if last is not None:
+        args.eval_on_start = False  # step 0 is in the restored monitor history; do not evaluate the resume step
+    train_out = trainer.train(resume_from_checkpoint=last)
+    # a resumed run rebuilds callbacks from their checkpoint state: read the live ones
+    monitor = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ForgettingMonitorCallback))
+    mixer_cb = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ReplayMixerCallback))
+    train_tokens = mixer_cb.tokens_per_source
+    trainer.save_model(str(tmp))
+    # training_args.bin is a pickle; the recipe is recorded as YAML instead (safetensors/text only)
+    (tmp / "training_args.bin").unlink(missing_ok=True)
+    metrics: dict[str, Any] = {
+        "model": cfg.model.name_or_path,
+        "global_step": trainer.state.global_step,
+        "world_size": args.world_size,
+        "resumed_from": last,
+        "train_tokens": train_tokens,
+        "train_loss": train_out.training_loss,
+        "train_runtime_s": train_out.metrics.get("train_runtime"),
+        "train_tokens_per_s": sum(train_tokens.values()) / max(train_out.metrics.get("train_runtime", 0), 1e-9),
+        "total_runtime_s": None,
+        "forgetting": monitor.summary(),
+        "eval_history": monitor.history,
+        "log_history": trainer.state.log_history,
+    }
+    if trainer.is_world_process_zero():
+        (tmp / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
+        plot_forgetting(
+            monitor.history, tmp / PLOT_FILE, cfg.monitor.general, cfg.monitor.domain,
+            tolerance=cfg.monitor.tolerance, tolerance_mode=cfg.monitor.tolerance_mode,
+            title=f"hf-cpt: {cfg.model.name_or_path}",
         )
-        train_out = trainer.train()
-        # a resumed run rebuilds callbacks from their checkpoint state: read the live ones
-        monitor = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ForgettingMonitorCallback))
-        mixer_cb = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ReplayMixerCallback))
-        train_tokens = mixer_cb.tokens_per_source
-        trainer.save_model(str(tmp))
-        # training_args.bin is a pickle; the recipe is recorded as YAML instead (safetensors/text only)
-        (tmp / "training_args.bin").unlink(missing_ok=True)
-        metrics: dict[str, Any] = {
-            "model": cfg.model.name_or_path,
-            "global_step": trainer.state.global_step,
-            "world_size": args.world_size,
-            "train_tokens": train_tokens,
-            "train_loss": train_out.training_loss,
-            "train_runtime_s": train_out.metrics.get("train_runtime"),
-            "train_tokens_per_s": sum(train_tokens.values()) / max(train_out.metrics.get("train_runtime", 0), 1e-9),
-            "total_runtime_s": None,
-            "forgetting": monitor.summary(),
-            "eval_history": monitor.history,
-            "log_history": trainer.state.log_history,
-        }
-        if trainer.is_world_process_zero():
-            (tmp / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
-            plot_forgetting(
-                monitor.history, tmp / PLOT_FILE, cfg.monitor.general, cfg.monitor.domain,
-                tolerance=cfg.monitor.tolerance, tolerance_mode=cfg.monitor.tolerance_mode,
-                title=f"hf-cpt: {cfg.model.name_or_path}",
-            )
-            metrics["total_runtime_s"] = time.perf_counter() - start
-            (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-            card = render_model_card(cfg.to_dict(), metrics, base_model=_base_model_id(cfg.model.name_or_path))
-            (tmp / "README.md").write_text(card, encoding="utf-8")
-        if not cfg.train.save_steps:
-            shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
-    return CPTResult(output_dir=Path(output_dir).expanduser().resolve(), metrics=metrics)
+        metrics["total_runtime_s"] = time.perf_counter() - start
+        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        card = render_model_card(cfg.to_dict(), metrics, base_model=_base_model_id(cfg.model.name_or_path))
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+    return metrics

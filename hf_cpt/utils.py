@@ -37,12 +37,11 @@ def is_nonempty_dir(path: str | os.PathLike) -> bool:
     return p.exists() and (not p.is_dir() or any(p.iterdir()))
 
 
-@contextlib.contextmanager
-def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory next to `final`; on success move it to `final`, on failure delete it.
+def make_staging_dir(final: str | os.PathLike, overwrite: bool = False) -> Path:
+    """A fresh temporary directory next to `final`, to be moved there by [`commit_staging_dir`].
 
-    A crash or an exception never leaves a half-written `final`. With `overwrite`, an existing `final` is
-    replaced only once the new one is complete.
+    Raises:
+        FileExistsError: `final` exists and is not empty, and `overwrite` is False.
     """
     final = Path(final).expanduser().resolve()
     if is_nonempty_dir(final) and not overwrite:
@@ -55,11 +54,12 @@ def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False) -> Iter
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like a normal dir
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return tmp
+
+
+def commit_staging_dir(tmp: Path, final: str | os.PathLike) -> None:
+    """Move the finished `tmp` to `final`, replacing an existing `final` only now."""
+    final = Path(final).expanduser().resolve()
     if final.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
         os.replace(final, trash / final.name)
@@ -67,3 +67,19 @@ def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False) -> Iter
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to `final`; on success move it to `final`, on failure delete it.
+
+    A crash or an exception never leaves a half-written `final`. With `overwrite`, an existing `final` is
+    replaced only once the new one is complete.
+    """
+    tmp = make_staging_dir(final, overwrite)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_staging_dir(tmp, final)

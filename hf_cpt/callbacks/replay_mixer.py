@@ -51,13 +51,16 @@ class ReplayMixerCallback(TrainerCallback, ExportableState):
         self.saved_state: dict | None = None
         self.blocks_per_step: int | None = None
         self.global_step = 0
+        self.is_reader = True
 
     def state(self) -> dict:
         return {"args": {},
                 "attributes": {"saved_state": self._consumed_state(), "blocks_per_step": self.blocks_per_step}}
 
     def _consumed_state(self) -> dict | None:
-        if self.mixer is None or self.blocks_per_step is None:
+        # under DDP accelerate reads the mixer on the main process only and sends each rank its slice; the other
+        # processes' mixers stay unread, and checkpoints are written by the main process
+        if self.mixer is None or self.blocks_per_step is None or not self.is_reader:
             return self.saved_state
         return self.mixer.state_at(self.global_step * self.blocks_per_step)
 
@@ -80,6 +83,7 @@ class ReplayMixerCallback(TrainerCallback, ExportableState):
                              f"{per_update}: keep per-device batch size x accumulation x processes unchanged")
         self.blocks_per_step = per_update
         self.global_step = state.global_step
+        self.is_reader = state.is_world_process_zero or getattr(args.accelerator_config, "dispatch_batches", None) is False
         if state.global_step and args.ignore_data_skip:
             if self.saved_state is None:
                 why = ("set `restore_callback_states_from_checkpoint=True` in TrainingArguments so the Trainer "

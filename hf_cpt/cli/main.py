@@ -50,9 +50,17 @@ def train(
     output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Overrides `output_dir`.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output dir once the run succeeds.")] = False,
     max_steps: Annotated[Optional[int], typer.Option(help="Overrides `train.max_steps`.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in <output_dir>.checkpoints.")] = False,
+    nproc: Annotated[int, typer.Option(help="Processes (DDP through torchrun; gloo on CPU, nccl on GPU).")] = 1,
 ) -> None:
     """Continue pretraining a model on domain data with replay, and write the adapted checkpoint."""
     import dataclasses
+
+    if nproc < 1:
+        raise ValueError(f"`--nproc` must be >= 1, got {nproc}")
+    if nproc > 1:
+        _relaunch_with_torchrun(nproc)
+        return
 
     from ..config import CPTConfig
     from ..templates import load_template
@@ -66,7 +74,11 @@ def train(
     if max_steps is not None:
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=max_steps))
     out = output_dir or cfg.output_dir or (f"runs/{template}" if template else f"runs/{config.stem}")
-    result = run_cpt(cfg, output_dir=out, overwrite=overwrite)
+    result = run_cpt(cfg, output_dir=out, overwrite=overwrite, resume=resume)
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
     f = result.metrics["forgetting"]
     typer.echo(f"\nAdapted model written to {result.output_dir}")
     typer.echo(f"  domain  held-out loss: {f['domain_loss_start']:.4f} -> {f['domain_loss_end']:.4f} "
@@ -74,6 +86,34 @@ def train(
     typer.echo(f"  general held-out loss: {f['general_loss_start']:.4f} -> {f['general_loss_end']:.4f} "
                f"({f['general_delta']:+.4f}); tolerance breached: {f['tolerance_breached']}")
     typer.echo(f"  metrics: {result.output_dir / 'metrics.json'}  plot: {result.output_dir / 'forgetting.png'}")
+
+
+def _relaunch_with_torchrun(nproc: int) -> None:
+    """Run this same `hf-cpt train` command in `nproc` processes with torchrun (the engine the Trainer expects)."""
+    import os
+    import socket
+    import subprocess
+
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        argv.append(arg)
+    with socket.socket() as s:  # a free port, so parallel runs on one machine do not collide
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+           "-m", "hf_cpt.cli.main", *argv]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    code = subprocess.call(cmd, env=env)
+    if code:
+        raise typer.Exit(code=code)
 
 
 @app.command()

@@ -36,3 +36,13 @@ def load_template(name: str) -> CPTConfig:
     import yaml
 
     return CPTConfig.from_dict(yaml.safe_load(template_text(name)))
+
+
+ACCELERATE_CONFIGS = ("fsdp", "deepspeed_zero2", "deepspeed_zero3")
+
+
+def accelerate_config(name: str) -> str:
+    """Path of a shipped `accelerate launch --config_file` template: `fsdp`, `deepspeed_zero2`, `deepspeed_zero3`."""
+    if name not in ACCELERATE_CONFIGS:
+        raise ValueError(f"unknown accelerate config {name!r} (available: {', '.join(ACCELERATE_CONFIGS)})")
+    return str(resources.files(__name__) / "accelerate" / f"{name}.yaml")

@@ -33,3 +33,15 @@ def test_quickstart_is_fully_offline():
 def test_unknown_template_suggests_a_name():
     with pytest.raises(ValueError, match="did you mean 'medical'"):
         load_template("medicl")
+
+
+def test_accelerate_configs_load_with_accelerate():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    from hf_cpt.templates import ACCELERATE_CONFIGS, accelerate_config
+
+    for name in ACCELERATE_CONFIGS:
+        cfg = ClusterConfig.from_yaml_file(accelerate_config(name))
+        assert cfg.distributed_type in ("FSDP", "DEEPSPEED") or str(cfg.distributed_type).endswith(
+            ("FSDP", "DEEPSPEED"))
+    assert "zero_stage" in open(accelerate_config("deepspeed_zero3")).read()
