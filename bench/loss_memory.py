@@ -25,8 +25,9 @@ sys.path.insert(0, sys.argv[1])
 from hf_cpt.losses import chunked_linear_cross_entropy
 method, n, h, v, chunk = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 torch.manual_seed(0)
-hidden = torch.randn(n, h, requires_grad=True)
-weight = (torch.randn(v, h) * 0.02).requires_grad_()
+# filled in place: no temporary may raise the peak (ru_maxrss) before the baseline is taken
+hidden = torch.empty(n, h).normal_().requires_grad_()
+weight = torch.empty(v, h).normal_(0.0, 0.02).requires_grad_()
 target = torch.randint(0, v, (n,))
 # touch the gradient buffers the optimizer would hold anyway, so both methods start from the same footprint
 hidden.grad = torch.empty_like(hidden).fill_(0.0); weight.grad = torch.empty_like(weight).fill_(0.0)  # touched pages

@@ -59,7 +59,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if grad_h is not None:
                 grad_h[start:end] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_w is not None:
-                grad_w += g.t() @ h.to(acc)
+                grad_w.addmm_(g.t(), h.to(acc))  # in place: a product temp would be a second vocab x hidden
             if grad_b is not None:
                 grad_b += g.sum(0)
             del logits, g
