@@ -127,12 +127,9 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
-        from .mixers.replay import GRANULARITIES, ON_EXHAUSTED
+        from .mixers.replay import check_mixing_modes
 
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"`granularity` must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if self.on_exhausted not in ON_EXHAUSTED:
-            raise ValueError(f"`on_exhausted` must be one of {ON_EXHAUSTED}, got {self.on_exhausted!r}")
+        check_mixing_modes(self.granularity, self.on_exhausted)
         self.replay_stages = [s if isinstance(s, ReplayStage) else ReplayStage(**s) for s in self.replay_stages]
         for i, stage in enumerate(self.replay_stages):
             if self.general is None and stage.replay_ratio > 0:

@@ -32,6 +32,14 @@ ON_EXHAUSTED = ("cycle", "stop")
 _HISTORY = 8192  # block states kept for checkpointing: covers the dataloader's prefetch with room to spare
 
 
+def check_mixing_modes(granularity: str, on_exhausted: str) -> None:
+    """Validate the two mode fields shared by [`ReplayMixerConfig`] and the YAML `data:` block."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"`granularity` must be one of {GRANULARITIES}, got {granularity!r}")
+    if on_exhausted not in ON_EXHAUSTED:
+        raise ValueError(f"`on_exhausted` must be one of {ON_EXHAUSTED}, got {on_exhausted!r}")
+
+
 class _Exhausted(Exception):
     pass
 
@@ -69,10 +77,7 @@ class ReplayMixerConfig:
         self.ratios = check_ratios(self.ratios, "ratios")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"`block_size` must be an integer >= 1, got {self.block_size!r}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"`granularity` must be one of {GRANULARITIES}, got {self.granularity!r}")
-        if self.on_exhausted not in ON_EXHAUSTED:
-            raise ValueError(f"`on_exhausted` must be one of {ON_EXHAUSTED}, got {self.on_exhausted!r}")
+        check_mixing_modes(self.granularity, self.on_exhausted)
         self.stages = [s if isinstance(s, RatioStage) else RatioStage(**s) for s in self.stages]
         for i, stage in enumerate(self.stages):
             if set(stage.ratios) != set(self.ratios):
