@@ -204,13 +204,7 @@ def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: boo
     writes files.
     """
     from accelerate import PartialState
-    from transformers import Trainer, default_data_collator
     from transformers.trainer_utils import get_last_checkpoint
-
-    from .data import build_eval_sets, build_train_set
-    from .model_card import render_model_card
-    from .models import load_model_and_tokenizer
-    from .plotting import plot_forgetting
 
     output_dir = output_dir or cfg.output_dir
     if not output_dir:
@@ -246,9 +240,7 @@ def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: boo
                 (ckpt / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
         else:
             args.output_dir = str(tmp / "checkpoints")
-        metrics = _train_and_write(cfg, args, tmp, last, start, Trainer, default_data_collator,
-                                   build_eval_sets, build_train_set, render_model_card, load_model_and_tokenizer,
-                                   plot_forgetting)
+        metrics = _train_and_write(cfg, args, tmp, last, start)
         state.wait_for_everyone()
     except BaseException:
         if state.is_main_process:
@@ -263,8 +255,15 @@ def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: boo
     return CPTResult(output_dir=final, metrics=metrics)
 
 
-def _train_and_write(cfg, args, tmp, last, start, Trainer, default_data_collator, build_eval_sets, build_train_set,
-                     render_model_card, load_model_and_tokenizer, plot_forgetting) -> dict[str, Any]:
+def _train_and_write(cfg: CPTConfig, args, tmp: Path, last: str | None, start: float) -> dict[str, Any]:
+    """Build model, data and Trainer, train (resuming from `last`), and write the results into `tmp`."""
+    from transformers import Trainer, default_data_collator
+
+    from .data import build_eval_sets, build_train_set
+    from .model_card import render_model_card
+    from .models import load_model_and_tokenizer
+    from .plotting import plot_forgetting
+
     check_data_paths(cfg)  # fail on a bad path before spending time on the model
     model, tokenizer = load_model_and_tokenizer(cfg.model)
     num_blocks = cfg.train.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
