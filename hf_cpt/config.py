@@ -86,9 +86,9 @@ class ReplayStage:
     replay_ratio: float = field(metadata={"help": "Share of training tokens from `general` in this stage."})
 
     def __post_init__(self) -> None:
-        s = self.start
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
-            raise ValueError(f"`start` must be a fraction in [0, 1), got {s!r}")
+        from .mixers.core import check_stage_start
+
+        check_stage_start(self.start)
         r = self.replay_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 <= r <= 1.0):
             raise ValueError(f"`replay_ratio` must be in [0, 1], got {r!r}")

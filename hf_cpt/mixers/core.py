@@ -35,6 +35,12 @@ def check_ratios(ratios: Mapping[str, float], name: str = "ratios") -> dict[str,
     return out
 
 
+def check_stage_start(start: object) -> None:
+    """A stage starts at a fraction of the run in [0, 1)."""
+    if isinstance(start, bool) or not isinstance(start, (int, float)) or not 0.0 <= start < 1.0:
+        raise ValueError(f"`start` must be a fraction in [0, 1), got {start!r}")
+
+
 @dataclass
 class RatioStage:
     """From `start` (a fraction of the run's blocks, in [0, 1)) on, mix with `ratios` instead.
@@ -47,9 +53,7 @@ class RatioStage:
     ratios: dict[str, float] = field(metadata={"help": "Shares per source in this stage; sum to 1."})
 
     def __post_init__(self) -> None:
-        s = self.start
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
-            raise ValueError(f"`start` must be a fraction in [0, 1), got {s!r}")
+        check_stage_start(self.start)
         self.ratios = check_ratios(self.ratios, "ratios")
 
 
