@@ -52,6 +52,9 @@ _EXPORTS = {
     "load_template": "templates",
     "list_templates": "templates",
     "render_model_card": "model_card",
+    "push_adapted": "hub",
+    "check_push_access": "hub",
+    "HubConfig": "hub",
     "plot_forgetting": "plotting",
 }
 
@@ -78,6 +81,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .mixers.core import RatioStage
     from .mixers.replay import ReplayMixer, ReplayMixerConfig
     from .data import build_eval_sets, build_train_set, tokenize_and_pack
+    from .hub import HubConfig, check_push_access, push_adapted
     from .model_card import render_model_card
     from .models import load_model_and_tokenizer
     from .plotting import plot_forgetting

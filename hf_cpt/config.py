@@ -21,6 +21,7 @@ import yaml
 from .callbacks.active_forgetting import ActiveForgettingConfig
 from .callbacks.forgetting import ForgettingMonitorConfig
 from .callbacks.rewarm import RewarmConfig
+from .hub import HubConfig
 
 EMBEDDED_MODEL = "embedded:smollm2-135m"
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -124,6 +125,10 @@ class DataConfig:
     replay_stages: list[ReplayStage] = field(
         default_factory=list,
         metadata={"help": "Later changes of `replay_ratio`, e.g. [{start: 0.8, replay_ratio: 0.05}]."},
+    )
+    cmr: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "Provenance of `replay_ratio` when `hf-cpt cmr fit --write-config` set it (model card)."},
     )
 
     def __post_init__(self) -> None:
@@ -244,7 +249,9 @@ class CPTConfig:
     active_forgetting: ActiveForgettingConfig | None = field(
         default=None, metadata={"help": "Reset the embeddings every K updates (plasticity pretraining)."}
     )
+    hub: HubConfig = field(default_factory=HubConfig, metadata={"help": "Push the adapted model to the Hub."})
     output_dir: str | None = field(default=None, metadata={"help": "Where the adapted model is written."})
+    domain: str = field(default="", metadata={"help": "Short domain name, e.g. `medical`; a tag on the model card."})
     description: str = field(default="", metadata={"help": "One line shown by `hf-cpt templates`."})
 
     def __post_init__(self) -> None:

@@ -2,45 +2,127 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
 
 from .plotting import format_history_table
 
+CARD_TAGS = ["continual-pretraining", "hf-cpt"]
+
 
 def _fmt(x: Any, spec: str = ".4f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
-def render_model_card(config: dict[str, Any], metrics: dict[str, Any], base_model: str | None = None) -> str:
+def _hub_dataset(source: dict[str, Any] | None) -> str | None:
+    """`hub:org/name:split` corpora are Hub datasets worth linking in the metadata; local files are not."""
+    train = (source or {}).get("train") or ""
+    return train[4:].split(":")[0] if train.startswith("hub:") else None
+
+
+def _domain_tag(config: dict[str, Any]) -> str | None:
+    domain = config.get("domain") or ""
+    tag = re.sub(r"[^a-z0-9]+", "-", domain.lower()).strip("-")
+    return tag or None
+
+
+def recipe_lines(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
+    """One bullet per technique the run used, in the words a reader of the card needs."""
+    data, train = config.get("data", {}), config.get("train", {})
+    lines = []
+    ratio = data.get("replay_ratio", 0)
+    mix = (f"replay: {ratio:.1%} of training tokens from the general corpus, {1 - ratio:.1%} domain "
+           f"({data.get('granularity', 'block')}-exact mixing, {data.get('block_size')}-token blocks)")
+    stages = data.get("replay_stages") or []
+    if stages:
+        mix += "; then " + ", ".join(f"{s['replay_ratio']:.1%} from {s['start']:.0%} of the run" for s in stages)
+    lines.append(mix)
+    cmr = data.get("cmr")
+    if cmr:
+        lines.append(f"replay ratio chosen by the CMR scaling law: critical domain share {cmr.get('cmr'):.3f} at "
+                     f"{cmr.get('budget_tokens'):.3g} tokens (tolerance {cmr.get('tolerance')} "
+                     f"{cmr.get('tolerance_mode')})")
+    tokens = metrics.get("train_tokens") or {}
+    if tokens:
+        total = sum(tokens.values())
+        lines.append(f"training tokens: {total:,} (" + ", ".join(
+            f"{k}: {v:,} = {v / max(total, 1):.1%}" for k, v in tokens.items()) + ")")
+    schedule = config.get("schedule")
+    if schedule:
+        lines.append(f"LR schedule: `{schedule.get('schedule', 'rewarm')}`: {schedule.get('warmup', 'linear')} "
+                     f"re-warmup over {schedule.get('warmup_steps')} updates to {train.get('learning_rate')}, then "
+                     f"{schedule.get('decay', 'cosine')} re-decay" + "".join(
+                         f", {k}={v}" for k, v in schedule.items()
+                         if k not in ("schedule", "warmup", "warmup_steps", "decay") and v not in (None, [], {})))
+    else:
+        lines.append(f"LR schedule: {train.get('lr_scheduler_type')} from {train.get('learning_rate')} "
+                     f"({train.get('warmup_steps', 0)} warmup updates)")
+    masking = config.get("masking")
+    if masking and masking.get("kind", "none") != "none":
+        lines.append("masking: " + ", ".join(f"{k}={v}" for k, v in masking.items() if v not in (None, [], {})))
+    vocab = config.get("vocab") or metrics.get("vocab")
+    if vocab and (vocab.get("new_tokens") or vocab.get("n_new_tokens") or vocab.get("added")):
+        added = metrics.get("vocab", {}).get("added", vocab.get("n_new_tokens"))
+        lines.append(f"vocabulary extension: {added} domain subwords merged into the tokenizer, new embedding rows "
+                     f"initialised with `{vocab.get('init', 'n/a')}`")
+    af = config.get("active_forgetting")
+    if af:
+        lines.append(f"active forgetting: embeddings reset every {af.get('every_k_updates')} updates"
+                     + (" (with their optimizer state)" if af.get("reset_optimizer_state") else ""))
+    if train.get("trainable", "all") != "all":
+        lines.append(f"trainable parameters: {train.get('trainable')} only")
+    return lines
+
+
+def render_model_card(config: dict[str, Any], metrics: dict[str, Any], base_model: str | None = None,
+                      repo_id: str | None = None) -> str:
     """Markdown (with Hub metadata) describing the run.
+
+    The YAML metadata carries `base_model`, `datasets` (Hub corpora only), `tags`
+    (`continual-pretraining`, `hf-cpt`, the domain), `library_name` and an `hf_cpt` block with the held-out losses
+    before and after, so tools can read the forgetting numbers without parsing the body.
 
     Args:
         config: the resolved run config (`CPTConfig.to_dict()`).
         metrics: the run's `metrics.json` content.
-        base_model: Hub id of the starting model, recorded as `base_model` metadata when known.
+        base_model: Hub id of the starting model; defaults to `metrics["base_model"]`.
+        repo_id: where the card is pushed, used in the usage snippet.
     """
     from huggingface_hub import ModelCard, ModelCardData
 
+    base_model = base_model or metrics.get("base_model")
     f = metrics.get("forgetting", {})
     tokens = metrics.get("train_tokens", {})
+    datasets = [d for d in (_hub_dataset(config.get("data", {}).get(k)) for k in ("domain", "general")) if d]
+    tags = CARD_TAGS + [t for t in [_domain_tag(config)] if t]
+    numbers = {k: f.get(k) for k in ("general_loss_start", "general_loss_end", "general_delta_rel",
+                                      "domain_loss_start", "domain_loss_end", "domain_delta_rel",
+                                      "tolerance", "tolerance_mode", "tolerance_breached")}
     card_data = ModelCardData(
         library_name="transformers",
         base_model=base_model,
-        tags=["hf-cpt", "continual-pretraining", "domain-adaptation"],
-        pipeline_tag="text-generation",
+        datasets=datasets or None,
+        tags=tags,
+        pipeline_tag="fill-mask" if config.get("objective") == "mlm" else "text-generation",
+        hf_cpt={"forgetting": numbers, "train_tokens": tokens, "global_step": metrics.get("global_step")},
     )
     model_name = config["model"]["name_or_path"]
+    recipe = "\n".join(f"- {line}" for line in recipe_lines(config, metrics))
+    auto = "AutoModelForMaskedLM" if config.get("objective") == "mlm" else "AutoModelForCausalLM"
+    usage = (f"\n## Use\n\n```python\nfrom transformers import {auto}, AutoTokenizer\n\n"
+             f"model = {auto}.from_pretrained(\"{repo_id}\")\n"
+             f"tokenizer = AutoTokenizer.from_pretrained(\"{repo_id}\")\n```\n") if repo_id else ""
     body = f"""
-# Continually pretrained from `{model_name}`
+# Continually pretrained from `{base_model or model_name}`
 
 This checkpoint was adapted with [hf-cpt](https://github.com/hf-cpt/hf-cpt) by continual pretraining on domain
 text mixed with general (replay) text. {config.get('description') or ''}
-
+{usage}
 ## Forgetting
 
-| held-out set | loss at step 0 | loss at the end | change |
+| held-out set | loss before | loss after | change |
 |---|---:|---:|---:|
 | general (upstream) | {_fmt(f.get('general_loss_start'))} | {_fmt(f.get('general_loss_end'))} | {_fmt(f.get('general_delta'), '+.4f')} ({_fmt(f.get('general_delta_rel'), '+.2%')}) |
 | domain (downstream) | {_fmt(f.get('domain_loss_start'))} | {_fmt(f.get('domain_loss_end'))} | {_fmt(f.get('domain_delta'), '+.4f')} ({_fmt(f.get('domain_delta_rel'), '+.2%')}) |
@@ -52,18 +134,19 @@ General-loss tolerance: {f.get('tolerance')} ({f.get('tolerance_mode')}); breach
 
 {format_history_table(metrics.get('eval_history', []))}
 
-## Training
-
-- updates: {metrics.get('global_step')}, training tokens: {sum(tokens.values()):,}
-  ({', '.join(f'{k}: {v:,}' for k, v in tokens.items())})
-- final training loss: {_fmt(metrics.get('train_loss'))}
-- wall time: {_fmt(metrics.get('train_runtime_s'), '.1f')} s
-
 ## Recipe
+
+{recipe}
+- updates: {metrics.get('global_step')}, final training loss: {_fmt(metrics.get('train_loss'))}, \
+wall time: {_fmt(metrics.get('train_runtime_s'), '.1f')} s, training tokens: {sum(tokens.values()):,}
+
+<details><summary>Full hf-cpt config</summary>
 
 ```yaml
 {yaml.safe_dump(config, sort_keys=False).strip()}
 ```
+
+</details>
 """
     # ModelCard parses the metadata block back, so the card is valid for the Hub as written
     return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}"))

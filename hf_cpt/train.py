@@ -184,7 +184,7 @@ def _check_resumable(cfg: CPTConfig, ckpt_dir: Path) -> None:
 
 
 def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: bool = False,
-            resume: bool = False) -> CPTResult:
+            resume: bool = False, hub_token: str | None = None) -> CPTResult:
     """Continue pretraining `cfg.model` on `cfg.data` and write the adapted model to `output_dir`.
 
     Args:
@@ -193,12 +193,15 @@ def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: boo
         overwrite: replace a non-empty `output_dir` (only once the new run has finished).
         resume: continue from the last checkpoint in `<output_dir>.checkpoints` (see [`checkpoint_dir`]);
             refused when those checkpoints were written with a different config.
+        hub_token: token for `hub.push_to_hub`; default: `HF_TOKEN` or the `hf auth login` cache. Checked
+            before training starts.
 
     Returns:
         a [`CPTResult`] with the final directory and the metrics also written to `metrics.json`.
 
     Output files: `model.safetensors` (+ config, tokenizer), `hf_cpt_config.yaml`, `metrics.json`,
-    `forgetting.png`, `README.md` (model card). A run that fails leaves no output directory behind. With
+    `forgetting.png`, `README.md` (model card); pushed to `hub.repo_id` when `hub.push_to_hub`. A run that
+    fails leaves no output directory behind. With
     `train.save_steps` > 0, checkpoints go to `<output_dir>.checkpoints` and are deleted after success unless
     `train.keep_checkpoints`. Under `torchrun`/`accelerate launch` every process calls this; only the main one
     writes files.
@@ -227,6 +230,11 @@ def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: boo
                                   "(CLI: --resume) to continue it, or delete them to start over")
     elif resume:
         raise ValueError("`resume` needs checkpoints: set `train.save_steps` > 0")
+    push_token = None
+    if cfg.hub.push_to_hub and state.is_main_process:  # fail before training, not after it
+        from .hub import check_push_access
+
+        push_token = check_push_access(cfg.hub.repo_id, token=hub_token)
     tmp = make_staging_dir(final, overwrite) if state.is_main_process else None
     if state.num_processes > 1:
         holder = [str(tmp) if tmp else None]
@@ -251,6 +259,11 @@ def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: boo
         commit_staging_dir(tmp, final)
         if cfg.train.save_steps and not cfg.train.keep_checkpoints:
             shutil.rmtree(ckpt, ignore_errors=True)
+        if cfg.hub.push_to_hub:
+            from .hub import push_adapted
+
+            metrics["hub_commit_url"] = push_adapted(final, cfg.hub.repo_id, private=cfg.hub.private,
+                                                     revision=cfg.hub.revision, token=push_token)
     state.wait_for_everyone()
     return CPTResult(output_dir=final, metrics=metrics)
 
@@ -303,6 +316,7 @@ def _train_and_write(cfg: CPTConfig, args, tmp: Path, last: str | None, start: f
     (tmp / "training_args.bin").unlink(missing_ok=True)
     metrics: dict[str, Any] = {
         "model": cfg.model.name_or_path,
+        "base_model": _base_model_id(cfg.model.name_or_path),
         "global_step": trainer.state.global_step,
         "world_size": args.world_size,
         "resumed_from": last,
@@ -324,6 +338,6 @@ def _train_and_write(cfg: CPTConfig, args, tmp: Path, last: str | None, start: f
         )
         metrics["total_runtime_s"] = time.perf_counter() - start
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-        card = render_model_card(cfg.to_dict(), metrics, base_model=_base_model_id(cfg.model.name_or_path))
+        card = render_model_card(cfg.to_dict(), metrics, repo_id=cfg.hub.repo_id if cfg.hub.push_to_hub else None)
         (tmp / "README.md").write_text(card, encoding="utf-8")
     return metrics

@@ -25,7 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError)
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError, PermissionError)
 
 
 def _user_errors(fn):
@@ -86,6 +86,27 @@ def train(
     typer.echo(f"  general held-out loss: {f['general_loss_start']:.4f} -> {f['general_loss_end']:.4f} "
                f"({f['general_delta']:+.4f}); tolerance breached: {f['tolerance_breached']}")
     typer.echo(f"  metrics: {result.output_dir / 'metrics.json'}  plot: {result.output_dir / 'forgetting.png'}")
+    if result.metrics.get("hub_commit_url"):
+        typer.echo(f"  pushed to the Hub: {result.metrics['hub_commit_url']}")
+
+
+@app.command()
+@_user_errors
+def push(
+    output_dir: Annotated[Path, typer.Argument(help="Directory written by `hf-cpt train`.")],
+    repo_id: Annotated[str, typer.Option("--repo-id", help="`user/name` or `org/name` (created if missing).")],
+    private: Annotated[bool, typer.Option(help="Create the repo private.")] = False,
+    revision: Annotated[Optional[str], typer.Option(help="Branch to push to (created from main if missing).")] = None,
+    commit_message: Annotated[Optional[str], typer.Option(help="Commit message.")] = None,
+) -> None:
+    """Upload an adapted checkpoint with its model card (recipe + forgetting numbers) to the Hub.
+
+    The token comes from `HF_TOKEN` or `hf auth login`; `HF_ENDPOINT` selects another Hub endpoint.
+    """
+    from ..hub import push_adapted
+
+    url = push_adapted(output_dir, repo_id, private=private, revision=revision, commit_message=commit_message)
+    typer.echo(f"Pushed {output_dir} to {repo_id}: {url}")
 
 
 def _relaunch_with_torchrun(nproc: int) -> None:
@@ -218,6 +239,9 @@ def cmr_fit(
 
         cfg = CPTConfig.from_yaml(config)
         cfg.data.replay_ratio = round(pred.replay_ratio, 4)
+        cfg.data.cmr = {"cmr": round(pred.cmr, 4), "interval": [round(x, 4) for x in pred.interval],
+                        "budget_tokens": budget_tokens, "tolerance": tolerance, "tolerance_mode": tolerance_mode,
+                        "records": str(records)}
         tmp = write_config.with_name(f".{write_config.name}.tmp")
         tmp.write_text(f"# replay_ratio from `hf-cpt cmr fit {records}` (CMR {pred.cmr:.3f} at "
                        f"{budget_tokens:.3g} tokens, tolerance {tolerance} {tolerance_mode})\n" + cfg.to_yaml(),
