@@ -22,6 +22,7 @@ from .callbacks.active_forgetting import ActiveForgettingConfig
 from .callbacks.forgetting import ForgettingMonitorConfig
 from .callbacks.rewarm import RewarmConfig
 from .hub import HubConfig
+from .vocab.extend import VocabConfig
 
 EMBEDDED_MODEL = "embedded:smollm2-135m"
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -248,6 +249,9 @@ class CPTConfig:
     )
     active_forgetting: ActiveForgettingConfig | None = field(
         default=None, metadata={"help": "Reset the embeddings every K updates (plasticity pretraining)."}
+    )
+    vocab: VocabConfig | None = field(
+        default=None, metadata={"help": "Extend the vocabulary with domain subwords (OFA init) before training."}
     )
     hub: HubConfig = field(default_factory=HubConfig, metadata={"help": "Push the adapted model to the Hub."})
     output_dir: str | None = field(default=None, metadata={"help": "Where the adapted model is written."})

@@ -62,11 +62,20 @@ def recipe_lines(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
     masking = config.get("masking")
     if masking and masking.get("kind", "none") != "none":
         lines.append("masking: " + ", ".join(f"{k}={v}" for k, v in masking.items() if v not in (None, [], {})))
-    vocab = config.get("vocab") or metrics.get("vocab")
-    if vocab and (vocab.get("new_tokens") or vocab.get("n_new_tokens") or vocab.get("added")):
-        added = metrics.get("vocab", {}).get("added", vocab.get("n_new_tokens"))
-        lines.append(f"vocabulary extension: {added} domain subwords merged into the tokenizer, new embedding rows "
-                     f"initialised with `{vocab.get('init', 'n/a')}`")
+    vocab, vstats = config.get("vocab"), metrics.get("vocab") or {}
+    if vocab:
+        line = (f"vocabulary extension: {vstats.get('added', vocab.get('n_new_tokens'))} domain subwords merged into "
+                f"the tokenizer ({vstats.get('model_type', '')} merges/entries, not added tokens), new embedding "
+                f"rows initialised with `{vocab.get('init')}`")
+        if vocab.get("init") == "ofa":
+            line += f" (top-k {vocab.get('top_k')}, temperature {vocab.get('temperature')}" + (
+                f", rank {vocab.get('rank')}" if vocab.get("rank") else "") + ")"
+        if vstats.get("fertility_before") is not None:
+            line += (f"; domain fertility {vstats['fertility_before']:.3f} -> {vstats['fertility_after']:.3f} "
+                     "tokens/word")
+        if vocab.get("new_rows_first_steps"):
+            line += f"; only the new rows trained for the first {vocab['new_rows_first_steps']} updates"
+        lines.append(line)
     af = config.get("active_forgetting")
     if af:
         lines.append(f"active forgetting: embeddings reset every {af.get('every_k_updates')} updates"

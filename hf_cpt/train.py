@@ -279,6 +279,11 @@ def _train_and_write(cfg: CPTConfig, args, tmp: Path, last: str | None, start: f
 
     check_data_paths(cfg)  # fail on a bad path before spending time on the model
     model, tokenizer = load_model_and_tokenizer(cfg.model)
+    vocab_summary = None
+    if cfg.vocab is not None:  # deterministic, so a resumed run rebuilds the same extended model
+        from .vocab.extend import extend_vocabulary, vocab_corpora
+
+        model, tokenizer, vocab_summary = extend_vocabulary(model, tokenizer, cfg.vocab, *vocab_corpora(cfg))
     num_blocks = cfg.train.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
     num_blocks *= args.world_size
     eval_sets = build_eval_sets(cfg.data, tokenizer)
@@ -289,6 +294,10 @@ def _train_and_write(cfg: CPTConfig, args, tmp: Path, last: str | None, start: f
     setup_loss(model, cfg, args)
     if cfg.train.trainable == "embeddings":
         relearn_embeddings(model)
+    if cfg.vocab is not None and cfg.vocab.new_rows_first_steps:
+        from .vocab.extend import NewRowsFirstCallback
+
+        callbacks.append(NewRowsFirstCallback(vocab_summary["old_vocab_size"], cfg.vocab.new_rows_first_steps))
     if cfg.active_forgetting is not None:
         callbacks.append(ActiveForgettingCallback(cfg.active_forgetting))
     if cfg.schedule is not None:
@@ -325,6 +334,7 @@ def _train_and_write(cfg: CPTConfig, args, tmp: Path, last: str | None, start: f
         "train_runtime_s": train_out.metrics.get("train_runtime"),
         "train_tokens_per_s": sum(train_tokens.values()) / max(train_out.metrics.get("train_runtime", 0), 1e-9),
         "total_runtime_s": None,
+        "vocab": vocab_summary,
         "forgetting": monitor.summary(),
         "eval_history": monitor.history,
         "log_history": trainer.state.log_history,
@@ -336,6 +346,9 @@ def _train_and_write(cfg: CPTConfig, args, tmp: Path, last: str | None, start: f
             tolerance=cfg.monitor.tolerance, tolerance_mode=cfg.monitor.tolerance_mode,
             title=f"hf-cpt: {cfg.model.name_or_path}",
         )
+        if vocab_summary is not None:
+            (tmp / "hf_cpt_vocab.json").write_text(json.dumps(vocab_summary, indent=2, ensure_ascii=False),
+                                                  encoding="utf-8")
         metrics["total_runtime_s"] = time.perf_counter() - start
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         card = render_model_card(cfg.to_dict(), metrics, repo_id=cfg.hub.repo_id if cfg.hub.push_to_hub else None)
