@@ -90,6 +90,43 @@ def train(
         typer.echo(f"  pushed to the Hub: {result.metrics['hub_commit_url']}")
 
 
+@app.command("extend-vocab")
+@_user_errors
+def extend_vocab(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config with a `vocab:` block.")] = None,
+    template: Annotated[Optional[str], typer.Option("--template", "-t", help="Use a shipped template.")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="Where the extended model goes "
+                                                       "(default: <output_dir>-base).")] = None,
+    n_new_tokens: Annotated[Optional[int], typer.Option(help="Overrides `vocab.n_new_tokens`.")] = None,
+    init: Annotated[Optional[str], typer.Option(help="Overrides `vocab.init` (ofa, subword_mean, mean, random).")]
+    = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output dir.")] = False,
+) -> None:
+    """Learn domain subwords, merge them into the tokenizer and initialise their embeddings; write a stock
+    checkpoint. (`hf-cpt train` does the same in memory when the config has a `vocab:` block.)"""
+    import dataclasses
+
+    from ..vocab.extend import VocabConfig, extend_checkpoint
+
+    cfg = _load_config(config, template)
+    if cfg.vocab is None and (n_new_tokens is not None or init is not None):
+        cfg.vocab = VocabConfig()
+    if cfg.vocab is not None:
+        changes = {k: v for k, v in (("n_new_tokens", n_new_tokens), ("init", init)) if v is not None}
+        cfg.vocab = dataclasses.replace(cfg.vocab, **changes)
+    base = cfg.output_dir or (f"runs/{template}" if template else f"runs/{config.stem}" if config else "runs/model")
+    out = output_dir or Path(f"{base}-base")
+    s = extend_checkpoint(cfg, str(out), overwrite=overwrite)
+    typer.echo(f"Extended model written to {out}: +{s['added']} tokens ({s['model_type']}), vocabulary "
+               f"{s['old_vocab_size']} -> {s['new_vocab_size']}, rows {s['rows_before']} -> {s['rows_after']}, "
+               f"init {s['init']}" + (f" (OFA coverage {s['ofa_coverage']:.0%})" if s.get("ofa_coverage") else ""))
+    if s.get("fertility_before") is not None:
+        typer.echo(f"  held-out domain fertility: {s['fertility_before']:.3f} -> {s['fertility_after']:.3f} "
+                   "tokens/word")
+    typer.echo(f"  examples: {', '.join(repr(x) for x in s['examples'][:10])}")
+    typer.echo(f"  to train it: set `model.name_or_path: {out}` and remove the `vocab:` block")
+
+
 @app.command()
 @_user_errors
 def push(

@@ -92,6 +92,9 @@ def build_word_vectors(texts: Iterable[str], dim: int = 100, window: int = 5, mi
                        max_words: int = 50_000, seed: int = 0) -> WordVectors:
     """Static word vectors from raw text: PPMI of windowed co-occurrences (context counts smoothed by ^0.75),
     factorised by truncated SVD; vector = U sqrt(S)."""
+    from ..import_utils import require
+
+    require("scipy", "building word vectors for OFA")
     from scipy.sparse import coo_matrix
     from scipy.sparse.linalg import svds
 

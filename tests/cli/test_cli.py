@@ -133,3 +133,31 @@ def test_train_with_active_forgetting_and_embedding_only_relearning(tmp_path, ti
     assert all(torch.equal(before[k], after[k]) for k in before if "embed" not in k)
     assert not torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
 
+
+
+def test_extend_vocab_writes_a_stock_checkpoint(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = tiny_run_dict(tiny_model_dir)
+    d["vocab"] = {"n_new_tokens": 30, "init": "subword_mean"}
+    cfg = _write(tmp_path, d)
+    out = tmp_path / "extended"
+    result = runner.invoke(app, ["extend-vocab", str(cfg), "-o", str(out), "--init", "ofa"])
+    assert result.exit_code == 0, result.output
+    assert "+30 tokens (BPE)" in result.output and "fertility" in result.output and "init ofa" in result.output
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    n = base.get_input_embeddings().weight.shape[0]
+    assert model.get_input_embeddings().weight.shape[0] == len(tok) == n + 30
+    assert torch.equal(model.get_input_embeddings().weight[:n], base.get_input_embeddings().weight)
+    assert json.loads((out / "hf_cpt_vocab.json").read_text())["init"] == "ofa"
+    again = runner.invoke(app, ["extend-vocab", str(cfg), "-o", str(out)])
+    assert again.exit_code == 2 and "--overwrite" in again.output or "overwrite" in again.output
+
+
+def test_extend_vocab_needs_a_vocab_block(tmp_path, tiny_model_dir):
+    cfg = _write(tmp_path, tiny_run_dict(tiny_model_dir))
+    result = runner.invoke(app, ["extend-vocab", str(cfg), "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "no `vocab:` block" in result.output
+    assert not (tmp_path / "x").exists()
