@@ -21,6 +21,7 @@ import yaml
 from .callbacks.active_forgetting import ActiveForgettingConfig
 from .callbacks.forgetting import ForgettingMonitorConfig
 from .callbacks.rewarm import RewarmConfig
+from .collators.masking import MaskingConfig
 from .hub import HubConfig
 from .vocab.extend import VocabConfig
 
@@ -250,6 +251,10 @@ class CPTConfig:
     active_forgetting: ActiveForgettingConfig | None = field(
         default=None, metadata={"help": "Reset the embeddings every K updates (plasticity pretraining)."}
     )
+    objective: str = field(default="clm", metadata={"help": "`clm` (causal LM) or `mlm` (masked LM, encoders)."})
+    masking: MaskingConfig | str | None = field(
+        default=None, metadata={"help": "`lem`, `lexicon` or `random` (or a mapping of MaskingConfig fields)."}
+    )
     vocab: VocabConfig | None = field(
         default=None, metadata={"help": "Extend the vocabulary with domain subwords (OFA init) before training."}
     )
@@ -259,6 +264,21 @@ class CPTConfig:
     description: str = field(default="", metadata={"help": "One line shown by `hf-cpt templates`."})
 
     def __post_init__(self) -> None:
+        if self.objective not in ("clm", "mlm"):
+            raise ValueError(f"`objective` must be `clm` or `mlm`, got {self.objective!r}")
+        if isinstance(self.masking, str):
+            if self.masking not in ("random", "lem", "lexicon"):
+                raise ValueError(f"`masking` must be lem, lexicon or random (or a mapping), got {self.masking!r}")
+            self.masking = MaskingConfig(kind=self.masking)
+        if self.objective == "clm" and self.masking is not None and self.masking.kind == "random":
+            raise ValueError("`masking` random is a masked-LM objective: set `objective: mlm`, or use `lem`/`lexicon` "
+                             "to weight entity/lexicon tokens in the causal loss")
+        if self.objective == "mlm" and self.masking is None:
+            self.masking = MaskingConfig(kind="random")
+        if self.masking is not None and any(s is not None and s.streaming for s in (self.data.domain,
+                                                                                    self.data.general)):
+            raise ValueError("`masking` needs map-style corpora (spans are tagged once and cached): set "
+                             "`data.domain.streaming` / `data.general.streaming` to false")
         if self.schedule is not None and self.train.warmup_steps:
             raise ValueError("`train.warmup_steps` is set but `schedule` defines the LR: set "
                              "`schedule.warmup_steps` instead and remove `train.warmup_steps`")
@@ -326,11 +346,17 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
+        first_error = None
         for arg in args[:-1]:  # the first member the value fits; the last one reports the error
             try:
                 return _coerce(arg, value, path)
-            except (ValueError, TypeError):
+            except (ValueError, TypeError) as e:
+                # a mapping meant for a dataclass member: its own error is the helpful one
+                if isinstance(value, dict) and dataclasses.is_dataclass(arg) and first_error is None:
+                    first_error = e
                 continue
+        if first_error is not None and not any(typing.get_origin(a) is dict or a is dict for a in args):
+            raise first_error
         return _coerce(args[-1], value, path)
     if dataclasses.is_dataclass(tp):
         return value if isinstance(value, tp) else _build(tp, value, path + ".")

@@ -131,9 +131,11 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer as `cfg` says. The tokenizer gets a pad token if it has none."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_model_and_tokenizer(cfg: ModelConfig, objective: str = "clm") -> tuple[Any, Any]:
+    """Load a causal LM (`objective="clm"`) or masked LM (`"mlm"`) and its tokenizer as `cfg` says. The tokenizer
+    gets a pad token if it has none. A masked-LM head missing from the checkpoint (e.g. a sentence encoder) is
+    initialised by transformers."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     path = resolve_model_path(cfg.name_or_path)
     common: dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
@@ -143,7 +145,8 @@ def load_model_and_tokenizer(cfg: ModelConfig) -> tuple[Any, Any]:
         kwargs["dtype"] = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        auto = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
+        model = auto.from_pretrained(path, **kwargs)
     except OSError as e:
         raise FileNotFoundError(
             f"`model.name_or_path`: could not load {cfg.name_or_path!r} ({e.__class__.__name__}: "

