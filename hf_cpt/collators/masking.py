@@ -147,7 +147,36 @@ def _span_mask(batch: _SpanBatch) -> np.ndarray:
 
 
 @dataclass
-class LEMCollator(_StatsMixin):
+class _MaskedLMCollator(_StatsMixin):
+    """Fields, checks and the 80/10/10 step shared by the masked-LM collators."""
+
+    tokenizer: Any
+    mlm_probability: float = field(default=0.15, metadata={"help": "Target share of tokens masked."})
+    mask_replace_prob: float = 0.8
+    random_replace_prob: float = 0.1
+    pad_to_multiple_of: int | None = None
+    seed: int | None = None
+    stats: Counter = field(default_factory=Counter, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("mlm_probability", "mask_replace_prob", "random_replace_prob"):
+            _check_prob(name, getattr(self, name))
+        if self.mask_replace_prob + self.random_replace_prob > 1:
+            raise ValueError("`mask_replace_prob` + `random_replace_prob` must be <= 1")
+        if self.tokenizer.mask_token_id is None:
+            raise ValueError("the tokenizer has no mask token; masked-LM collators need one")
+        self._rng = np.random.default_rng(self.seed)
+        self._gen = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+
+    def _output(self, batch: _SpanBatch, mask: np.ndarray) -> dict[str, torch.Tensor]:
+        inputs, labels = apply_replacement(batch.ids, torch.from_numpy(mask), self.tokenizer.mask_token_id,
+                                           len(self.tokenizer), self.mask_replace_prob, self.random_replace_prob,
+                                           self._gen)
+        return {"input_ids": inputs, "attention_mask": batch.attention, "labels": labels, **batch.extra}
+
+
+@dataclass
+class LEMCollator(_MaskedLMCollator):
     """Linguistic Entity Masking for masked LMs (MLM, or TLM on sentence pairs): one subword per chosen entity span.
 
     Output keys: `input_ids`, `attention_mask`, `labels` (+ `token_type_ids` when the features have them).
@@ -158,31 +187,17 @@ class LEMCollator(_StatsMixin):
     ['attention_mask', 'input_ids', 'labels']
     """
 
-    tokenizer: Any
-    mlm_probability: float = field(default=0.15, metadata={"help": "Target share of tokens masked."})
     span_probability: float | None = field(
         default=None, metadata={"help": "Fixed chance to pick each span (overrides the target rate)."})
     entity_types: tuple[str, ...] | None = field(
         default=None, metadata={"help": "Span types to use (NOUN, PROPN, VERB, NE = any entity); None: all."})
-    mask_replace_prob: float = 0.8
-    random_replace_prob: float = 0.1
-    pad_to_multiple_of: int | None = None
-    seed: int | None = None
-    stats: Counter = field(default_factory=Counter, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("mlm_probability", "mask_replace_prob", "random_replace_prob"):
-            _check_prob(name, getattr(self, name))
+        super().__post_init__()
         if self.span_probability is not None:
             _check_prob("span_probability", self.span_probability)
-        if self.mask_replace_prob + self.random_replace_prob > 1:
-            raise ValueError("`mask_replace_prob` + `random_replace_prob` must be <= 1")
-        if self.tokenizer.mask_token_id is None:
-            raise ValueError("the tokenizer has no mask token; masked-LM collators need one")
         if self.entity_types is not None:
             self.entity_types = tuple(self.entity_types)
-        self._rng = np.random.default_rng(self.seed)
-        self._gen = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = _pad(features, self.tokenizer.pad_token_id or 0, self.pad_to_multiple_of, self.entity_types)
@@ -197,14 +212,11 @@ class LEMCollator(_StatsMixin):
         mask[batch.seq[kept], pos] = True
         mask &= batch.maskable
         self._count(batch, mask, mask, [batch.types[i] for i in kept])
-        inputs, labels = apply_replacement(batch.ids, torch.from_numpy(mask), self.tokenizer.mask_token_id,
-                                           len(self.tokenizer), self.mask_replace_prob, self.random_replace_prob,
-                                           self._gen)
-        return {"input_ids": inputs, "attention_mask": batch.attention, "labels": labels, **batch.extra}
+        return self._output(batch, mask)
 
 
 @dataclass
-class LexiconMaskingCollator(_StatsMixin):
+class LexiconMaskingCollator(_MaskedLMCollator):
     """Masked-LM masking that spends `lexicon_share` of the budget on whole lexicon terms, the rest at random.
 
     Features come from `tag_lexicon` + `tokenize_with_spans`. Output keys: `input_ids`, `attention_mask`,
@@ -215,24 +227,11 @@ class LexiconMaskingCollator(_StatsMixin):
     ['attention_mask', 'input_ids', 'labels']
     """
 
-    tokenizer: Any
-    mlm_probability: float = 0.15
     lexicon_share: float = field(default=0.5, metadata={"help": "Share of the masking budget for lexicon terms."})
-    mask_replace_prob: float = 0.8
-    random_replace_prob: float = 0.1
-    pad_to_multiple_of: int | None = None
-    seed: int | None = None
-    stats: Counter = field(default_factory=Counter, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("mlm_probability", "lexicon_share", "mask_replace_prob", "random_replace_prob"):
-            _check_prob(name, getattr(self, name))
-        if self.mask_replace_prob + self.random_replace_prob > 1:
-            raise ValueError("`mask_replace_prob` + `random_replace_prob` must be <= 1")
-        if self.tokenizer.mask_token_id is None:
-            raise ValueError("the tokenizer has no mask token; masked-LM collators need one")
-        self._rng = np.random.default_rng(self.seed)
-        self._gen = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+        super().__post_init__()
+        _check_prob("lexicon_share", self.lexicon_share)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = _pad(features, self.tokenizer.pad_token_id or 0, self.pad_to_multiple_of, None)
@@ -240,10 +239,7 @@ class LexiconMaskingCollator(_StatsMixin):
                                    self.lexicon_share, self._rng)
         inside = _span_mask(batch) & mask
         self._count(batch, mask, inside, [])
-        inputs, labels = apply_replacement(batch.ids, torch.from_numpy(mask), self.tokenizer.mask_token_id,
-                                           len(self.tokenizer), self.mask_replace_prob, self.random_replace_prob,
-                                           self._gen)
-        return {"input_ids": inputs, "attention_mask": batch.attention, "labels": labels, **batch.extra}
+        return self._output(batch, mask)
 
 
 def lexicon_budget_mask(maskable: np.ndarray, seq: np.ndarray, starts: np.ndarray, ends: np.ndarray, rate: float,
