@@ -47,7 +47,8 @@ def online(monkeypatch):
 @pytest.fixture(scope="module")
 def adapted_dir(tmp_path_factory, tiny_model_dir) -> Path:
     out = tmp_path_factory.mktemp("adapted") / "run"
-    cfg = CPTConfig.from_dict({**tiny_run_dict(tiny_model_dir, max_steps=2), "domain": "Python docs"})
+    cfg = CPTConfig.from_dict({**tiny_run_dict(tiny_model_dir, max_steps=2), "domain": "Python docs",
+                               "vocab": {"n_new_tokens": 40, "init": "subword_mean"}})  # an extended vocabulary
     run_cpt(cfg, output_dir=out)
     return out
 
@@ -71,12 +72,13 @@ LOAD_SCRIPT = textwrap.dedent("""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from huggingface_hub import ModelCard
-    repo, local, out = sys.argv[1:4]
+    repo, local, out = sys.argv[1:4]  # argv[4]: a domain text that uses the new tokens
     remote_model = AutoModelForCausalLM.from_pretrained(repo)
     local_model = AutoModelForCausalLM.from_pretrained(local)
     rs, ls = remote_model.state_dict(), local_model.state_dict()
     same = rs.keys() == ls.keys() and all(torch.equal(rs[k], ls[k]) for k in rs)
-    texts = ["def parse(argv): return sorted(argv)", "In the beginning God created the heaven"]
+    texts = ["def parse(argv): return sorted(argv)", "In the beginning God created the heaven",
+             open(sys.argv[4]).read()]
     rt, lt = AutoTokenizer.from_pretrained(repo), AutoTokenizer.from_pretrained(local)
     card = ModelCard.load(repo)
     json.dump({"weights_equal": same, "tied": remote_model.lm_head.weight.data_ptr()
@@ -101,12 +103,18 @@ def test_push_via_cli_then_load_with_stock_transformers(hub, adapted_dir, tmp_pa
 
     (tmp_path / "load.py").write_text(LOAD_SCRIPT)
     out = tmp_path / "loaded.json"
-    load = subprocess.run([sys.executable, str(tmp_path / "load.py"), "alice/tiny-cpt", str(adapted_dir), str(out)],
+    from hf_cpt.testing import read_embedded
+
+    (tmp_path / "domain.txt").write_text(read_embedded("python-docs", "validation", limit=1)[0][:2000])
+    load = subprocess.run([sys.executable, str(tmp_path / "load.py"), "alice/tiny-cpt", str(adapted_dir), str(out),
+                           str(tmp_path / "domain.txt")],
                           env=env, capture_output=True, text=True, timeout=300)
     assert load.returncode == 0, load.stderr[-3000:]
     got = json.loads(out.read_text())
     assert got["weights_equal"] and got["tied"]
     assert all(got["tokens_equal"]) and got["vocab"][0] == got["vocab"][1]
+    vocab = json.loads(files["hf_cpt_vocab.json"])
+    assert got["vocab"][0] == vocab["new_vocab_size"] == vocab["old_vocab_size"] + 40
     data = got["card_data"]
     assert {"continual-pretraining", "hf-cpt", "python-docs"} <= set(data["tags"])
     assert data["library_name"] == "transformers"
@@ -118,6 +126,7 @@ def test_push_via_cli_then_load_with_stock_transformers(hub, adapted_dir, tmp_pa
     text = got["card_text"]
     assert f"{f['general_loss_end']:.4f}" in text and f"{f['domain_loss_end']:.4f}" in text
     assert "replay: 25.0% of training tokens" in text and "forgetting.png" in text
+    assert "vocabulary extension: 40 domain subwords" in text
     assert 'from_pretrained("alice/tiny-cpt")' in text
 
     # the repo is private: no token, no access
