@@ -56,6 +56,23 @@ _EXPORTS = {
     "check_push_access": "hub",
     "HubConfig": "hub",
     "plot_forgetting": "plotting",
+    "learn_domain_tokens": "vocab.tokens",
+    "merge_tokens": "vocab.tokens",
+    "extend_model": "vocab.extend",
+    "extend_vocabulary": "vocab.extend",
+    "VocabConfig": "vocab.extend",
+    "NewRowsFirstCallback": "vocab.extend",
+    "EMBEDDING_INITS": "vocab.init",
+    "build_word_vectors": "vocab.vectors",
+    "WordVectors": "vocab.vectors",
+    "tag_entities": "collators.spans",
+    "tag_lexicon": "collators.spans",
+    "tokenize_with_spans": "collators.spans",
+    "LEMCollator": "collators.masking",
+    "LexiconMaskingCollator": "collators.masking",
+    "CausalSpanCollator": "collators.masking",
+    "MaskingConfig": "collators.masking",
+    "MaskingStatsCallback": "collators.masking",
 }
 
 __all__ = ["__version__", *_EXPORTS]
@@ -81,7 +98,19 @@ if TYPE_CHECKING:  # pragma: no cover
     from .mixers.core import RatioStage
     from .mixers.replay import ReplayMixer, ReplayMixerConfig
     from .data import build_eval_sets, build_train_set, tokenize_and_pack
+    from .collators.masking import (
+        CausalSpanCollator,
+        LEMCollator,
+        LexiconMaskingCollator,
+        MaskingConfig,
+        MaskingStatsCallback,
+    )
+    from .collators.spans import tag_entities, tag_lexicon, tokenize_with_spans
     from .hub import HubConfig, check_push_access, push_adapted
+    from .vocab.extend import NewRowsFirstCallback, VocabConfig, extend_model, extend_vocabulary
+    from .vocab.init import EMBEDDING_INITS
+    from .vocab.tokens import learn_domain_tokens, merge_tokens
+    from .vocab.vectors import WordVectors, build_word_vectors
     from .model_card import render_model_card
     from .models import load_model_and_tokenizer
     from .plotting import plot_forgetting
