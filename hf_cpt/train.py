@@ -336,7 +336,8 @@ def _train_and_write(cfg: CPTConfig, args, tmp: Path, last: str | None, start: f
     # a resumed run rebuilds callbacks from their checkpoint state: read the live ones
     monitor = next(c for c in trainer.callback_handler.callbacks if isinstance(c, ForgettingMonitorCallback))
     mixer_cb = next((c for c in trainer.callback_handler.callbacks if isinstance(c, ReplayMixerCallback)), None)
-    train_tokens = mixer_cb.tokens_per_source if mixer_cb is not None else {}
+    train_tokens = mixer_cb.tokens_per_source if mixer_cb is not None else \
+        dict(getattr(data_collator, "tokens_per_source", {}))
     trainer.save_model(str(tmp))
     # training_args.bin is a pickle; the recipe is recorded as YAML instead (safetensors/text only)
     (tmp / "training_args.bin").unlink(missing_ok=True)

@@ -3,14 +3,15 @@
 fly while held-out batches are masked once with a fixed seed (so the forgetting monitor compares like with like).
 
 Token-exact replay ([`ReplayMixer`]) packs documents into blocks, which would cut entity spans; masked runs mix
-*chunks* of about `block_size` tokens instead, with `datasets.interleave_datasets` at probabilities
-(1 - replay_ratio, replay_ratio): the token share is right on average, not exact per window.
+*chunks* of up to `block_size` tokens instead, with `datasets.interleave_datasets` at per-chunk probabilities
+set from each corpus's mean chunk length so that the expected token share of general text is `replay_ratio`:
+right on average, not exact per window.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,13 +50,23 @@ def chunk_text(text: str, max_chars: int) -> list[str]:
 @dataclass
 class PremaskedOrCollate:
     """Training features go through `collator`; held-out features that already carry `labels` (masked once by
-    `premask`) are only padded. Output keys: those of `collator`."""
+    `premask`) are only padded. Output keys: those of `collator`.
+
+    Training features may carry a `source` name (domain/general): its tokens are counted in `tokens_per_source`
+    and the key is dropped. Batches the Trainer skips on resume are collated too, so the counts stay totals.
+    """
 
     collator: Any
     pad_token_id: int
+    tokens_per_source: dict[str, int] = field(default_factory=dict)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if "labels" not in features[0]:
+            if "source" in features[0]:
+                features = [dict(f) for f in features]
+                for f in features:
+                    name = f.pop("source")
+                    self.tokens_per_source[name] = self.tokens_per_source.get(name, 0) + len(f["input_ids"])
             return self.collator(features)
         t = max(len(f["input_ids"]) for f in features)
         out: dict[str, torch.Tensor] = {}
@@ -124,6 +135,18 @@ def _prepare(ds: Any, cfg: Any, tokenizer: Any, text_field: str, what: str) -> A
     return ds.remove_columns([c for c in ds.column_names if c in fields])
 
 
+def chunk_probabilities(replay_ratio: float, domain_tokens: float, general_tokens: float) -> list[float]:
+    """Per-chunk sampling probabilities (domain, general) whose expected *token* share of general is
+    `replay_ratio`, given the mean tokens per chunk of each corpus (chunks of one corpus can be shorter)."""
+    wd, wg = (1 - replay_ratio) / domain_tokens, replay_ratio / general_tokens
+    return [wd / (wd + wg), wg / (wd + wg)]
+
+
+def mean_length(ds: Any, sample: int = 2000) -> float:
+    rows = ds.select(range(min(sample, len(ds))))["input_ids"]
+    return max(1.0, sum(len(x) for x in rows) / max(len(rows), 1))
+
+
 def premask(ds: Any, collator: Any, batch_size: int = 64) -> Any:
     """Mask a held-out set once (the collator's seed fixes it): rows with `input_ids`, `labels` (+ types)."""
     import datasets
@@ -156,10 +179,12 @@ def build_masked_data(cfg: Any, tokenizer: Any) -> tuple[Any, dict[str, Any], Pr
         ds = load_split(src.train, src, f"data.{name}.train")
         if len(ds) == 0:
             raise ValueError(f"`data.{name}.train`: {src.train!r} holds no documents; point it at your text")
-        train_parts.append(_prepare(ds, cfg, tokenizer, src.text_field, f"{name} training text"))
+        part = _prepare(ds, cfg, tokenizer, src.text_field, f"{name} training text")
+        train_parts.append(part.add_column("source", [name] * len(part)))
     if len(train_parts) == 2:
-        train = datasets.interleave_datasets(train_parts, probabilities=[1 - r, r], seed=data.shuffle_seed,
-                                             stopping_strategy="all_exhausted")
+        lengths = [mean_length(p) for p in train_parts]
+        train = datasets.interleave_datasets(train_parts, probabilities=chunk_probabilities(r, *lengths),
+                                             seed=data.shuffle_seed, stopping_strategy="all_exhausted")
     else:
         train = train_parts[0].shuffle(seed=data.shuffle_seed)
     collator = make_collator(cfg.masking, tokenizer, cfg.objective, seed=cfg.train.seed)

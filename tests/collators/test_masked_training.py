@@ -70,6 +70,8 @@ def test_cli_trains_a_masked_lm_with_lem(tiny_bert_dir, small_corpora, tmp_path)
     assert metrics["global_step"] == 4
     f = metrics["forgetting"]
     assert f["domain_loss_start"] > 0 and f["general_loss_end"] > 0
+    tokens = metrics["train_tokens"]
+    assert set(tokens) == {"domain", "general"} and min(tokens.values()) > 0  # 8 chunks: shares are noisy
     logged = [h for h in metrics["log_history"] if "masking/span_share" in h]
     assert logged and all(h["masking/span_share"] == 1.0 for h in logged)
     from transformers import AutoModelForMaskedLM
@@ -115,3 +117,12 @@ def test_masking_config_errors(tiny_bert_dir, small_corpora):
     d["data"]["domain"]["streaming"] = True
     with pytest.raises(ValueError, match="map-style"):
         CPTConfig.from_dict(d)
+
+
+def test_chunk_probabilities_give_the_token_share():
+    from hf_cpt.collators.data import chunk_probabilities
+
+    pd, pg = chunk_probabilities(0.25, domain_tokens=40, general_tokens=120)
+    assert pd + pg == pytest.approx(1)
+    assert pg * 120 / (pg * 120 + pd * 40) == pytest.approx(0.25)
+    assert chunk_probabilities(0.25, 100, 100) == pytest.approx([0.75, 0.25])
