@@ -256,7 +256,7 @@ class CPTConfig:
         default=None, metadata={"help": "`lem`, `lexicon` or `random` (or a mapping of MaskingConfig fields)."}
     )
     vocab: VocabConfig | None = field(
-        default=None, metadata={"help": "Extend the vocabulary with domain subwords (OFA init) before training."}
+        default=None, metadata={"help": "Extend the vocabulary with domain subwords (merged, new rows initialised) before training."}
     )
     hub: HubConfig = field(default_factory=HubConfig, metadata={"help": "Push the adapted model to the Hub."})
     output_dir: str | None = field(default=None, metadata={"help": "Where the adapted model is written."})

@@ -18,7 +18,14 @@ import torch
 from transformers import TrainerCallback
 
 from .init import EMBEDDING_INITS, init_mean, init_ofa, init_random, init_subword_mean
-from .vectors import WordVectors, build_word_vectors, read_pairs, subword_vectors, vectors_from_dictionary
+from .vectors import (
+    WordVectors,
+    build_word_vectors,
+    read_freedict,
+    read_pairs,
+    subword_vectors,
+    vectors_from_dictionary,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -28,14 +35,20 @@ class VocabConfig:
     """Extend the vocabulary with domain subwords before continual pretraining (the `vocab:` block)."""
 
     n_new_tokens: int = field(default=5000, metadata={"help": "Subwords to learn from the domain corpus and add."})
-    init: str = field(default="ofa", metadata={"help": f"New-row initialiser, one of {list(EMBEDDING_INITS)}."})
+    init: str = field(
+        default="subword_mean",
+        metadata={"help": f"New-row initialiser, one of {list(EMBEDDING_INITS)}; `ofa` pays off with good aligned "
+                          "`word_vectors` (see docs/vocab.md for the measurements behind this default)."},
+    )
     corpus: str | None = field(default=None, metadata={"help": "Texts to learn from (default: `data.domain.train`)."})
     word_vectors: str | None = field(
         default=None,
         metadata={"help": "OFA word vectors (word2vec/fastText text); default: built from the training corpora."},
     )
     dictionary: str | None = field(
-        default=None, metadata={"help": "Bilingual lexicon (`source<TAB>target` lines) aligning new-language words."}
+        default=None,
+        metadata={"help": "Bilingual lexicon aligning new-language words: `source<TAB>target` lines, or a dictd "
+                          "FreeDict `.index` (e.g. /usr/share/dictd/freedict-eng-deu.index)."},
     )
     vector_dim: int = field(default=100, metadata={"help": "Dimension of word vectors built from the corpora."})
     top_k: int = field(default=10, metadata={"help": "OFA: neighbours per new token."})
@@ -180,7 +193,9 @@ def word_vectors_for(cfg: VocabConfig, texts: Sequence[str]) -> WordVectors:
     vectors = WordVectors.load(cfg.word_vectors) if cfg.word_vectors else build_word_vectors(
         texts, dim=cfg.vector_dim, seed=cfg.seed)
     if cfg.dictionary:
-        vectors = vectors_from_dictionary(vectors, read_pairs(cfg.dictionary))
+        pairs = read_freedict(cfg.dictionary) if str(cfg.dictionary).endswith(".index") else \
+            read_pairs(cfg.dictionary)
+        vectors = vectors_from_dictionary(vectors, pairs)
     return vectors
 
 

@@ -8,8 +8,9 @@ downloadable aligned vectors you can build one here:
   domain and general corpora together, so domain and general words share one space. Seconds on CPU, no extra
   dependency beyond scipy.
 - `vectors_from_dictionary(vectors, pairs)`: for a new language, place each target-language word at the mean of
-  the vectors of its translations (a bilingual lexicon such as FreeDict's `eng-deu`, as `source<TAB>target`
-  lines), which aligns the new words with the old space by construction.
+  the vectors of its translations (a bilingual lexicon: `source<TAB>target` lines via `read_pairs`, or a dictd
+  FreeDict file such as Debian's `dict-freedict-eng-deu` via `read_freedict`), which aligns the new words with
+  the old space by construction.
 """
 
 from __future__ import annotations
@@ -145,6 +146,50 @@ def read_pairs(path: str | os.PathLike) -> list[tuple[str, str]]:
             pairs.append((parts[0].strip(), parts[1].strip()))
     if not pairs:
         raise ValueError(f"`dictionary` file {str(path)!r} has no `source<TAB>target` lines")
+    return pairs
+
+
+_DICTD_B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+
+
+def _dictd_number(s: str) -> int:
+    n = 0
+    for c in s:
+        n = n * 64 + _DICTD_B64.index(c)
+    return n
+
+
+def read_freedict(index_path: str | os.PathLike, max_pairs: int | None = None) -> list[tuple[str, str]]:
+    """Single-word translation pairs from a dictd-format FreeDict lexicon (e.g. Debian's `dict-freedict-eng-deu`:
+    `/usr/share/dictd/freedict-eng-deu.index` next to its `.dict.dz`). Takes each headword's first definition line,
+    drops grammar and domain annotations (`<masc>`, `[comp.]`) and keeps one-word translations."""
+    import gzip
+
+    index = Path(index_path)
+    if not index.is_file():
+        raise FileNotFoundError(f"`dictionary`: dictd index {str(index)!r} does not exist")
+    data_path = next((p for p in (index.with_suffix(".dict.dz"), index.with_suffix(".dict")) if p.is_file()), None)
+    if data_path is None:
+        raise FileNotFoundError(f"`dictionary`: no .dict.dz or .dict file next to {str(index)!r}")
+    data = gzip.open(data_path).read() if data_path.suffix == ".dz" else data_path.read_bytes()
+    pairs: list[tuple[str, str]] = []
+    for line in index.read_text(encoding="utf-8").splitlines():
+        parts = line.split("\t")
+        if len(parts) != 3 or parts[0].startswith("00") or not _WORD.fullmatch(parts[0]):
+            continue
+        start, size = _dictd_number(parts[1]), _dictd_number(parts[2])
+        body = data[start:start + size].decode("utf-8", errors="replace").split("\n")
+        if len(body) < 2:
+            continue
+        defs = re.sub(r"<[^>]*>|\[[^\]]*\]|\([^)]*\)", "", body[1])
+        for t in re.split(r"[,;]", defs):
+            t = t.strip()
+            if t and " " not in t and _WORD.fullmatch(t):
+                pairs.append((parts[0], t))
+        if max_pairs and len(pairs) >= max_pairs:
+            break
+    if not pairs:
+        raise ValueError(f"`dictionary`: no translation pairs found in {str(index)!r}")
     return pairs
 
 

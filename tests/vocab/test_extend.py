@@ -227,3 +227,33 @@ def test_extend_vocabulary_empty_corpus(bpe):
     base, _ = bpe
     with pytest.raises(ValueError, match="corpus is empty"):
         extend_vocabulary(make_tiny_llama(len(base)), base, VocabConfig(n_new_tokens=5), [""])
+
+
+def test_read_freedict_dictd_format(tmp_path):
+    import gzip
+
+    from hf_cpt.vocab.vectors import _DICTD_B64, read_freedict
+
+    def b64(n):
+        out = ""
+        while True:
+            out = _DICTD_B64[n % 64] + out
+            n //= 64
+            if not n:
+                return out
+
+    entries = [("house", "house /haus/\nHaus <neut>, Gebäude <neut> [arch.]\n"),
+               ("computer", "computer /kəm/\nComputer <masc>, Rechner <masc> [comp.]\n  \"x\" - y\n"),
+               ("open house", "open house\nTag der offenen Tür\n")]
+    data, index, pos = b"", [], 0
+    for word, body in entries:
+        raw = body.encode()
+        index.append(f"{word}\t{b64(pos)}\t{b64(len(raw))}")
+        data += raw
+        pos += len(raw)
+    (tmp_path / "eng-deu.index").write_text("\n".join(index) + "\n")
+    (tmp_path / "eng-deu.dict.dz").write_bytes(gzip.compress(data))
+    pairs = read_freedict(tmp_path / "eng-deu.index")
+    assert pairs == [("house", "Haus"), ("house", "Gebäude"), ("computer", "Computer"), ("computer", "Rechner")]
+    with pytest.raises(FileNotFoundError, match="`dictionary`"):
+        read_freedict(tmp_path / "missing.index")
