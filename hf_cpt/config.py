@@ -21,7 +21,7 @@ import yaml
 from .callbacks.active_forgetting import ActiveForgettingConfig
 from .callbacks.forgetting import ForgettingMonitorConfig
 from .callbacks.rewarm import RewarmConfig
-from .collators.masking import MaskingConfig
+from .collators.masking import MASKING_KINDS, MaskingConfig
 from .hub import HubConfig
 from .vocab.extend import VocabConfig
 
@@ -256,7 +256,8 @@ class CPTConfig:
         default=None, metadata={"help": "`lem`, `lexicon` or `random` (or a mapping of MaskingConfig fields)."}
     )
     vocab: VocabConfig | None = field(
-        default=None, metadata={"help": "Extend the vocabulary with domain subwords (merged, new rows initialised) before training."}
+        default=None,
+        metadata={"help": "Extend the vocabulary with domain subwords (merged, new rows initialised) first."},
     )
     hub: HubConfig = field(default_factory=HubConfig, metadata={"help": "Push the adapted model to the Hub."})
     output_dir: str | None = field(default=None, metadata={"help": "Where the adapted model is written."})
@@ -267,7 +268,7 @@ class CPTConfig:
         if self.objective not in ("clm", "mlm"):
             raise ValueError(f"`objective` must be `clm` or `mlm`, got {self.objective!r}")
         if isinstance(self.masking, str):
-            if self.masking not in ("random", "lem", "lexicon"):
+            if self.masking not in MASKING_KINDS:
                 raise ValueError(f"`masking` must be lem, lexicon or random (or a mapping), got {self.masking!r}")
             self.masking = MaskingConfig(kind=self.masking)
         if self.objective == "clm" and self.masking is not None and self.masking.kind == "random":

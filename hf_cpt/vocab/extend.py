@@ -165,7 +165,9 @@ def extend_model(model: Any, tokenizer: Any, new_tokens: Sequence[str], init: st
     emb = model.get_input_embeddings()
     out = model.get_output_embeddings()
     tied = out is None or out.weight.data_ptr() == emb.weight.data_ptr()
-    pieces = _old_pieces(old_tokenizer, tokenizer, new_tokens) if old_tokenizer is not None else [[0]] * len(ids)
+    # only subword_mean (and OFA's fallback) read the old pieces; the other inits need just the count
+    pieces = _old_pieces(old_tokenizer, tokenizer, new_tokens) if init in ("subword_mean", "ofa") else \
+        [[0]] * len(ids)
     source_vecs = target_vecs = None
     coverage = None
     if init == "ofa":
@@ -270,8 +272,8 @@ class NewRowsFirstCallback(TrainerCallback):
 
 
 def vocab_corpora(cfg: Any, max_docs: int = 200_000) -> tuple[list[str], list[str], list[str] | None]:
-    """Domain texts to learn from (`vocab.corpus` or `data.domain.train`), general texts (word vectors only) and
-    held-out domain texts (fertility report) of a `CPTConfig`."""
+    """Domain texts to learn from (`vocab.corpus` or `data.domain.train`), general texts (only read when OFA
+    builds its word vectors from the corpora) and held-out domain texts (fertility report) of a `CPTConfig`."""
     import itertools
 
     from ..config import SourceConfig
@@ -286,7 +288,8 @@ def vocab_corpora(cfg: Any, max_docs: int = 200_000) -> tuple[list[str], list[st
     data = cfg.data
     corpus = cfg.vocab.corpus
     domain = texts(corpus or data.domain.train, data.domain, "vocab.corpus" if corpus else "data.domain.train")
-    general = texts(data.general.train, data.general, "data.general.train") if data.general else []
+    builds_vectors = cfg.vocab.init == "ofa" and not cfg.vocab.word_vectors
+    general = texts(data.general.train, data.general, "data.general.train") if data.general and builds_vectors else []
     heldout = texts(data.domain.eval, data.domain, "data.domain.eval") or None
     return domain, general, heldout
 
