@@ -301,23 +301,16 @@ def extend_checkpoint(cfg: Any, output_dir: str, overwrite: bool = False) -> dic
     from pathlib import Path
 
     from ..models import load_model_and_tokenizer
-    from ..utils import commit_staging_dir, make_staging_dir
+    from ..utils import atomic_output_dir
 
     if cfg.vocab is None:
         raise ValueError("the config has no `vocab:` block: add one (see `hf-cpt init`) to extend the vocabulary")
-    final = Path(output_dir).expanduser().resolve()
-    tmp = make_staging_dir(final, overwrite)  # refuses a non-empty output_dir before any work
-    try:
+    # refuses a non-empty output_dir before any work; removes the staging dir on failure
+    with atomic_output_dir(Path(output_dir), overwrite) as tmp:
         model, tokenizer = load_model_and_tokenizer(cfg.model)
         domain, general, heldout = vocab_corpora(cfg)
         model, tokenizer, summary = extend_vocabulary(model, tokenizer, cfg.vocab, domain, general, heldout)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "hf_cpt_vocab.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    commit_staging_dir(tmp, final)
     return summary
