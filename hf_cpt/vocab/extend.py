@@ -307,7 +307,7 @@ def extend_checkpoint(cfg: Any, output_dir: str, overwrite: bool = False) -> dic
         raise ValueError("the config has no `vocab:` block: add one (see `hf-cpt init`) to extend the vocabulary")
     # refuses a non-empty output_dir before any work; removes the staging dir on failure
     with atomic_output_dir(Path(output_dir), overwrite) as tmp:
-        model, tokenizer = load_model_and_tokenizer(cfg.model)
+        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.objective)
         domain, general, heldout = vocab_corpora(cfg)
         model, tokenizer, summary = extend_vocabulary(model, tokenizer, cfg.vocab, domain, general, heldout)
         model.save_pretrained(tmp, safe_serialization=True)

@@ -126,3 +126,15 @@ def test_chunk_probabilities_give_the_token_share():
     assert pd + pg == pytest.approx(1)
     assert pg * 120 / (pg * 120 + pd * 40) == pytest.approx(0.25)
     assert chunk_probabilities(0.25, 100, 100) == pytest.approx([0.75, 0.25])
+
+
+def test_extend_vocab_on_an_encoder_config(tiny_bert_dir, small_corpora, tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    from hf_cpt.vocab.extend import extend_checkpoint
+
+    d = _mlm_config(tiny_bert_dir, "lem", small_corpora)
+    d["vocab"] = {"n_new_tokens": 20}
+    summary = extend_checkpoint(CPTConfig.from_dict(d), str(tmp_path / "ext"))
+    model = AutoModelForMaskedLM.from_pretrained(tmp_path / "ext")
+    assert model.get_output_embeddings().weight.shape[0] == summary["new_vocab_size"]
