@@ -138,3 +138,5 @@ def test_extend_vocab_on_an_encoder_config(tiny_bert_dir, small_corpora, tmp_pat
     summary = extend_checkpoint(CPTConfig.from_dict(d), str(tmp_path / "ext"))
     model = AutoModelForMaskedLM.from_pretrained(tmp_path / "ext")
     assert model.get_output_embeddings().weight.shape[0] == summary["new_vocab_size"]
+    # saved as the masked LM it was (a causal load would save a BertLMHeadModel with a fresh head)
+    assert json.loads((tmp_path / "ext" / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
