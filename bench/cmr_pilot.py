@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 from hf_cpt.mixers.cmr import fit_cmr_law, plot_cmr, predict_cmr, read_records  # noqa: E402
-from hf_cpt.mixers.cmr_pilot import run_cmr_pilot  # noqa: E402
+from hf_cpt.recipe.cmr_pilot import run_cmr_pilot  # noqa: E402
 from hf_cpt.templates import load_template  # noqa: E402
 
 

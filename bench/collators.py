@@ -27,7 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from datasets import Dataset, disable_caching  # noqa: E402
 from transformers import AutoTokenizer, DataCollatorForLanguageModeling  # noqa: E402
 
-from hf_cpt.collators.data import chunk_text  # noqa: E402
+from hf_cpt.recipe.masked_data import chunk_text  # noqa: E402
 from hf_cpt.collators.masking import LEMCollator, LexiconMaskingCollator  # noqa: E402
 from hf_cpt.collators.spans import tag_entities, tag_lexicon, tokenize_with_spans  # noqa: E402
 from hf_cpt.testing import read_embedded, train_wordpiece_tokenizer  # noqa: E402

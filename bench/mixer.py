@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from hf_cpt.mixers import ReplayMixer  # noqa: E402
-from hf_cpt.models import resolve_model_path  # noqa: E402
+from hf_cpt.recipe.models import resolve_model_path  # noqa: E402
 from hf_cpt.testing import read_embedded  # noqa: E402
 
 RATIOS = {"domain": 0.75, "general": 0.25}

@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from hf_cpt.templates import load_template  # noqa: E402
-from hf_cpt.train import run_cpt  # noqa: E402
+from hf_cpt.recipe.train import run_cpt  # noqa: E402
 
 INITS = ["ofa", "subword_mean", "mean", "random"]
 

@@ -26,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from hf_cpt.models import resolve_model_path  # noqa: E402
+from hf_cpt.recipe.models import resolve_model_path  # noqa: E402
 from hf_cpt.testing import read_embedded  # noqa: E402
 from hf_cpt.vocab.extend import extend_model  # noqa: E402
 from hf_cpt.vocab.tokens import learn_domain_tokens  # noqa: E402

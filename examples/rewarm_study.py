@@ -28,7 +28,7 @@ from hf_cpt import (
     make_rewarm_optimizer,
     make_rewarm_scheduler,
 )
-from hf_cpt.models import resolve_model_path
+from hf_cpt.recipe.models import resolve_model_path
 
 RUNS = {  # name -> (peak LR, schedule)
     "constant 1e-5": (1e-5, RewarmConfig(schedule="constant")),

@@ -2,13 +2,17 @@
 
 `CPTConfig.from_yaml(path)` / `CPTConfig.from_dict(d)` build the same objects a Python user builds by hand;
 every error names the offending field by its dotted path (``data.replay_ratio``) and says how to fix it.
+`save_pretrained` / `from_pretrained` are the one place `hf_cpt_config.yaml` is written and read; `override`
+changes fields through `dataclasses.replace`, so validation always runs.
+
+Layering: this module sits above the techniques (it imports their `*Config` dataclasses, and with them torch
+and transformers) and below the run recipe (`hf_cpt.recipe`) and the CLI; see docs/architecture.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import re
 import types
 import typing
@@ -23,15 +27,16 @@ from .callbacks.forgetting import ForgettingMonitorConfig
 from .callbacks.rewarm import RewarmConfig
 from .collators.masking import MASKING_KINDS, MaskingConfig
 from .hub import HubConfig
+from .mixers.core import RatioStage
+from .mixers.replay import GRANULARITIES, ON_EXHAUSTED
+from .validation import check_bool, check_choice, check_flag, check_fraction, check_int, check_name, check_number
 from .vocab.extend import VocabConfig
 
 EMBEDDED_MODEL = "embedded:smollm2-135m"
 DTYPES = ("float32", "bfloat16", "float16", "auto")
-
-
-def _check_positive_int(name: str, value: Any, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-        raise ValueError(f"`{name}` must be an integer >= {0 if allow_zero else 1}, got {value!r}")
+CONFIG_FILE = "hf_cpt_config.yaml"  # the resolved recipe, next to every adapted model and in its checkpoints
+OBJECTIVES = ("clm", "mlm")
+TRAINABLE = ("all", "embeddings")
 
 
 @dataclass
@@ -50,10 +55,9 @@ class ModelConfig:
     attn_implementation: str | None = field(default=None, metadata={"help": "e.g. `sdpa`, `eager`."})
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name_or_path, str) or not self.name_or_path.strip():
-            raise ValueError(f"`name_or_path` must be a model directory or Hub id, got {self.name_or_path!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"`dtype` must be one of {DTYPES}, got {self.dtype!r}")
+        check_name("name_or_path", self.name_or_path)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_bool("trust_remote_code", self.trust_remote_code)
 
 
 @dataclass
@@ -72,29 +76,9 @@ class SourceConfig:
     )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.train, str) or not self.train.strip():
-            raise ValueError(f"`train` must name a data file, glob or dataset, got {self.train!r}")
-        if not self.text_field:
-            raise ValueError("`text_field` must name the text column, got an empty value")
-
-
-@dataclass
-class ReplayStage:
-    """From `start` (a fraction of the run, in [0, 1)) on, replay `replay_ratio` of the tokens instead.
-
-    E.g. `{start: 0.8, replay_ratio: 0.05}` upsamples the domain in the last 20% of training.
-    """
-
-    start: float = field(metadata={"help": "Fraction of the run after which this share applies."})
-    replay_ratio: float = field(metadata={"help": "Share of training tokens from `general` in this stage."})
-
-    def __post_init__(self) -> None:
-        from .mixers.core import check_stage_start
-
-        check_stage_start(self.start)
-        r = self.replay_ratio
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 <= r <= 1.0):
-            raise ValueError(f"`replay_ratio` must be in [0, 1], got {r!r}")
+        check_name("train", self.train)
+        check_name("text_field", self.text_field)
+        check_bool("streaming", self.streaming)
 
 
 @dataclass
@@ -124,7 +108,7 @@ class DataConfig:
     on_exhausted: str = field(
         default="cycle", metadata={"help": "`cycle`: a corpus that runs out starts another pass; `stop`: the mix ends."}
     )
-    replay_stages: list[ReplayStage] = field(
+    replay_stages: list[RatioStage] = field(
         default_factory=list,
         metadata={"help": "Later changes of `replay_ratio`, e.g. [{start: 0.8, replay_ratio: 0.05}]."},
     )
@@ -134,23 +118,23 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
-        from .mixers.replay import check_mixing_modes
-
-        check_mixing_modes(self.granularity, self.on_exhausted)
-        self.replay_stages = [s if isinstance(s, ReplayStage) else ReplayStage(**s) for s in self.replay_stages]
+        check_choice("granularity", self.granularity, GRANULARITIES)
+        check_choice("on_exhausted", self.on_exhausted, ON_EXHAUSTED)
+        self.replay_stages = [s if isinstance(s, RatioStage) else RatioStage(**s) for s in self.replay_stages]
         for i, stage in enumerate(self.replay_stages):
+            if stage.replay_ratio is None:
+                raise ValueError(f"`replay_stages[{i}]` must set `replay_ratio` (the share of general text)")
             if self.general is None and stage.replay_ratio > 0:
                 raise ValueError(f"`replay_stages[{i}].replay_ratio` is {stage.replay_ratio} but no `general` "
                                  "corpus is set")
             if i and stage.start <= self.replay_stages[i - 1].start:
                 raise ValueError(f"`replay_stages[{i}].start` must come after `replay_stages[{i - 1}].start`")
-        r = self.replay_ratio
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 <= r <= 1.0) or math.isnan(r):
-            raise ValueError(f"`replay_ratio` must be in [0, 1], got {r!r}")
+        r = self.replay_ratio = check_fraction("replay_ratio", self.replay_ratio)
         if self.general is None and r > 0:
             raise ValueError(f"`replay_ratio` is {r} but no `general` corpus is set: add `general` or set 0")
-        _check_positive_int("block_size", self.block_size)
-        _check_positive_int("max_eval_blocks", self.max_eval_blocks, allow_zero=True)
+        check_int("block_size", self.block_size)
+        check_int("max_eval_blocks", self.max_eval_blocks, minimum=0)
+        check_int("shuffle_seed", self.shuffle_seed, minimum=0)
 
 
 @dataclass
@@ -198,29 +182,21 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
                      "gradient_accumulation_steps", "eval_steps", "logging_steps"):
-            _check_positive_int(name, getattr(self, name))
-        _check_positive_int("warmup_steps", self.warmup_steps, allow_zero=True)
-        for name in ("use_liger", "chunked_loss"):
-            value = getattr(self, name)
-            if isinstance(value, bool):
-                value = "true" if value else "false"
-                setattr(self, name, value)
-            if value not in ("auto", "true", "false"):
-                raise ValueError(f"`{name}` must be auto, true or false, got {value!r}")
-        _check_positive_int("loss_chunk_size", self.loss_chunk_size, allow_zero=True)
-        if self.trainable not in ("all", "embeddings"):
-            raise ValueError(f"`trainable` must be `all` or `embeddings`, got {self.trainable!r}")
-        _check_positive_int("save_steps", self.save_steps, allow_zero=True)
-        lr = self.learning_rate
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0) or math.isinf(lr):
-            raise ValueError(f"`learning_rate` must be a positive number, got {lr!r}")
+            check_int(name, getattr(self, name))
+        for name in ("warmup_steps", "loss_chunk_size", "save_steps", "seed"):
+            check_int(name, getattr(self, name), minimum=0)
+        self.use_liger = check_flag("use_liger", self.use_liger)
+        self.chunked_loss = check_flag("chunked_loss", self.chunked_loss)
+        check_choice("trainable", self.trainable, TRAINABLE)
+        for name in ("keep_checkpoints", "bf16", "gradient_checkpointing"):
+            check_bool(name, getattr(self, name))
+        self.learning_rate = check_number("learning_rate", self.learning_rate, 0.0, min_inclusive=False)
+        self.weight_decay = check_number("weight_decay", self.weight_decay, 0.0)
         if self.warmup_steps > self.max_steps:
             raise ValueError(
                 f"`warmup_steps` ({self.warmup_steps}) is longer than the run (`max_steps`={self.max_steps})"
             )
-        if not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
-            raise ValueError(f"`weight_decay` must be >= 0, got {self.weight_decay!r}")
-        from transformers import TrainingArguments  # deferred: keeps config parsing import-light
+        from transformers import TrainingArguments
 
         known = {f.name for f in dataclasses.fields(TrainingArguments)}
         own = {f.name for f in dataclasses.fields(self)} - {"training_args"}
@@ -265,8 +241,7 @@ class CPTConfig:
     description: str = field(default="", metadata={"help": "One line shown by `hf-cpt templates`."})
 
     def __post_init__(self) -> None:
-        if self.objective not in ("clm", "mlm"):
-            raise ValueError(f"`objective` must be `clm` or `mlm`, got {self.objective!r}")
+        check_choice("objective", self.objective, OBJECTIVES)
         if isinstance(self.masking, str):
             if self.masking not in MASKING_KINDS:
                 raise ValueError(f"`masking` must be lem, lexicon or random (or a mapping), got {self.masking!r}")
@@ -283,6 +258,16 @@ class CPTConfig:
         if self.schedule is not None and self.train.warmup_steps:
             raise ValueError("`train.warmup_steps` is set but `schedule` defines the LR: set "
                              "`schedule.warmup_steps` instead and remove `train.warmup_steps`")
+        if (self.objective == "clm" and self.masking is not None and self.masking.span_weight != 1
+                and (self.train.chunked_loss == "false" or self.train.use_liger == "true")):
+            raise ValueError(f"`masking.span_weight` ({self.masking.span_weight}) weights the loss through hf-cpt's "
+                             "chunked loss: set `train.chunked_loss` to auto/true and `train.use_liger` to auto/false, "
+                             "or `masking.span_weight: 1`")
+
+    @property
+    def needs_chunked_loss(self) -> bool:
+        """Whether the run's loss must be hf-cpt's chunked loss (per-token weights), not Liger or the model's."""
+        return self.objective == "clm" and self.masking is not None and self.masking.span_weight != 1
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> CPTConfig:
@@ -303,11 +288,86 @@ class CPTConfig:
             raise ValueError(f"config file {str(path)!r} must hold a mapping at the top level")
         return cls.from_dict(data)
 
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> CPTConfig:
+        """The recipe saved next to an adapted model or its checkpoints (`hf_cpt_config.yaml` in `directory`)."""
+        path = Path(directory) / CONFIG_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{str(directory)!r} has no {CONFIG_FILE}: it was not written by hf-cpt")
+        return cls.from_yaml(path)
+
+    def save_pretrained(self, directory: str | Path, header: str = "") -> Path:
+        """Write the recipe as `hf_cpt_config.yaml` into `directory` (atomically: a temp file, then a rename)."""
+        return write_yaml(self, Path(directory) / CONFIG_FILE, header)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def override(self, changes: dict[str, Any]) -> CPTConfig:
+        """A copy with fields changed by dotted path, e.g. ``{"train.max_steps": 5, "data.replay_ratio": 0.1}``,
+        built through `dataclasses.replace` so every validation runs again on the new values."""
+        tree: dict[str, Any] = {}
+        for path, value in changes.items():
+            node = tree
+            *parents, leaf = path.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        return _replace(self, tree, "")
+
+    def training_diff(self, other: CPTConfig) -> list[str]:
+        """The fields that differ between two recipes and change what training computes (not output paths,
+        descriptions, logging or reporting), as ```path`: old -> new`` lines: a resume refuses them."""
+        a, b = self.to_dict(), other.to_dict()
+        for d in (a, b):
+            for key in ("output_dir", "description"):
+                d.pop(key, None)
+            for key in ("report_to", "logging_steps"):
+                d["train"].pop(key, None)
+        diffs: list[str] = []
+
+        def walk(x: Any, y: Any, path: str) -> None:
+            if isinstance(x, dict) and isinstance(y, dict):
+                for k in sorted(set(x) | set(y)):
+                    walk(x.get(k), y.get(k), f"{path}.{k}" if path else k)
+            elif x != y:
+                diffs.append(f"`{path}`: {x!r} -> {y!r}")
+
+        walk(a, b, "")
+        return diffs
+
+
+def write_yaml(cfg: CPTConfig, path: str | Path, header: str = "") -> Path:
+    """Write `cfg` as YAML to `path` (a temp file next to it, then a rename: never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(header + cfg.to_yaml(), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def _replace(obj: Any, changes: dict[str, Any], prefix: str) -> Any:
+    """`dataclasses.replace` applied down a tree of changes; unknown names are refused by dotted path."""
+    names = {f.name for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    kwargs = {}
+    for key, value in changes.items():
+        if key not in names:
+            hint = difflib.get_close_matches(key, list(names), n=1)
+            raise ValueError(f"unknown field `{prefix}{key}`" + (f"; did you mean `{prefix}{hint[0]}`?" if hint else ""))
+        current = getattr(obj, key)
+        if isinstance(value, dict) and dataclasses.is_dataclass(current):
+            kwargs[key] = _replace(current, value, f"{prefix}{key}.")
+        else:  # plain data is parsed as in YAML (a mapping for an unset block builds it)
+            kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    try:
+        return dataclasses.replace(obj, **kwargs)
+    except ValueError as e:
+        raise ValueError(_prefix_fields(str(e), names, prefix)) from None
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:
@@ -335,10 +395,15 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             raise ValueError(f"`{prefix}{missing[0]}` is required") from None
         raise e
     except ValueError as e:
-        # validators name the bare field; prefix it with its path in the config
-        names = "|".join(re.escape(n) for n in sorted(fields, key=len, reverse=True))
-        msg = re.sub(rf"`({names})(?=[`.\[])", lambda m: f"`{prefix}{m.group(1)}", str(e)) if prefix else str(e)
-        raise ValueError(msg) from None
+        raise ValueError(_prefix_fields(str(e), fields, prefix)) from None
+
+
+def _prefix_fields(msg: str, fields: Any, prefix: str) -> str:
+    """Validators name the bare field; prefix it with its path in the config."""
+    if not prefix:
+        return msg
+    names = "|".join(re.escape(n) for n in sorted(fields, key=len, reverse=True))
+    return re.sub(rf"`({names})(?=[`.\[])", lambda m: f"`{prefix}{m.group(1)}", msg)
 
 
 def _coerce(tp: Any, value: Any, path: str) -> Any:

@@ -8,10 +8,9 @@ from .callbacks.forgetting import compute_forgetting, exceeds_tolerance
 from .callbacks.rewarm import build_cycles, lr_multiplier, lr_multiplier_cycles
 from .collators.masking import apply_replacement, choose_one_per_span, lexicon_budget_mask
 from .collators.spans import char_to_token_spans, lexicon_spans
-from .data import pack_blocks
 from .losses import chunked_linear_cross_entropy
 from .mixers.cmr import cmr_power_law, critical_ratio, fit_cmr_law, predict_cmr
-from .mixers.core import allocate_shares, assign_blocks, check_ratios, ratios_at
+from .mixers.core import allocate_shares, assign_blocks, check_ratios, pack_blocks, ratios_at
 from .vocab.init import factorize_embeddings, init_mean, init_ofa, init_random, init_subword_mean
 
 __all__ = [

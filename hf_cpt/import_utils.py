@@ -29,20 +29,8 @@ def is_available(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def is_spacy_available() -> bool:
-    return is_available("spacy")
-
-
 def is_liger_available() -> bool:
     return is_available("liger_kernel")
-
-
-def is_peft_available() -> bool:
-    return is_available("peft")
-
-
-def is_scipy_available() -> bool:
-    return is_available("scipy")
 
 
 def require(name: str, purpose: str) -> ModuleType:

@@ -1,4 +1,5 @@
-"""Liger kernels on CUDA, gated: apply them only where they can run, otherwise fall back with one notice.
+"""Which loss a causal-LM run uses: Liger kernels on CUDA where they can run, else hf-cpt's chunked loss, else the
+model's own; [`choose_loss`] decides and says why in one line.
 
 liger-kernel hard-depends on Triton and needs a CUDA device: on a CPU machine it imports, even patches a model,
 and `TrainingArguments(use_liger_kernel=True)` is accepted, but the first forward fails ("0 active drivers").
@@ -14,7 +15,8 @@ from typing import Any
 import torch
 
 from .import_utils import is_liger_available
-from .losses import lm_head_has_lora
+from .losses import apply_chunked_loss, lm_head_has_lora, supports_chunked_loss
+from .validation import check_flag
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +35,7 @@ def liger_model_types() -> set[str]:
 
 
 def normalize_liger_mode(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value not in LIGER_MODES:
-        raise ValueError(f"`use_liger` must be auto, true or false, got {value!r}")
-    return value
+    return check_flag("use_liger", value, LIGER_MODES)
 
 
 def resolve_liger(use_liger: Any, model: torch.nn.Module) -> tuple[bool, str]:
@@ -65,3 +63,32 @@ def resolve_liger(use_liger: Any, model: torch.nn.Module) -> tuple[bool, str]:
         raise ValueError("`use_liger` is true but Liger cannot run here: " + "; ".join(problems)
                          + ". Set `use_liger: auto` to fall back to the chunked loss")
     return False, "Liger kernels off: " + "; ".join(problems) + "; using the chunked loss instead"
+
+
+LOSS_MODES = ("liger", "chunked", "standard")
+
+
+def choose_loss(model: torch.nn.Module, use_liger: Any = "auto", chunked_loss: Any = "auto",
+                chunk_size: int | None = None, require_chunked: bool = False) -> str:
+    """Pick and apply the loss of a causal-LM run; returns `liger`, `chunked` or `standard`.
+
+    Liger where `resolve_liger` allows it (the caller then sets `TrainingArguments.use_liger_kernel=True`: the
+    Trainer applies it), else hf-cpt's chunked loss where `chunked_loss` (auto|true|false) and the model allow it,
+    else the model's own loss. `require_chunked` (per-token loss weights or distillation targets, which only the
+    chunked loss reads) skips Liger and raises with the reason when the chunked loss cannot apply.
+    """
+    chunked_loss = check_flag("chunked_loss", chunked_loss)
+    if not require_chunked:
+        use, note = resolve_liger(use_liger, model)
+        if normalize_liger_mode(use_liger) != "false":
+            logger.info(note)
+        if use:
+            return "liger"
+    reason = supports_chunked_loss(model)
+    if not require_chunked and (chunked_loss == "false" or (chunked_loss == "auto" and reason is not None)):
+        if reason and chunked_loss == "auto":
+            logger.info("chunked loss off: %s", reason)
+        return "standard"
+    apply_chunked_loss(model, chunk_size)  # raises with the reason when it cannot apply
+    logger.info("chunked cross-entropy on (%s tokens per chunk): no full logits tensor", chunk_size or "auto")
+    return "chunked"

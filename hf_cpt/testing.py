@@ -10,7 +10,7 @@ import gzip
 import json
 from typing import Any
 
-from .data import embedded_corpus_path
+from .recipe.data import embedded_corpus_path
 
 
 def read_embedded(name: str, split: str = "train", limit: int | None = None) -> list[str]:

@@ -2,7 +2,8 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments, default_data_collator
 
-from hf_cpt.adapters import TrainedParametersCallback, add_lora_for_cpt
+from hf_cpt.adapters import add_lora_for_cpt
+from hf_cpt.callbacks.trained_parameters import TrainedParametersCallback
 from hf_cpt.losses import apply_chunked_loss
 from hf_cpt.testing import make_tiny_llama
 

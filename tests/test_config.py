@@ -26,7 +26,7 @@ def test_nested_dicts_build_dataclasses_and_yaml_floats_are_coerced():
         ({"data": {"replay_ratio": -0.1}}, "`data.replay_ratio` must be in [0, 1]"),
         ({"data": {"block_size": 0}}, "`data.block_size`"),
         ({"data": {"domain": {"eval": "x.jsonl"}}}, "`data.domain.train` is required"),
-        ({"train": {"learning_rate": -1}}, "`train.learning_rate` must be a positive number"),
+        ({"train": {"learning_rate": -1}}, "`train.learning_rate` must be > 0"),
         ({"train": {"learning_rate": "fast"}}, "`train.learning_rate` must be a number"),
         ({"train": {"warmup_steps": 50, "max_steps": 10}}, "`train.warmup_steps` (50) is longer than the run"),
         ({"train": {"max_steps": 2.5}}, "`train.max_steps` must be an integer"),

@@ -5,7 +5,7 @@ import pytest
 
 from hf_cpt.config import DataConfig, SourceConfig
 from hf_cpt.mixers import ReplayMixer
-from hf_cpt.data import (
+from hf_cpt.recipe.data import (
     build_eval_sets,
     build_train_set,
     embedded_corpus_path,

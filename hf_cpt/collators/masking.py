@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import TrainerCallback
 
 from .spans import POS_TYPES
 
@@ -333,22 +332,6 @@ class CausalSpanCollator(_StatsMixin):
             out["masking/input_masked_rate"] = s["masked"] / max(s["tokens"], 1)
         self.stats = Counter()
         return out
-
-
-class MaskingStatsCallback(TrainerCallback):
-    """Adds the collator's masking statistics since the last log (`masking/rate`, `masking/span_share`: share of
-    masked tokens inside entity/lexicon spans, `masking/<TYPE>`: share per span type) to the Trainer logs."""
-
-    def __init__(self, collator: Any):
-        self.collator = collator
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs is not None and "loss" in logs:  # training logs only; eval batches are not counted apart
-            stats = self.collator.pop_stats()
-            logs.update(stats)
-            # the Trainer appended a copy of `logs` to the history just before this hook
-            if state is not None and state.log_history and state.log_history[-1].get("step") == state.global_step:
-                state.log_history[-1].update(stats)
 
 
 MASKING_KINDS = ("random", "lem", "lexicon")

@@ -124,6 +124,7 @@ def lexicon_pattern(terms: Sequence[str], case_sensitive: bool = False) -> re.Pa
 
 
 def lexicon_spans(text: str, pattern: re.Pattern) -> list[tuple[int, int, str]]:
+    """Character spans `(start, end, "LEXICON")` of every lexicon term `pattern` (from `tag_lexicon`) finds."""
     return [(m.start(), m.end(), "LEXICON") for m in pattern.finditer(text or "")]
 
 

@@ -32,9 +32,11 @@ from typing import Any
 
 import numpy as np
 
+from ..callbacks.forgetting import tolerance_bound
 from ..import_utils import require
+from ..validation import check_number
 
-TOLERANCE_MODES = ("relative", "absolute")
+
 RECORD_FIELDS = ("ratio", "tokens", "general_loss", "domain_loss")
 
 
@@ -73,12 +75,9 @@ class CMRLaw:
 
 
 def general_bound(general_start: float, tolerance: float, mode: str = "relative") -> float:
-    """The highest general loss allowed: L_G0 * (1 + tolerance) or L_G0 + tolerance."""
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
-        raise ValueError(f"`tolerance` must be > 0 (allowed rise of the general loss), got {tolerance!r}")
-    if mode not in TOLERANCE_MODES:
-        raise ValueError(f"`tolerance_mode` must be one of {TOLERANCE_MODES}, got {mode!r}")
-    return general_start * (1 + tolerance) if mode == "relative" else general_start + tolerance
+    """The highest general loss allowed: L_G0 * (1 + tolerance) or L_G0 + tolerance (see `tolerance_bound`)."""
+    check_number("tolerance", tolerance, 0.0, min_inclusive=False)
+    return tolerance_bound(general_start, tolerance, mode)
 
 
 def critical_ratio(law: CMRLaw, tokens: float, tolerance: float, mode: str = "relative") -> float:
@@ -164,6 +163,7 @@ def read_records(path: str | Path) -> list[CMRRecord]:
 
 
 def write_records(records: Iterable[CMRRecord], path: str | Path) -> None:
+    """Write pilot records as the CSV [`read_records`] reads (`ratio,tokens,general_loss,domain_loss`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")

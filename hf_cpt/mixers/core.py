@@ -14,6 +14,8 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from ..validation import check_fraction
+
 
 def check_ratios(ratios: Mapping[str, float], name: str = "ratios") -> dict[str, float]:
     """Validate a `{source: share}` mapping (non-negative, finite, summing to 1) and return it as floats.
@@ -43,17 +45,34 @@ def check_stage_start(start: object) -> None:
 
 @dataclass
 class RatioStage:
-    """From `start` (a fraction of the run's blocks, in [0, 1)) on, mix with `ratios` instead.
+    """From `start` (a fraction of the run's blocks, in [0, 1)) on, mix with other shares.
 
-    Example: `RatioStage(start=0.8, ratios={"domain": 0.95, "general": 0.05})` upsamples the domain in the last
-    20% of training ("annealing" on the target data).
+    The shares are `ratios` (any named sources), or `replay_ratio` r, the two-source shorthand for
+    ``{"domain": 1 - r, "general": r}`` used by `data.replay_stages` in YAML. Both may be given when they agree
+    (a config written back to YAML carries both).
+
+    Example: `RatioStage(start=0.8, replay_ratio=0.05)` upsamples the domain in the last 20% of training
+    ("annealing" on the target data); `RatioStage(0.5, {"code": 0.7, "docs": 0.3})` for other sources.
     """
 
     start: float = field(metadata={"help": "Fraction of the run's blocks after which this stage applies."})
-    ratios: dict[str, float] = field(metadata={"help": "Shares per source in this stage; sum to 1."})
+    ratios: dict[str, float] | None = field(
+        default=None, metadata={"help": "Shares per source in this stage; sum to 1."})
+    replay_ratio: float | None = field(
+        default=None, metadata={"help": "Share of `general` tokens in this stage (the rest is `domain`)."})
 
     def __post_init__(self) -> None:
         check_stage_start(self.start)
+        if self.replay_ratio is not None:
+            r = check_fraction("replay_ratio", self.replay_ratio)
+            implied = {"domain": 1.0 - r, "general": r}
+            if self.ratios is not None:
+                given = check_ratios(self.ratios, "ratios")
+                if set(given) != set(implied) or any(abs(given[k] - implied[k]) > 1e-9 for k in implied):
+                    raise ValueError(f"`ratios` {given} disagrees with `replay_ratio` {r}: set only one of them")
+            self.replay_ratio, self.ratios = r, implied
+        elif self.ratios is None:
+            raise ValueError("`ratios` (shares per source) or `replay_ratio` (share of general text) must be set")
         self.ratios = check_ratios(self.ratios, "ratios")
 
 
@@ -97,3 +116,17 @@ def assign_blocks(num_blocks: int, ratios: Mapping[str, float]) -> list[str]:
         alloc, credits = allocate_shares(credits, ratios, 1)
         out.append(next(k for k, v in alloc.items() if v))
     return out
+
+
+def pack_blocks(token_lists: list[list[int]], block_size: int, sep_id: int | None) -> list[list[int]]:
+    """Concatenate documents (each followed by `sep_id`) and cut them into full blocks of `block_size`.
+
+    The tail shorter than a block is dropped: every block is exactly `block_size` tokens, with no padding.
+    """
+    stream: list[int] = []
+    for ids in token_lists:
+        stream.extend(ids)
+        if sep_id is not None:
+            stream.append(sep_id)
+    usable = len(stream) - len(stream) % block_size
+    return [stream[i : i + block_size] for i in range(0, usable, block_size)]

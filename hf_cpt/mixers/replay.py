@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..validation import check_choice, check_int
 from .core import RatioStage, allocate_shares, check_ratios, ratios_at
 
 logger = logging.getLogger(__name__)
@@ -30,14 +31,6 @@ logger = logging.getLogger(__name__)
 GRANULARITIES = ("block", "token")
 ON_EXHAUSTED = ("cycle", "stop")
 _HISTORY = 8192  # block states kept for checkpointing: covers the dataloader's prefetch with room to spare
-
-
-def check_mixing_modes(granularity: str, on_exhausted: str) -> None:
-    """Validate the two mode fields shared by [`ReplayMixerConfig`] and the YAML `data:` block."""
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"`granularity` must be one of {GRANULARITIES}, got {granularity!r}")
-    if on_exhausted not in ON_EXHAUSTED:
-        raise ValueError(f"`on_exhausted` must be one of {ON_EXHAUSTED}, got {on_exhausted!r}")
 
 
 class _Exhausted(Exception):
@@ -75,9 +68,9 @@ class ReplayMixerConfig:
 
     def __post_init__(self) -> None:
         self.ratios = check_ratios(self.ratios, "ratios")
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"`block_size` must be an integer >= 1, got {self.block_size!r}")
-        check_mixing_modes(self.granularity, self.on_exhausted)
+        check_int("block_size", self.block_size)
+        check_choice("granularity", self.granularity, GRANULARITIES)
+        check_choice("on_exhausted", self.on_exhausted, ON_EXHAUSTED)
         self.stages = [s if isinstance(s, RatioStage) else RatioStage(**s) for s in self.stages]
         for i, stage in enumerate(self.stages):
             if set(stage.ratios) != set(self.ratios):

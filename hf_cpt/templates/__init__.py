@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 from importlib import resources
+from pathlib import Path
 
 from ..config import CPTConfig
 
@@ -29,6 +30,19 @@ def template_text(name: str) -> str:
             + f" (available: {', '.join(sorted(names))})"
         )
     return path.read_text(encoding="utf-8")
+
+
+def write_template(name: str, path: str | Path, force: bool = False) -> Path:
+    """Write the commented YAML of template `name` to `path` (`hf-cpt init`), refusing to replace a file unless
+    `force`; written to a temp file and renamed."""
+    text = template_text(name)
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"`--output` {str(path)!r} exists; choose another path or pass --force")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
 
 
 def load_template(name: str) -> CPTConfig:

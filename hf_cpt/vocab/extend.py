@@ -1,4 +1,4 @@
-"""Growing a model's embeddings for an extended tokenizer, and the `vocab:` recipe that drives it.
+"""Growing a model's embeddings for an extended tokenizer, and the `vocab:` settings that drive it.
 
 `extend_model` puts each new token's row *at its token id* (inside the padding of a padded vocabulary when there
 is room, growing the matrix otherwise), through `resize_token_embeddings`, so tied heads stay tied, untied heads
@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
 
 from .init import EMBEDDING_INITS, init_mean, init_ofa, init_random, init_subword_mean
 from .vectors import (
@@ -219,98 +218,3 @@ def extend_vocabulary(model: Any, tokenizer: Any, cfg: VocabConfig, domain_texts
     logger.info("vocabulary: +%d tokens (%s init), fertility %.3f -> %.3f", len(ext.new_tokens), cfg.init,
                 ext.fertility_before or float("nan"), ext.fertility_after or float("nan"))
     return model, ext.tokenizer, summary
-
-
-class NewRowsFirstCallback(TrainerCallback):
-    """For the first `steps` updates, train only the embedding rows from `first_new_id` on: the body is frozen
-    (no gradients, so AdamW leaves it alone) and old rows get zero gradients; afterwards everything trains.
-
-    Stateless across resume: the phase is read from `state.global_step`.
-    """
-
-    def __init__(self, first_new_id: int, steps: int):
-        self.first_new_id = first_new_id
-        self.steps = steps
-        self._hooks: list[Any] = []
-        self._frozen: list[torch.nn.Parameter] = []
-
-    def _enter(self, model: Any) -> None:
-        emb = {id(model.get_input_embeddings().weight)}
-        out = model.get_output_embeddings()
-        if out is not None:
-            emb.add(id(out.weight))
-        start = self.first_new_id
-
-        def mask_old_rows(grad: torch.Tensor) -> torch.Tensor:
-            grad = grad.clone()
-            grad[:start] = 0
-            return grad
-
-        for p in model.parameters():
-            if id(p) in emb:
-                self._hooks.append(p.register_hook(mask_old_rows))
-            elif p.requires_grad:
-                p.requires_grad_(False)
-                self._frozen.append(p)
-
-    def _leave(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        for p in self._frozen:
-            p.requires_grad_(True)
-        self._hooks, self._frozen = [], []
-
-    def on_step_begin(self, args, state, control, model=None, **kwargs):
-        active = bool(self._hooks)
-        if state.global_step < self.steps and not active and model is not None:
-            self._enter(model)
-        elif state.global_step >= self.steps and active:
-            self._leave()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self._leave()
-
-
-def vocab_corpora(cfg: Any, max_docs: int = 200_000) -> tuple[list[str], list[str], list[str] | None]:
-    """Domain texts to learn from (`vocab.corpus` or `data.domain.train`), general texts (only read when OFA
-    builds its word vectors from the corpora) and held-out domain texts (fertility report) of a `CPTConfig`."""
-    import itertools
-
-    from ..config import SourceConfig
-    from ..data import load_split
-
-    def texts(spec: str | None, source: SourceConfig | None, field: str) -> list[str]:
-        if not spec or source is None:
-            return []
-        ds = load_split(spec, source, field, streaming=source.streaming)
-        return [r[source.text_field] for r in itertools.islice(ds, max_docs)]
-
-    data = cfg.data
-    corpus = cfg.vocab.corpus
-    domain = texts(corpus or data.domain.train, data.domain, "vocab.corpus" if corpus else "data.domain.train")
-    builds_vectors = cfg.vocab.init == "ofa" and not cfg.vocab.word_vectors
-    general = texts(data.general.train, data.general, "data.general.train") if data.general and builds_vectors else []
-    heldout = texts(data.domain.eval, data.domain, "data.domain.eval") or None
-    return domain, general, heldout
-
-
-def extend_checkpoint(cfg: Any, output_dir: str, overwrite: bool = False) -> dict[str, Any]:
-    """`hf-cpt extend-vocab`: load `cfg.model`, apply `cfg.vocab`, and write a stock checkpoint (safetensors,
-    extended tokenizer, `hf_cpt_vocab.json`) to `output_dir` atomically. Returns the summary."""
-    import json
-    from pathlib import Path
-
-    from ..models import load_model_and_tokenizer
-    from ..utils import atomic_output_dir
-
-    if cfg.vocab is None:
-        raise ValueError("the config has no `vocab:` block: add one (see `hf-cpt init`) to extend the vocabulary")
-    # refuses a non-empty output_dir before any work; removes the staging dir on failure
-    with atomic_output_dir(Path(output_dir), overwrite) as tmp:
-        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.objective)
-        domain, general, heldout = vocab_corpora(cfg)
-        model, tokenizer, summary = extend_vocabulary(model, tokenizer, cfg.vocab, domain, general, heldout)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "hf_cpt_vocab.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
-    return summary

@@ -10,7 +10,7 @@ from hf_cpt.callbacks.forgetting import (
     exceeds_tolerance,
 )
 from hf_cpt.config import DataConfig
-from hf_cpt.data import build_eval_sets, build_train_set
+from hf_cpt.recipe.data import build_eval_sets, build_train_set
 from hf_cpt.testing import make_tiny_llama
 
 

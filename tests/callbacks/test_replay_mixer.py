@@ -4,7 +4,7 @@ from transformers import Trainer, TrainingArguments, default_data_collator
 
 from hf_cpt.callbacks.replay_mixer import ReplayMixerCallback, find_mixer
 from hf_cpt.config import DataConfig
-from hf_cpt.data import build_train_set
+from hf_cpt.recipe.data import build_train_set
 from hf_cpt.testing import make_tiny_llama
 
 

@@ -26,7 +26,7 @@ from hf_cpt.callbacks.rewarm import (
     make_rewarm_scheduler,
 )
 from hf_cpt.config import DataConfig
-from hf_cpt.data import build_train_set
+from hf_cpt.recipe.data import build_train_set
 from hf_cpt.testing import make_tiny_llama
 
 

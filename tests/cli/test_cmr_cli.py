@@ -26,9 +26,9 @@ def test_pilot_runs_one_training_per_ratio_and_writes_records(tmp_path, tiny_mod
     base = [r.general_loss for r in records if r.tokens == 0]
     assert max(base) - min(base) < 1e-5  # the same pre-CPT model and held-out set for every pilot
     bad = runner.invoke(app, ["cmr", "pilot", str(cfg), "--ratios", "0.5,1.0", "--budgets", "3"])
-    assert bad.exit_code == 2 and "`--ratios` needs >= 3 distinct domain shares" in bad.output
+    assert bad.exit_code == 2 and "`domain_ratios` needs >= 3 distinct domain shares" in bad.output
     bad = runner.invoke(app, ["cmr", "pilot", str(cfg), "--budgets", "4"])
-    assert bad.exit_code == 2 and "multiple of `--budgets`" in bad.output
+    assert bad.exit_code == 2 and "multiple of `num_budgets`" in bad.output
 
 
 def test_fit_prints_the_ratio_writes_the_plot_and_updates_a_config(tmp_path, tiny_model_dir):

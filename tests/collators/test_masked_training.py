@@ -82,7 +82,7 @@ def test_cli_trains_a_masked_lm_with_lem(tiny_bert_dir, small_corpora, tmp_path)
 
 
 def test_mlm_random_and_lexicon(tiny_bert_dir, small_corpora, tmp_path):
-    from hf_cpt.train import run_cpt
+    from hf_cpt.recipe.train import run_cpt
 
     res = run_cpt(CPTConfig.from_dict(_mlm_config(tiny_bert_dir, "random", small_corpora)), output_dir=tmp_path / "random")
     assert res.metrics["global_step"] == 4
@@ -95,7 +95,7 @@ def test_mlm_random_and_lexicon(tiny_bert_dir, small_corpora, tmp_path):
 
 
 def test_causal_lm_with_entity_weighting(tiny_model_dir, small_corpora, tmp_path):
-    from hf_cpt.train import run_cpt
+    from hf_cpt.recipe.train import run_cpt
 
     d = tiny_run_dict(tiny_model_dir, max_steps=3)
     d["data"].update(_data(small_corpora))
@@ -120,7 +120,7 @@ def test_masking_config_errors(tiny_bert_dir, small_corpora):
 
 
 def test_chunk_probabilities_give_the_token_share():
-    from hf_cpt.collators.data import chunk_probabilities
+    from hf_cpt.recipe.masked_data import chunk_probabilities
 
     pd, pg = chunk_probabilities(0.25, domain_tokens=40, general_tokens=120)
     assert pd + pg == pytest.approx(1)
@@ -131,7 +131,7 @@ def test_chunk_probabilities_give_the_token_share():
 def test_extend_vocab_on_an_encoder_config(tiny_bert_dir, small_corpora, tmp_path):
     from transformers import AutoModelForMaskedLM
 
-    from hf_cpt.vocab.extend import extend_checkpoint
+    from hf_cpt.recipe import extend_checkpoint
 
     d = _mlm_config(tiny_bert_dir, "lem", small_corpora)
     d["vocab"] = {"n_new_tokens": 20}

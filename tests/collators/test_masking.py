@@ -13,10 +13,10 @@ from hf_cpt.collators.masking import (  # noqa: E402
     CausalSpanCollator,
     LEMCollator,
     LexiconMaskingCollator,
-    MaskingStatsCallback,
     choose_one_per_span,
     lexicon_budget_mask,
 )
+from hf_cpt.callbacks.masking_stats import MaskingStatsCallback  # noqa: E402
 from hf_cpt.collators.spans import (  # noqa: E402
     char_to_token_spans,
     load_spacy_pipeline,

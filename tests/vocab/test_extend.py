@@ -16,7 +16,8 @@ from hf_cpt.testing import (
     train_unigram_tokenizer,
     train_wordpiece_tokenizer,
 )
-from hf_cpt.vocab.extend import NewRowsFirstCallback, VocabConfig, extend_model, extend_vocabulary
+from hf_cpt.callbacks.new_rows_first import NewRowsFirstCallback
+from hf_cpt.vocab.extend import VocabConfig, extend_model, extend_vocabulary
 from hf_cpt.vocab.init import init_subword_mean
 from hf_cpt.vocab.tokens import learn_domain_tokens
 from hf_cpt.vocab.vectors import WordVectors, build_word_vectors
@@ -200,7 +201,7 @@ def test_new_rows_first_callback_trains_only_new_rows(bpe, tmp_path):
 
 
 def test_run_cpt_with_vocab_block(tiny_model_dir, tmp_path):
-    from hf_cpt.train import run_cpt
+    from hf_cpt.recipe.train import run_cpt
 
     d = tiny_run_dict(tiny_model_dir, max_steps=3)
     d["vocab"] = {"n_new_tokens": 40, "init": "ofa", "vector_dim": 16, "new_rows_first_steps": 1}

@@ -63,7 +63,7 @@ def test_embedded_smollm_tokenizer(domain):
     """The real byte-level BPE of the embedded default (digits split, Llama-style pre-tokenizer)."""
     from transformers import AutoTokenizer
 
-    from hf_cpt.models import resolve_model_path
+    from hf_cpt.recipe.models import resolve_model_path
 
     base = AutoTokenizer.from_pretrained(resolve_model_path("embedded:smollm2-135m"))
     ext = learn_domain_tokens(domain[0], base, 300, heldout=domain[1])

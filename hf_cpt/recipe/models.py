@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .config import EMBEDDED_MODEL, ModelConfig
+from ..config import EMBEDDED_MODEL, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -171,3 +171,10 @@ def load_model_and_tokenizer(cfg: ModelConfig, objective: str = "clm") -> tuple[
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def base_model_id(name_or_path: str) -> str | None:
+    """The Hub id of the model a run started from (for the model card), or None for a local directory."""
+    if name_or_path in EMBEDDED_MODELS:
+        return EMBEDDED_MODELS[name_or_path]["hub_id"]
+    return None if os.path.exists(os.path.expanduser(name_or_path)) else name_or_path

@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
-from .masking import CausalSpanCollator, LEMCollator, LexiconMaskingCollator, MaskingConfig
+from ..collators.masking import CausalSpanCollator, LEMCollator, LexiconMaskingCollator, MaskingConfig
+from ..config import CPTConfig
+from .data import load_split
 
 # ~4 characters per token in English subword vocabularies: chunks of block_size tokens fit without truncation
 CHARS_PER_TOKEN = 4
@@ -103,9 +105,9 @@ def make_collator(masking: MaskingConfig, tokenizer: Any, objective: str, seed: 
                                   random_replace_prob=masking.random_replace_prob, seed=seed)
 
 
-def _prepare(ds: Any, cfg: Any, tokenizer: Any, text_field: str, what: str) -> Any:
+def _prepare(ds: Any, cfg: CPTConfig, tokenizer: Any, text_field: str, what: str) -> Any:
     """Chunk, tag and tokenize one split into span features (or plain MLM features for `random`)."""
-    from .spans import tag_entities, tag_lexicon, tokenize_with_spans
+    from ..collators.spans import tag_entities, tag_lexicon, tokenize_with_spans
 
     masking: MaskingConfig = cfg.masking
     block = cfg.data.block_size
@@ -164,11 +166,11 @@ def premask(ds: Any, collator: Any, batch_size: int = 64) -> Any:
     return datasets.Dataset.from_dict(rows)
 
 
-def build_masked_data(cfg: Any, tokenizer: Any) -> tuple[Any, dict[str, Any], PremaskedOrCollate, Any]:
+def build_masked_data(cfg: CPTConfig, tokenizer: Any) -> tuple[Any, dict[str, Any], PremaskedOrCollate, Any]:
     """Training set, held-out sets, the Trainer's collator, and the training collator (for its statistics)."""
     import datasets
 
-    from ..data import load_split
+
 
     data = cfg.data
     r = data.replay_ratio if data.general is not None else 0.0

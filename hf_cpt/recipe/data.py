@@ -9,9 +9,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .config import DataConfig, SourceConfig
-from .mixers.core import RatioStage
-from .mixers.replay import ReplayMixer, ReplayMixerConfig
+from ..config import DataConfig, SourceConfig
+from ..mixers.core import pack_blocks
+from ..mixers.replay import ReplayMixer, ReplayMixerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -105,20 +105,6 @@ def load_split(spec: str, source: SourceConfig, field: str, streaming: bool = Fa
     return ds
 
 
-def pack_blocks(token_lists: list[list[int]], block_size: int, sep_id: int | None) -> list[list[int]]:
-    """Concatenate documents (each followed by `sep_id`) and cut them into full blocks of `block_size`.
-
-    The tail shorter than a block is dropped: every block is exactly `block_size` tokens, with no padding.
-    """
-    stream: list[int] = []
-    for ids in token_lists:
-        stream.extend(ids)
-        if sep_id is not None:
-            stream.append(sep_id)
-    usable = len(stream) - len(stream) % block_size
-    return [stream[i : i + block_size] for i in range(0, usable, block_size)]
-
-
 def tokenize_and_pack(ds, tokenizer, text_field: str, block_size: int, desc: str = ""):
     """Tokenize a text dataset and pack it into `block_size` blocks with `input_ids`, `attention_mask`, `labels`.
 
@@ -187,8 +173,7 @@ def build_train_set(cfg: DataConfig, tokenizer, total_blocks: int | None = None)
             raise ValueError(f"`data.{name}.train`: {src.train!r} holds no documents; point it at your text")
         sources[name] = ds
     ratios = {"domain": 1.0 - r, "general": r} if len(names) == 2 else {"domain": 1.0}
-    stages = [RatioStage(s.start, {"domain": 1.0 - s.replay_ratio, "general": s.replay_ratio})
-              for s in cfg.replay_stages] if len(names) == 2 else []
+    stages = list(cfg.replay_stages) if len(names) == 2 else []
     if stages and total_blocks is None:
         raise ValueError("`data.replay_stages` needs the run length: pass `total_blocks`")
     mixer_cfg = ReplayMixerConfig(
@@ -197,3 +182,24 @@ def build_train_set(cfg: DataConfig, tokenizer, total_blocks: int | None = None)
         text_field={n: getattr(cfg, n).text_field for n in names},
     )
     return ReplayMixer(sources, tokenizer, mixer_cfg)
+
+
+def check_data_paths(cfg: DataConfig) -> None:
+    """Resolve every data path of `cfg` and check the held-out splits the monitor needs, without loading data.
+
+    Raises:
+        FileNotFoundError / ValueError: naming the field (`data.domain.train`, ...).
+    """
+    for name in ("domain", "general"):
+        source = getattr(cfg, name)
+        if source is None:
+            continue
+        for split in ("train", "eval"):
+            spec = getattr(source, split)
+            if spec is not None and not spec.startswith("hub:"):
+                resolve_data_files(spec, f"data.{name}.{split}")
+    for name in ("domain", "general"):
+        source = getattr(cfg, name)
+        if source is None or source.eval is None:
+            raise ValueError(f"`data.{name}.eval` is not set: the forgetting monitor needs a held-out split "
+                             f"of the {name} text")

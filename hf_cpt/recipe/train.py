@@ -1,0 +1,327 @@
+"""The continual-pretraining job behind `hf-cpt train`, as one public function: [`run_cpt`].
+
+It only wires together what a Trainer user would, as named steps: build the model, build the data, build the
+`transformers.Trainer` with hf-cpt's callbacks, train, then write the adapted checkpoint, its recipe, metrics,
+forgetting plot and model card into the output directory, atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..callbacks.active_forgetting import ActiveForgettingCallback, relearn_embeddings
+from ..callbacks.forgetting import ForgettingMonitorCallback
+from ..callbacks.replay_mixer import ReplayMixerCallback
+from ..callbacks.rewarm import RewarmCallback, make_rewarm_optimizer, make_rewarm_scheduler
+from ..config import CONFIG_FILE, CPTConfig
+from ..utils import commit_staging_dir, make_staging_dir
+from .outputs import write_outputs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CPTResult:
+    """What [`run_cpt`] produced."""
+
+    output_dir: Path
+    metrics: dict[str, Any]
+
+
+def build_training_args(cfg: CPTConfig, output_dir: str | Path):
+    """`TrainingArguments` for `cfg`: evaluation at step 0 and every `train.eval_steps`, no checkpoints unless
+    `train.save_steps` > 0, and resume that restores the [`ReplayMixer`] position instead of re-reading data
+    (`ignore_data_skip=True`; see [`ReplayMixerCallback`])."""
+    from transformers import TrainingArguments
+
+    t = cfg.train
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        eval_strategy="steps",
+        eval_steps=t.eval_steps,
+        eval_on_start=True,
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps else "no",
+        save_steps=t.save_steps or 500,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=t.bf16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        report_to=t.report_to or "none",
+        # the ReplayMixer restores its own position; map-style masked data is skipped by the Trainer as usual
+        ignore_data_skip=cfg.masking is None,
+        remove_unused_columns=cfg.masking is None,  # span columns reach the collator
+        prediction_loss_only=True,  # evaluation needs the loss only; the chunked loss returns no logits
+        restore_callback_states_from_checkpoint=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        # several processes and no GPU (torchrun on CPU): accelerate only sets up gloo DDP when told `cpu`
+        use_cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
+    )
+    kwargs.update(t.training_args)
+    return TrainingArguments(**kwargs)
+
+
+def build_rewarm_optimizers(model, cfg: CPTConfig, args) -> tuple:
+    """AdamW (embeddings in their own group at `schedule.embedding_lr_ratio`) and the rewarming scheduler,
+    with the betas/eps/weight decay of `args`, for `Trainer(optimizers=...)`."""
+    optimizer = make_rewarm_optimizer(
+        model, cfg.schedule, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+    )
+    return optimizer, make_rewarm_scheduler(optimizer, cfg.schedule, args.max_steps)
+
+
+def checkpoint_dir(output_dir: str | Path) -> Path:
+    """Where a run writing `output_dir` keeps its Trainer checkpoints: `<output_dir>.checkpoints`, next to it,
+    so they survive a crash (the output directory itself only appears, complete, at the end)."""
+    final = Path(output_dir).expanduser().resolve()
+    return final.with_name(final.name + ".checkpoints")
+
+
+def find_resume_checkpoint(cfg: CPTConfig, ckpt_dir: Path, resume: bool) -> str | None:
+    """The checkpoint to continue from, or None for a fresh run (the resume policy).
+
+    Raises:
+        FileNotFoundError: `resume` without a checkpoint. FileExistsError: checkpoints of an earlier run exist
+        and `resume` is False. ValueError: `resume` without `train.save_steps`, or checkpoints written with a
+        recipe that differs in anything that changes training (see [`CPTConfig.training_diff`]).
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not cfg.train.save_steps:
+        if resume:
+            raise ValueError("`resume` needs checkpoints: set `train.save_steps` > 0")
+        return None
+    existing = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    if not resume:
+        if existing is not None:
+            raise FileExistsError(f"checkpoints of an earlier run are in {str(ckpt_dir)!r}: pass `resume=True` "
+                                  "(CLI: --resume) to continue it, or delete them to start over")
+        return None
+    if existing is None:
+        raise FileNotFoundError(f"nothing to resume: no checkpoint in {str(ckpt_dir)!r}")
+    if not (ckpt_dir / CONFIG_FILE).is_file():
+        raise ValueError(f"{str(ckpt_dir)!r} has no {CONFIG_FILE}: it was not written by `hf-cpt train`; "
+                         "resume it with the Python API or delete it")
+    diffs = CPTConfig.from_pretrained(ckpt_dir).training_diff(cfg)
+    if diffs:
+        raise ValueError(f"the checkpoints in {str(ckpt_dir)!r} were written with another config ("
+                         + "; ".join(diffs[:6]) + "); resuming would silently mix two recipes. Restore the "
+                         "original values, or delete the checkpoints to start over")
+    return existing
+
+
+def build_model(cfg: CPTConfig) -> tuple[Any, Any, dict[str, Any] | None]:
+    """The model and tokenizer to adapt, with the vocabulary extended when the config has a `vocab:` block
+    (deterministic, so a resumed run rebuilds the same extended model). Returns `(model, tokenizer, summary)`."""
+    from .models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.objective)
+    if cfg.vocab is None:
+        return model, tokenizer, None
+    from ..vocab.extend import extend_vocabulary
+    from .vocab import vocab_corpora
+
+    return extend_vocabulary(model, tokenizer, cfg.vocab, *vocab_corpora(cfg))
+
+
+@dataclass
+class RunData:
+    """The data side of a run: what the Trainer reads, and the callbacks that belong to it."""
+
+    train_set: Any
+    eval_sets: dict[str, Any]
+    collator: Any
+    callbacks: list[Any] = field(default_factory=list)
+
+
+def build_data(cfg: CPTConfig, tokenizer: Any, args: Any) -> RunData:
+    """Training stream and held-out sets: token-exact [`ReplayMixer`] blocks for causal runs, tagged and masked
+    chunks for `masking:` runs."""
+    if cfg.masking is not None:
+        from ..callbacks.masking_stats import MaskingStatsCallback
+        from .masked_data import build_masked_data
+
+        train_set, eval_sets, collator, train_collator = build_masked_data(cfg, tokenizer)
+        callbacks = [MaskingStatsCallback(train_collator)] if hasattr(train_collator, "pop_stats") else []
+        return RunData(train_set, eval_sets, collator, callbacks)
+    from transformers import default_data_collator
+
+    from .data import build_eval_sets, build_train_set
+
+    num_blocks = cfg.train.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    train_set = build_train_set(cfg.data, tokenizer, total_blocks=num_blocks * args.world_size)
+    return RunData(train_set, build_eval_sets(cfg.data, tokenizer), default_data_collator,
+                   [ReplayMixerCallback(train_set)])
+
+
+def build_trainer(cfg: CPTConfig, args: Any, model: Any, tokenizer: Any, data: RunData,
+                  vocab_summary: dict[str, Any] | None = None) -> Any:
+    """A stock `transformers.Trainer` with the run's loss, optimizer/schedule and callbacks (the forgetting
+    monitor first)."""
+    from transformers import Trainer
+
+    from ..liger import choose_loss
+
+    if cfg.objective == "clm":
+        mode = choose_loss(model, cfg.train.use_liger, cfg.train.chunked_loss, cfg.train.loss_chunk_size or None,
+                           require_chunked=cfg.needs_chunked_loss)
+        args.use_liger_kernel = mode == "liger"
+    callbacks: list[Any] = [ForgettingMonitorCallback(cfg.monitor), *data.callbacks]
+    if cfg.train.trainable == "embeddings":
+        relearn_embeddings(model)
+    if cfg.vocab is not None and cfg.vocab.new_rows_first_steps:
+        from ..callbacks.new_rows_first import NewRowsFirstCallback
+
+        callbacks.append(NewRowsFirstCallback(vocab_summary["old_vocab_size"], cfg.vocab.new_rows_first_steps))
+    if cfg.active_forgetting is not None:
+        callbacks.append(ActiveForgettingCallback(cfg.active_forgetting))
+    optimizers: tuple = (None, None)
+    if cfg.schedule is not None:
+        optimizers = build_rewarm_optimizers(model, cfg, args)
+        callbacks.append(RewarmCallback(cfg.schedule))
+    return Trainer(model=model, args=args, train_dataset=data.train_set, eval_dataset=data.eval_sets,
+                   data_collator=data.collator, processing_class=tokenizer, callbacks=callbacks,
+                   optimizers=optimizers)
+
+
+def collect_metrics(cfg: CPTConfig, trainer: Any, train_out: Any, data: RunData, resumed_from: str | None,
+                    vocab_summary: dict[str, Any] | None) -> dict[str, Any]:
+    """The numbers `metrics.json` and the model card report, read from the live callbacks (a resumed run rebuilds
+    them from their checkpoint state)."""
+    from .models import base_model_id
+
+    live = trainer.callback_handler.callbacks
+    monitor = next(c for c in live if isinstance(c, ForgettingMonitorCallback))
+    mixer_cb = next((c for c in live if isinstance(c, ReplayMixerCallback)), None)
+    train_tokens = mixer_cb.tokens_per_source if mixer_cb is not None else \
+        dict(getattr(data.collator, "tokens_per_source", {}))
+    runtime = train_out.metrics.get("train_runtime", 0)
+    return {
+        "model": cfg.model.name_or_path,
+        "base_model": base_model_id(cfg.model.name_or_path),
+        "global_step": trainer.state.global_step,
+        "world_size": trainer.args.world_size,
+        "resumed_from": resumed_from,
+        "train_tokens": train_tokens,
+        "train_loss": train_out.training_loss,
+        "train_runtime_s": train_out.metrics.get("train_runtime"),
+        "train_tokens_per_s": sum(train_tokens.values()) / max(runtime, 1e-9),
+        "total_runtime_s": None,
+        "vocab": vocab_summary,
+        "forgetting": monitor.summary(),
+        "eval_history": monitor.history,
+        "log_history": trainer.state.log_history,
+    }
+
+
+def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: bool = False,
+            resume: bool = False, hub_token: str | None = None) -> CPTResult:
+    """Continue pretraining `cfg.model` on `cfg.data` and write the adapted model to `output_dir`.
+
+    Args:
+        cfg: the run configuration.
+        output_dir: overrides `cfg.output_dir`.
+        overwrite: replace a non-empty `output_dir` (only once the new run has finished).
+        resume: continue from the last checkpoint in `<output_dir>.checkpoints` (see [`checkpoint_dir`]);
+            refused when those checkpoints were written with a different config.
+        hub_token: token for `hub.push_to_hub`; default: `HF_TOKEN` or the `hf auth login` cache. Checked
+            before training starts.
+
+    Returns:
+        a [`CPTResult`] with the final directory and the metrics also written to `metrics.json`.
+
+    Output files: `model.safetensors` (+ config, tokenizer), `hf_cpt_config.yaml`, `metrics.json`,
+    `forgetting.png`, `README.md` (model card); pushed to `hub.repo_id` when `hub.push_to_hub`. A run that
+    fails leaves no output directory behind. With
+    `train.save_steps` > 0, checkpoints go to `<output_dir>.checkpoints` and are deleted after success unless
+    `train.keep_checkpoints`. Under `torchrun`/`accelerate launch` every process calls this; only the main one
+    writes files.
+    """
+    from accelerate import PartialState
+
+    output_dir = output_dir or cfg.output_dir
+    if not output_dir:
+        raise ValueError("`output_dir` is not set: pass it or set `output_dir` in the config")
+    start = time.perf_counter()
+    args = build_training_args(cfg, output_dir)  # also sets up the process group under torchrun
+    state = PartialState()
+    final = Path(output_dir).expanduser().resolve()
+    ckpt = checkpoint_dir(final)
+    last = find_resume_checkpoint(cfg, ckpt, resume)
+    push_token = None
+    if cfg.hub.push_to_hub and state.is_main_process:  # fail before training, not after it
+        from ..hub import check_push_access
+
+        push_token = check_push_access(cfg.hub.repo_id, token=hub_token)
+    tmp = _shared_staging_dir(final, overwrite, state)
+    try:
+        args.output_dir = str(ckpt if cfg.train.save_steps else tmp / "checkpoints")
+        if cfg.train.save_steps and state.is_main_process:
+            cfg.save_pretrained(ckpt)  # what a later --resume compares itself against
+        metrics = _train_and_write(cfg, args, tmp, last, start)
+        state.wait_for_everyone()
+    except BaseException:
+        if state.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if state.is_main_process:
+        shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
+        commit_staging_dir(tmp, final)
+        if cfg.train.save_steps and not cfg.train.keep_checkpoints:
+            shutil.rmtree(ckpt, ignore_errors=True)
+        if cfg.hub.push_to_hub:
+            from ..hub import push_adapted
+
+            metrics["hub_commit_url"] = push_adapted(final, cfg.hub.repo_id, private=cfg.hub.private,
+                                                     revision=cfg.hub.revision, token=push_token)
+    state.wait_for_everyone()
+    return CPTResult(output_dir=final, metrics=metrics)
+
+
+def _shared_staging_dir(final: Path, overwrite: bool, state: Any) -> Path:
+    """The staging directory the main process creates, made known to every process."""
+    tmp = make_staging_dir(final, overwrite) if state.is_main_process else None
+    if state.num_processes > 1:
+        holder = [str(tmp) if tmp else None]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        tmp = Path(holder[0])
+    return tmp
+
+
+def _train_and_write(cfg: CPTConfig, args: Any, tmp: Path, last: str | None, start: float) -> dict[str, Any]:
+    """Build, train (resuming from `last`), and write the results into the staging directory `tmp`."""
+    from .data import check_data_paths
+
+    check_data_paths(cfg.data)  # fail on a bad path before spending time on the model
+    model, tokenizer, vocab_summary = build_model(cfg)
+    data = build_data(cfg, tokenizer, args)
+    trainer = build_trainer(cfg, args, model, tokenizer, data, vocab_summary)
+    if last is not None:
+        args.eval_on_start = False  # step 0 is in the restored monitor history; do not evaluate the resume step
+    train_out = trainer.train(resume_from_checkpoint=last)
+    metrics = collect_metrics(cfg, trainer, train_out, data, last, vocab_summary)
+    trainer.save_model(str(tmp))
+    # training_args.bin is a pickle; the recipe is recorded as YAML instead (safetensors/text only)
+    (tmp / "training_args.bin").unlink(missing_ok=True)
+    if trainer.is_world_process_zero():
+        metrics["total_runtime_s"] = time.perf_counter() - start
+        write_outputs(cfg, tmp, metrics)
+    return metrics

@@ -1,0 +1,56 @@
+"""The `vocab:` block of a run: read its corpora from the config and extend a model, in memory (`hf-cpt train`) or
+into a stock checkpoint (`hf-cpt extend-vocab`)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+from ..config import CPTConfig, SourceConfig
+from ..utils import atomic_output_dir
+from ..vocab.extend import extend_vocabulary
+from .data import load_split
+from .models import load_model_and_tokenizer
+
+
+def vocab_corpora(cfg: CPTConfig, max_docs: int = 200_000) -> tuple[list[str], list[str], list[str] | None]:
+    """Domain texts to learn from (`vocab.corpus` or `data.domain.train`; also `distill`'s contexts), general texts
+    (`data.general.train` when OFA builds its word vectors from the corpora, else the held-out `data.general.eval`,
+    enough for the general-text fertility report) and held-out domain texts (fertility report) of a `CPTConfig`."""
+
+    def texts(spec: str | None, source: SourceConfig | None, field: str) -> list[str]:
+        if not spec or source is None:
+            return []
+        ds = load_split(spec, source, field, streaming=source.streaming)
+        return [r[source.text_field] for r in itertools.islice(ds, max_docs)]
+
+    data = cfg.data
+    corpus = cfg.vocab.corpus
+    domain = texts(corpus or data.domain.train, data.domain, "vocab.corpus" if corpus else "data.domain.train")
+    builds_vectors = cfg.vocab.init == "ofa" and not cfg.vocab.word_vectors
+    if data.general is None:
+        general = []
+    elif builds_vectors:
+        general = texts(data.general.train, data.general, "data.general.train")
+    else:
+        general = texts(data.general.eval, data.general, "data.general.eval")
+    heldout = texts(data.domain.eval, data.domain, "data.domain.eval") or None
+    return domain, general, heldout
+
+
+def extend_checkpoint(cfg: CPTConfig, output_dir: str, overwrite: bool = False) -> dict[str, Any]:
+    """`hf-cpt extend-vocab`: load `cfg.model`, apply `cfg.vocab`, and write a stock checkpoint (safetensors,
+    extended tokenizer, `hf_cpt_vocab.json`) to `output_dir` atomically. Returns the summary."""
+    if cfg.vocab is None:
+        raise ValueError("the config has no `vocab:` block: add one (see `hf-cpt init`) to extend the vocabulary")
+    # refuses a non-empty output_dir before any work; removes the staging dir on failure
+    with atomic_output_dir(Path(output_dir), overwrite) as tmp:
+        model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.objective)
+        domain, general, heldout = vocab_corpora(cfg)
+        model, tokenizer, summary = extend_vocabulary(model, tokenizer, cfg.vocab, domain, general, heldout)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "hf_cpt_vocab.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+    return summary

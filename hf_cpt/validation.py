@@ -1,0 +1,99 @@
+"""Field checks shared by every config dataclass: one set of rules, one message shape.
+
+Every check takes the field's name and value, returns the (normalised) value, and raises ``ValueError`` naming the
+field in backticks and saying what it must be, e.g. ```learning_rate` must be a number > 0, got 'fast'``. Configs
+call these from ``__post_init__``; `CPTConfig` prefixes the name with its dotted path (``train.learning_rate``).
+
+Rules: booleans are never numbers (``True`` is not ``1``); NaN and infinities are refused unless a check says
+otherwise; ints are accepted where floats are, never the reverse.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: Any, minimum: int | None = 1, maximum: int | None = None) -> int:
+    """An integer (not a bool) in [`minimum`, `maximum`] (either bound may be None)."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if ok and minimum is not None and value < minimum:
+        ok = False
+    if ok and maximum is not None and value > maximum:
+        ok = False
+    if not ok:
+        raise ValueError(f"`{name}` must be an integer {_range(minimum, maximum, True, True)}, got {value!r}")
+    return value
+
+
+def check_number(
+    name: str,
+    value: Any,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    min_inclusive: bool = True,
+    max_inclusive: bool = True,
+) -> float:
+    """A finite real number (not a bool) within the bounds; returns it as a float."""
+    ok = _is_number(value) and math.isfinite(value)
+    if ok and minimum is not None and (value < minimum or (not min_inclusive and value == minimum)):
+        ok = False
+    if ok and maximum is not None and (value > maximum or (not max_inclusive and value == maximum)):
+        ok = False
+    if not ok:
+        rng = _range(minimum, maximum, min_inclusive, max_inclusive)
+        what = rng or "a finite number"
+        raise ValueError(f"`{name}` must be {what}, got {value!r}")
+    return float(value)
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """A number in [0, 1]: a ratio, a share or a probability."""
+    return check_number(name, value, 0.0, 1.0)
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
+    """One of `choices` (compared with ==; bools never match strings)."""
+    choices = tuple(choices)
+    if isinstance(value, bool) or value not in choices:
+        listed = ", ".join(str(c) for c in choices)
+        raise ValueError(f"`{name}` must be one of {listed}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be true or false, got {value!r}")
+    return value
+
+
+def check_name(name: str, value: Any) -> str:
+    """A non-empty string (a name, a path, a column)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"`{name}` must be a non-empty string, got {value!r}")
+    return value
+
+
+def check_flag(name: str, value: Any, choices: tuple[str, ...] = ("auto", "true", "false")) -> str:
+    """A tri-state setting such as ``auto|true|false``; YAML booleans become ``"true"``/``"false"``."""
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    if value not in choices:
+        raise ValueError(f"`{name}` must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
+    return value
+
+
+def _range(lo: float | None, hi: float | None, lo_inc: bool, hi_inc: bool) -> str:
+    if lo is not None and hi is not None:
+        return f"in {'[' if lo_inc else '('}{lo:g}, {hi:g}{']' if hi_inc else ')'}"
+    if lo is not None:
+        return f"{'>=' if lo_inc else '>'} {lo:g}"
+    if hi is not None:
+        return f"{'<=' if hi_inc else '<'} {hi:g}"
+    return ""
