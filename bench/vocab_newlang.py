@@ -4,7 +4,8 @@ Needs Debian packages (not CI material): `apt-get install debian-reference-de de
 dict-freedict-eng-deu`. German text: the German Debian Reference (90 % to learn tokens, 10 % held out); English
 text: the English Debian Reference and the embedded KJV. Learns `--n-new` German subwords, then initialises their
 rows with each initialiser and reports the step-0 held-out loss on German and on English (KJV), with the same
-extended tokenizer for every init. OFA runs twice: word vectors built from the corpora alone, and the same vectors
+extended tokenizer for every init; `distill` (Token Distillation) takes its contexts from the German training text.
+OFA runs twice: word vectors built from the corpora alone, and the same vectors
 with German words placed at their English translations' mean via FreeDict eng-deu (`vectors_from_dictionary`).
 
     python bench/vocab_newlang.py [--n-new 5000]
@@ -54,7 +55,10 @@ def loss(model, x: torch.Tensor) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n-new", type=int, default=5000)
+    ap.add_argument("--min-frequency", type=int, default=2)
+    ap.add_argument("--inits", default="distill,ofa,subword_mean,mean,random")
     args = ap.parse_args()
+    inits = args.inits.split(",")
     missing = [p for p in (REF / "debian-reference.de.txt.gz", REF / "debian-reference.en.txt.gz", DICT)
                if not p.exists()]
     if missing:
@@ -66,7 +70,8 @@ def main() -> None:
     path = resolve_model_path("embedded:smollm2-135m")
     base = AutoTokenizer.from_pretrained(path)
     t = time.perf_counter()
-    ext = learn_domain_tokens(de_train, base, args.n_new, heldout=de_eval)
+    ext = learn_domain_tokens(de_train, base, args.n_new, heldout=de_eval, general=read_embedded("kjv", "validation"),
+                              min_frequency=args.min_frequency)
     learn_s = time.perf_counter() - t
     t = time.perf_counter()
     corpus_vectors = build_word_vectors(de_train + en, dim=100)
@@ -79,15 +84,18 @@ def main() -> None:
                                                                               ext.tokenizer)}
     base_evals = {"german": blocks(de_eval, base), "english (KJV)": blocks(read_embedded("kjv", "validation"), base)}
     print(f"+{len(ext.new_tokens)} tokens in {learn_s:.1f} s; German held-out fertility {ext.fertility_before:.3f} -> "
-          f"{ext.fertility_after:.3f} tokens/word; corpus vectors {len(corpus_vectors.words)} words in {vec_s:.1f} s; "
+          f"{ext.fertility_after:.3f} tokens/word ({ext.stats['used']} used, {ext.stats['intermediates']} "
+          f"intermediates; English {ext.stats['general_fertility_before']:.3f} -> "
+          f"{ext.stats['general_fertility_after']:.3f}); corpus vectors {len(corpus_vectors.words)} words in {vec_s:.1f} s; "
           f"+ FreeDict: {len(pairs)} pairs, {len(dict_vectors.words)} words in {dict_s:.1f} s\n")
-    runs = [("ofa (corpus vectors)", "ofa", corpus_vectors), ("ofa (corpus + FreeDict)", "ofa", dict_vectors),
+    runs = [("distill", "distill", None), ("ofa (corpus vectors)", "ofa", corpus_vectors), ("ofa (corpus + FreeDict)", "ofa", dict_vectors),
             ("subword_mean", "subword_mean", None), ("mean", "mean", None), ("random", "random", None)]
     print("| init | extend+init s | OFA coverage | German loss step 0 | English (KJV) loss step 0 |")
     print("|---|---:|---:|---:|---:|")
-    for name, init, vectors in runs:
+    for name, init, vectors in [r for r in runs if r[1] in inits]:
         model = AutoModelForCausalLM.from_pretrained(path)
-        s = extend_model(model, ext.tokenizer, ext.new_tokens, init, old_tokenizer=base, word_vectors=vectors)
+        s = extend_model(model, ext.tokenizer, ext.new_tokens, init, old_tokenizer=base, word_vectors=vectors,
+                         texts=de_train)
         cov = f"{s['ofa_coverage']:.0%}" if s["ofa_coverage"] is not None else ""
         print(f"| {name} | {s['seconds']:.1f} | {cov} | {loss(model, evals['german']):.4f} | "
               f"{loss(model, evals['english (KJV)']):.4f} |", flush=True)

@@ -28,7 +28,13 @@ _GROUPS: dict[str, dict[str, str]] = {
     "CMR": {n: "mixers.cmr" for n in ("fit_cmr_law", "predict_cmr", "read_records", "write_records", "plot_cmr",
                                          "CMRFit", "CMRPrediction", "CMRRecord")},
     "forgetting monitor": {"ForgettingMonitorConfig": "callbacks.forgetting",
-                           "ForgettingMonitorCallback": "callbacks.forgetting", "plot_forgetting": "plotting"},
+                           "ForgettingMonitorCallback": "callbacks.forgetting", "plot_forgetting": "plotting",
+                           "KLToBaseCallback": "callbacks.kl_to_base", "attach_kl_to_base": "callbacks.kl_to_base",
+                           "compute_base_targets": "distill", "evaluate_kl": "distill"},
+    "self-synthesised data": {"SynthConfig": "synth", "synthesize_text": "synth",
+                              "load_or_synthesize": "synth"},
+    "distillation replay": {"DistillConfig": "collators.distill", "DistillCollator": "collators.distill",
+                            "precompute_distill_targets": "collators.distill", "make_frozen_copy": "distill"},
     "rewarming": {n: "callbacks.rewarm" for n in ("RewarmConfig", "CycleConfig", "RewarmCallback",
                                                   "make_rewarm_scheduler", "make_rewarm_optimizer",
                                                   "lr_at_checkpoint")},
@@ -61,6 +67,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .adapters import add_lora_for_cpt
     from .callbacks.active_forgetting import ActiveForgettingCallback, ActiveForgettingConfig, relearn_embeddings
     from .callbacks.forgetting import ForgettingMonitorCallback, ForgettingMonitorConfig
+    from .callbacks.kl_to_base import KLToBaseCallback, attach_kl_to_base
+    from .collators.distill import DistillCollator, DistillConfig, precompute_distill_targets
+    from .distill import compute_base_targets, evaluate_kl, make_frozen_copy
+    from .synth import SynthConfig, load_or_synthesize, synthesize_text
     from .callbacks.masking_stats import MaskingStatsCallback
     from .callbacks.new_rows_first import NewRowsFirstCallback
     from .callbacks.replay_mixer import ReplayMixerCallback

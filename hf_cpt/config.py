@@ -25,15 +25,20 @@ import yaml
 from .callbacks.active_forgetting import ActiveForgettingConfig
 from .callbacks.forgetting import ForgettingMonitorConfig
 from .callbacks.rewarm import RewarmConfig
+from .collators.distill import DistillConfig
 from .collators.masking import MASKING_KINDS, MaskingConfig
 from .hub import HubConfig
 from .mixers.core import RatioStage
 from .mixers.replay import GRANULARITIES, ON_EXHAUSTED
-from .validation import check_bool, check_choice, check_flag, check_fraction, check_int, check_name, check_number
+from .synth import SynthConfig
+from .validation import (check_bool, check_choice, check_flag, check_fraction, check_int, check_known_name, check_name,
+                         check_number)
 from .vocab.extend import VocabConfig
 
 EMBEDDED_MODEL = "embedded:smollm2-135m"
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+SELF = "self"  # `data.general.train: self`: replay text the base model writes itself (`data.synth`)
+SELF_EVAL_SET = "general_self"  # the held-out set of self-synthesised text (`data.synth.eval_tokens`)
 CONFIG_FILE = "hf_cpt_config.yaml"  # the resolved recipe, next to every adapted model and in its checkpoints
 OBJECTIVES = ("clm", "mlm")
 TRAINABLE = ("all", "embeddings")
@@ -68,7 +73,8 @@ class SourceConfig:
     `.gz`), an embedded corpus (`embedded:python-docs/train`), or a Hub dataset id (`hub:org/name:split`).
     """
 
-    train: str = field(metadata={"help": "Training split: path, glob, `embedded:NAME/SPLIT` or `hub:ID:SPLIT`."})
+    train: str = field(metadata={"help": "Training split: path, glob, `embedded:NAME/SPLIT`, `hub:ID:SPLIT`, or "
+                                         "`self` (general only: text the base model writes, see `data.synth`)."})
     eval: str | None = field(default=None, metadata={"help": "Held-out split for the forgetting monitor."})
     text_field: str = field(default="text", metadata={"help": "Column holding the text."})
     streaming: bool = field(
@@ -116,6 +122,11 @@ class DataConfig:
         default=None,
         metadata={"help": "Provenance of `replay_ratio` when `hf-cpt cmr fit --write-config` set it (model card)."},
     )
+    synth: SynthConfig | None = field(
+        default=None,
+        metadata={"help": "Self-synthesised general text: `train_tokens` replayed when `general.train` is `self`, "
+                          "`eval_tokens` as the held-out set `general_self` (forgetting without pretraining data)."},
+    )
 
     def __post_init__(self) -> None:
         check_choice("granularity", self.granularity, GRANULARITIES)
@@ -132,6 +143,19 @@ class DataConfig:
         r = self.replay_ratio = check_fraction("replay_ratio", self.replay_ratio)
         if self.general is None and r > 0:
             raise ValueError(f"`replay_ratio` is {r} but no `general` corpus is set: add `general` or set 0")
+        if self.domain.train == SELF or self.domain.eval == SELF:
+            raise ValueError("`domain.train` / `domain.eval`: `self` (text the base model writes) is general text; "
+                             "point `domain` at your domain corpus")
+        if self.general is not None and self.general.eval == SELF:
+            raise ValueError("`general.eval`: the self-synthesised held-out set is `general_self`, set by "
+                             "`synth.eval_tokens`; point `general.eval` at a corpus or remove it")
+        replays_self = self.general is not None and self.general.train == SELF and (r > 0 or self.replay_stages)
+        if replays_self and (self.synth is None or self.synth.train_tokens == 0):
+            raise ValueError("`general.train` is `self` but `synth.train_tokens` is not set: add "
+                             "`synth: {train_tokens: N}` (N > 0 tokens the base model writes for replay)")
+        if replays_self and self.general.streaming:
+            raise ValueError("`general.streaming`: self-synthesised text is generated once and held in memory; "
+                             "set `general.streaming: false`")
         check_int("block_size", self.block_size)
         check_int("max_eval_blocks", self.max_eval_blocks, minimum=0)
         check_int("shuffle_seed", self.shuffle_seed, minimum=0)
@@ -174,6 +198,9 @@ class TrainConfig:
     loss_chunk_size: int = field(
         default=0, metadata={"help": "Tokens per chunk of the chunked loss (0: auto, logits ~ hidden-state size)."}
     )
+    distill: DistillConfig | None = field(
+        default=None, metadata={"help": "Distillation replay: `{weight, on: replay|all, top_k}` adds "
+                                        "weight * KL(base || model) to the loss (needs the chunked loss)."})
     report_to: list[str] = field(default_factory=list, metadata={"help": "Integrations, e.g. [tensorboard]."})
     training_args: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "Extra `TrainingArguments` fields, passed through verbatim."}
@@ -211,6 +238,15 @@ class TrainConfig:
             if key in own or key in ("output_dir", "max_steps", "eval_strategy", "eval_on_start"):
                 raise ValueError(f"`training_args.{key}` is set by hf-cpt; set `train.{key}` instead" if key in own
                                  else f"`training_args.{key}` is set by hf-cpt and cannot be overridden")
+        # TrainingArguments would list all ~40 names without naming the field
+        from transformers.trainer_utils import SchedulerType
+        from transformers.training_args import OptimizerNames
+
+        check_known_name("lr_scheduler_type", self.lr_scheduler_type, [s.value for s in SchedulerType],
+                         "transformers scheduler")
+        if "optim" in self.training_args:
+            check_known_name("training_args.optim", self.training_args["optim"], [o.value for o in OptimizerNames],
+                             "transformers optimizer")
 
 
 @dataclass
@@ -264,10 +300,65 @@ class CPTConfig:
                              "chunked loss: set `train.chunked_loss` to auto/true and `train.use_liger` to auto/false, "
                              "or `masking.span_weight: 1`")
 
+        self._check_self_synthesis()
+        self._check_distillation()
+
+    def _check_self_synthesis(self) -> None:
+        data = self.data
+        uses_self = data.synth is not None or (data.general is not None and data.general.train == SELF)
+        if uses_self and self.objective != "clm":
+            raise ValueError("`data.general.train` / `data.synth`: self-synthesised data needs a causal (generating) "
+                             "model, and `objective: mlm` trains an encoder: use a text corpus for `data.general`")
+        if uses_self and self.masking is not None:
+            raise ValueError("`data.synth`: self-synthesised text is not supported with `masking` (spans are tagged "
+                             "from corpora on disk): remove `masking` or use a text corpus for `data.general`")
+
+    def _check_distillation(self) -> None:
+        distill = self.train.distill
+        if distill is None:
+            return
+        if self.objective != "clm" or self.masking is not None:
+            raise ValueError("`train.distill` needs a causal-LM run without `masking` (targets ride with the "
+                             "token-exact replay blocks)")
+        if self.train.chunked_loss == "false" or self.train.use_liger == "true":
+            raise ValueError("`train.distill` is computed inside hf-cpt's chunked loss: set `train.chunked_loss` "
+                             "to auto/true and `train.use_liger` to auto/false")
+        replays = self.data.general is not None and (self.data.replay_ratio > 0 or any(
+            s.replay_ratio for s in self.data.replay_stages))
+        if distill.on == "replay" and not replays:
+            raise ValueError("`train.distill.on` is `replay` but the run replays no general text: set "
+                             "`data.general` and `data.replay_ratio` > 0, or `train.distill.on: all`")
+
+    def held_out_sets(self) -> list[str]:
+        """Names of the held-out sets the run evaluates: `general` (its `eval` split), `general_self`
+        (`data.synth.eval_tokens`), `domain`."""
+        data = self.data
+        names = ["general"] if data.general is not None and data.general.eval is not None else []
+        if data.synth is not None and data.synth.eval_tokens:
+            names.append(SELF_EVAL_SET)
+        return names + (["domain"] if data.domain.eval is not None else [])
+
+    def check_held_out_sets(self) -> None:
+        """A training run needs the monitor's general and domain held-out sets (checked before it starts; a
+        config for `extend-vocab` or a partial one being built need not have them)."""
+        names = self.held_out_sets()
+        for role in ("domain", "general"):
+            wanted = getattr(self.monitor, role)
+            if wanted in names:
+                continue
+            if wanted in ("general", "domain"):
+                raise ValueError(f"`data.{wanted}.eval` is not set: the forgetting monitor needs a held-out split "
+                                 f"of the {wanted} text" + (" (or set `data.synth.eval_tokens` and "
+                                                             "`monitor.general: general_self`)"
+                                                             if wanted == "general" else ""))
+            raise ValueError(f"`monitor.{role}` is {wanted!r}, which is not a held-out set of this run "
+                             f"(sets: {names})")
+
     @property
     def needs_chunked_loss(self) -> bool:
-        """Whether the run's loss must be hf-cpt's chunked loss (per-token weights), not Liger or the model's."""
-        return self.objective == "clm" and self.masking is not None and self.masking.span_weight != 1
+        """Whether the run's loss must be hf-cpt's chunked loss (per-token weights or distillation targets)."""
+        spans = self.objective == "clm" and self.masking is not None and self.masking.span_weight != 1
+        return spans or self.train.distill is not None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> CPTConfig:
@@ -282,10 +373,20 @@ class CPTConfig:
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
         try:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"config file {str(path)!r} is not UTF-8 text (byte {e.start}): save it as UTF-8 "
+                             "YAML") from None
         except yaml.YAMLError as e:
-            raise ValueError(f"config file {str(path)!r} is not valid YAML: {e}") from None
-        if data is not None and not isinstance(data, dict):
-            raise ValueError(f"config file {str(path)!r} must hold a mapping at the top level")
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"config file {str(path)!r} is not valid YAML{where}: {what}") from None
+        if data is None or data == {}:
+            raise ValueError(f"config file {str(path)!r} is empty: a minimal config sets `model.name_or_path` and "
+                             "`data.domain.train` (e.g. `hf-cpt init --domain medical` writes a full one)")
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {str(path)!r} must hold a mapping at the top level (`model:`, `data:`, "
+                             f"`train:`), got {type(data).__name__}")
         return cls.from_dict(data)
 
     @classmethod

@@ -9,6 +9,17 @@ PyTorch so it runs on CPU and accepts per-token weights).
 
 `apply_chunked_loss(model)` makes a Hugging Face causal LM use it whenever `labels` are passed, so it works
 unchanged inside `Trainer`, TRL trainers and accelerate loops; Liger (`hf_cpt.liger`) is preferred on CUDA.
+
+Distillation replay (`hf_cpt.distill`) rides in the same pass: given the base model's top-k ids and log-probs per
+token, the loss adds d_t * KL_k(p_base || q_t) with the top-k + rest estimator of `hf_cpt.distill.topk_kl`, whose
+exact gradient w.r.t. the logits z (q = softmax(z), S the top-k ids, P = sum_S p_i, r_p = 1 - P, r_q = 1 - sum_S
+q_i) is
+
+    dKL_k/dz_j = (P + r_p) q_j - p_j            for j in S
+    dKL_k/dz_j = (P + r_p) q_j - r_p q_j / r_q  for j not in S      (P + r_p = 1 unless rounding makes P > 1)
+
+(from log q_i = z_i - lse(z) and log r_q = lse_{j not in S}(z) - lse(z)). Each chunk computes the tail's
+log-sum-exp with the top-k entries masked to -inf, so r_q is exact even when it is tiny.
 """
 
 from __future__ import annotations
@@ -25,19 +36,71 @@ logger = logging.getLogger(__name__)
 REDUCTIONS = ("mean", "sum")
 
 
+def _ce_chunk(logits: torch.Tensor, t: torch.Tensor, w: torch.Tensor, need_grad: bool) -> torch.Tensor:
+    """Sum of w * CE over the chunk; turns `logits` in place into d(sum)/d(logits) when `need_grad`."""
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(1, t[:, None])[:, 0]
+    total = ((lse - picked) * w).sum()
+    if need_grad:
+        g = logits.sub_(lse[:, None]).exp_()  # softmax in place: one chunk-sized buffer in all
+        g[torch.arange(g.shape[0], device=g.device), t] -= 1.0
+        g *= w[:, None]
+    return total
+
+
+def _ce_kl_chunk(logits: torch.Tensor, t: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor,
+                 d: torch.Tensor, need_grad: bool) -> torch.Tensor:
+    """Sum of w * CE + d * KL_k over the chunk; turns `logits` in place into the gradient when `need_grad`.
+
+    One chunk-sized buffer: the top-k logits are gathered, masked to -inf, and the buffer becomes the tail's
+    exp(z - max_tail); the full log-sum-exp is rebuilt from the tail's and the top-k's.
+    """
+    live = d > 0
+    # rows without distillation may carry arbitrary (even repeated) ids: give them distinct ones, their KL is 0
+    ids = torch.where(live[:, None], ids, torch.arange(ids.shape[1], device=ids.device))
+    lp = torch.where(live[:, None], lp, 0.0)
+    picked = logits.gather(1, t[:, None])[:, 0]
+    z_s = logits.gather(1, ids)
+    logits.scatter_(1, ids, float("-inf"))
+    m = logits.amax(1)
+    m = torch.where(torch.isfinite(m), m, 0.0)  # empty tail (k = V): keep exp() of the buffer at 0
+    tail = logits.sub_(m[:, None]).exp_()
+    s = tail.sum(1)
+    lse_rest = m + s.log()
+    lse = torch.logaddexp(torch.logsumexp(z_s, 1), lse_rest)
+    log_q_s = z_s - lse[:, None]
+    log_rq = lse_rest - lse
+    p = lp.exp()
+    mass = p.sum(1)
+    r_p = torch.where(s > 0, (1.0 - mass).clamp(min=0.0), 0.0)  # no tail: the rest bucket is dropped
+    rest = torch.where(r_p > 0, r_p * (r_p.clamp(min=torch.finfo(r_p.dtype).tiny).log() - log_rq), 0.0)
+    kl = torch.where(live, (p * (lp - log_q_s)).sum(1) + rest, 0.0)
+    total = ((lse - picked) * w).sum() + (kl * d).sum()
+    if need_grad:
+        coef = w + d * (mass + r_p)  # multiplies q_j in every entry
+        tail_coef = torch.where(s > 0, (coef * log_rq.exp() - d * r_p) / s.clamp(min=torch.finfo(s.dtype).tiny), 0.0)
+        g = tail.mul_(tail_coef[:, None])  # j not in S: (coef r_q - d r_p) q_j / r_q, and q_j / r_q = tail_j / s
+        g.scatter_(1, ids, coef[:, None] * log_q_s.exp() - d[:, None] * p)
+        g[torch.arange(g.shape[0], device=g.device), t] -= w
+    return total
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, token_weights, ignore_index, chunk_size, divisor):
+    def forward(ctx, hidden, weight, bias, target, token_weights, ignore_index, chunk_size, divisor,
+                distill_ids=None, distill_logprobs=None, distill_weights=None):
         n = hidden.shape[0]
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 softmax for half inputs, fp64 stays fp64
         valid = target != ignore_index
         w_tok = valid.to(acc)
         if token_weights is not None:
             w_tok = w_tok * token_weights.to(acc)
+        d_tok = distill_weights.to(acc) if distill_ids is not None else None
         needs = ctx.needs_input_grad
         grad_h = torch.zeros_like(hidden) if needs[0] else None
         grad_w = torch.zeros_like(weight, dtype=acc) if needs[1] else None  # fp32 (or fp64) accumulation
         grad_b = torch.zeros_like(bias, dtype=acc) if bias is not None and needs[2] else None
+        need_grad = grad_h is not None or grad_w is not None or grad_b is not None
         total = torch.zeros((), dtype=acc, device=hidden.device)
         safe_target = target.clamp(min=0)
         for start in range(0, n, chunk_size):
@@ -46,16 +109,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             logits = (h @ weight.t()).to(acc)
             if bias is not None:
                 logits = logits + bias.to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
-            t = safe_target[start:end]
-            picked = logits.gather(1, t[:, None])[:, 0]
-            w = w_tok[start:end]
-            total = total + ((lse - picked) * w).sum()
-            if grad_h is None and grad_w is None and grad_b is None:
+            t, w = safe_target[start:end], w_tok[start:end]
+            if d_tok is not None and bool((d_tok[start:end] > 0).any()):
+                total = total + _ce_kl_chunk(logits, t, w, distill_ids[start:end].long(),
+                                             distill_logprobs[start:end].to(acc), d_tok[start:end], need_grad)
+            else:
+                total = total + _ce_chunk(logits, t, w, need_grad)
+            if not need_grad:
                 continue
-            g = logits.sub_(lse[:, None]).exp_()  # softmax in place: one chunk-sized buffer in all
-            g[torch.arange(end - start, device=g.device), t] -= 1.0
-            g *= w[:, None]
+            g = logits  # now the gradient w.r.t. the chunk's logits
             if grad_h is not None:
                 grad_h[start:end] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
             if grad_w is not None:
@@ -75,7 +137,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         ctx.grads = None
         unit = grad_out.numel() == 1 and float(grad_out) == 1.0  # the usual loss.backward(): no extra copy
         gh, gw, gb = (None if g is None else (g if unit else g.mul_(grad_out.to(g.dtype))) for g in grads)
-        return gh, gw, gb, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None, None, None, None
 
 
 def chunked_linear_cross_entropy(
@@ -88,12 +150,21 @@ def chunked_linear_cross_entropy(
     reduction: str = "mean",
     chunk_size: int | None = None,
     num_items: int | torch.Tensor | None = None,
+    distill_ids: torch.Tensor | None = None,
+    distill_logprobs: torch.Tensor | None = None,
+    distill_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T + bias` against `target`, computed `chunk_size` rows at a time.
 
     Equals `F.cross_entropy(hidden @ weight.T + bias, target, ignore_index=ignore_index)` (values and gradients)
     without materialising the logits. With `token_weights` w the loss is ``sum_i w_i CE_i / sum_i w_i`` over
     non-ignored tokens (mean) or ``sum_i w_i CE_i`` (sum).
+
+    With base-model targets (`distill_ids`, `distill_logprobs`) the loss becomes
+    ``(sum_i w_i CE_i + sum_i d_i KL_k,i) / divisor`` with KL_k the top-k + rest estimator of
+    `hf_cpt.distill.topk_kl` and the same divisor as the cross-entropy alone (``sum_i w_i`` for mean, `num_items`,
+    or 1 for sum), so a distillation weight d is measured in units of one token's CE. Only if no token has a CE
+    weight does mean divide by the number of distilled tokens instead. Gradients stay exact and chunked.
 
     Args:
         hidden: `(..., H)` hidden states (flattened to `(N, H)`).
@@ -107,6 +178,10 @@ def chunked_linear_cross_entropy(
             [128, 1024] so CPU matmuls stay efficient.
         num_items: divide the sum by this instead (the Trainer's `num_items_in_batch` under gradient
             accumulation).
+        distill_ids: optional `target.shape + (k,)` base top-k token ids (distinct per token, as `topk` returns).
+        distill_logprobs: base log-probabilities of those ids, same shape; required with `distill_ids`.
+        distill_weights: per-token distillation weights shaped like `target` (0: no distillation); independent of
+            `ignore_index`, so zero them on padding. Default with targets: 1 on every non-ignored token.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"`reduction` must be one of {REDUCTIONS}, got {reduction!r}")
@@ -121,15 +196,41 @@ def chunked_linear_cross_entropy(
     if t.shape[0] != h.shape[0]:
         raise ValueError(f"`target` has {t.shape[0]} tokens but `hidden` has {h.shape[0]} rows")
     tw = token_weights.reshape(-1) if token_weights is not None else None
+    ids, lps, dw = _check_distill(target, weight.shape[0], ignore_index, distill_ids, distill_logprobs,
+                                  distill_weights)
     if num_items is not None:
         divisor = float(num_items)
     elif reduction == "mean":
         valid = (t != ignore_index).float()
-        denom = (valid * tw.float()).sum() if tw is not None else valid.sum()
-        divisor = max(float(denom), 1e-12)
+        denom = float((valid * tw.float()).sum() if tw is not None else valid.sum())
+        if denom == 0 and dw is not None:
+            denom = float((dw > 0).sum())
+        divisor = max(denom, 1e-12)
     else:
         divisor = None
-    return _ChunkedLinearCrossEntropy.apply(h, weight, bias, t, tw, ignore_index, chunk_size, divisor)
+    return _ChunkedLinearCrossEntropy.apply(h, weight, bias, t, tw, ignore_index, chunk_size, divisor, ids, lps, dw)
+
+
+def _check_distill(target, vocab, ignore_index, ids, logprobs, weights):
+    """Flattened (ids, logprobs, weights) or (None, None, None), after shape checks."""
+    if ids is None and logprobs is None:
+        if weights is not None:
+            raise ValueError("`distill_weights` needs `distill_ids` and `distill_logprobs`")
+        return None, None, None
+    if ids is None or logprobs is None:
+        raise ValueError("`distill_ids` and `distill_logprobs` must be given together")
+    k = ids.shape[-1]
+    if tuple(ids.shape) != (*target.shape, k) or logprobs.shape != ids.shape:
+        raise ValueError(f"`distill_ids` and `distill_logprobs` must have the target's shape + (k,) = "
+                         f"{(*target.shape, k)}, got {tuple(ids.shape)} and {tuple(logprobs.shape)}")
+    if not 1 <= k <= vocab:
+        raise ValueError(f"`distill_ids`: k = {k} top ids per token, must be in [1, {vocab}] (the vocabulary)")
+    if weights is None:
+        weights = (target != ignore_index).float()
+    elif weights.shape != target.shape:
+        raise ValueError(f"`distill_weights` must have the target's shape {tuple(target.shape)}, "
+                         f"got {tuple(weights.shape)}")
+    return ids.reshape(-1, k), logprobs.reshape(-1, k), weights.reshape(-1)
 
 
 # --- model glue -----------------------------------------------------------------------------------------------------
@@ -152,8 +253,9 @@ def supports_chunked_loss(model: torch.nn.Module) -> str | None:
 
 
 def _chunked_forward(self, input_ids=None, attention_mask=None, labels=None, token_weights=None,
-                     num_items_in_batch=None, **kwargs):
-    if labels is None:
+                     num_items_in_batch=None, base_topk_ids=None, base_topk_logprobs=None, distill_weights=None,
+                     **kwargs):
+    if labels is None:  # generation / logits for a monitor: the model's own forward; distill keys are loss-only
         return self._hf_cpt_original_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -161,23 +263,34 @@ def _chunked_forward(self, input_ids=None, attention_mask=None, labels=None, tok
     outputs = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     hidden = outputs[0]
     head = self.get_output_embeddings()
-    # causal shift: position i predicts token i+1
+    # causal shift: position i predicts token i+1; weights follow the predicted token, base targets the position
     shift_h = hidden[:, :-1, :]
     shift_t = labels[:, 1:].to(hidden.device)
     shift_w = token_weights[:, 1:].to(hidden.device) if token_weights is not None else None
+    distill = {}
+    if base_topk_ids is not None or base_topk_logprobs is not None:
+        distill = {
+            "distill_ids": None if base_topk_ids is None else base_topk_ids[:, :-1].to(hidden.device),
+            "distill_logprobs": None if base_topk_logprobs is None else base_topk_logprobs[:, :-1].to(hidden.device),
+            "distill_weights": None if distill_weights is None else distill_weights[:, 1:].to(hidden.device),
+        }
     loss = chunked_linear_cross_entropy(
         shift_h, head.weight, shift_t, bias=getattr(head, "bias", None), token_weights=shift_w,
         chunk_size=self._hf_cpt_chunk_size, num_items=num_items_in_batch,
-        reduction="sum" if num_items_in_batch is not None else "mean",
+        reduction="sum" if num_items_in_batch is not None else "mean", **distill,
     )
-    return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(outputs, "past_key_values", None))
+    return CausalLMOutputWithPast(loss=loss, logits=None)  # a training forward: no cache to hand back
 
 
 def apply_chunked_loss(model: torch.nn.Module, chunk_size: int | None = None) -> torch.nn.Module:
     """Make `model.forward(..., labels=...)` use [`chunked_linear_cross_entropy`] (returns no logits then).
 
-    Also accepts `token_weights` (batch x seq, e.g. from the lexicon/LEM causal collators) and the Trainer's
-    `num_items_in_batch`. Without labels the model behaves as before. Idempotent.
+    Also accepts `token_weights` (batch x seq, e.g. from the lexicon/LEM causal collators), the Trainer's
+    `num_items_in_batch`, and distillation targets (see `hf_cpt.distill`): `base_topk_ids` and
+    `base_topk_logprobs` (batch x seq x k, the base model's top-k at every position, i.e. predicting the next
+    token, unshifted like `input_ids`) with optional `distill_weights` (batch x seq, aligned like `labels` and
+    `token_weights`: the weight of predicting that token; default 1 on every labelled token). Without labels the
+    model behaves as before (the distillation keys are ignored). Idempotent.
 
     Raises:
         ValueError: if the model is not a supported causal LM (see [`supports_chunked_loss`]).

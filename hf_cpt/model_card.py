@@ -28,6 +28,22 @@ def _domain_tag(config: dict[str, Any]) -> str | None:
     return tag or None
 
 
+def forgetting_table(f: dict[str, Any]) -> str:
+    """Markdown table of every held-out set: loss before/after and its change, and the KL to the base model and
+    top-1 agreement at the end where they were measured."""
+    names = sorted({k[: -len("_loss_start")] for k in f if k.endswith("_loss_start")},
+                   key=lambda n: (n != "general", n == "domain", n))
+    labels = {"general": "general (upstream)", "domain": "domain (downstream)",
+              "general_self": "general_self (text the base model wrote)"}
+    rows = ["| held-out set | loss before | loss after | change | KL to base (end) | top-1 agreement (end) |",
+            "|---|---:|---:|---:|---:|---:|"]
+    for n in names:
+        rows.append(f"| {labels.get(n, n)} | {_fmt(f.get(f'{n}_loss_start'))} | {_fmt(f.get(f'{n}_loss_end'))} | "
+                    f"{_fmt(f.get(f'{n}_delta'), '+.4f')} ({_fmt(f.get(f'{n}_delta_rel'), '+.2%')}) | "
+                    f"{_fmt(f.get(f'{n}_kl_end'))} | {_fmt(f.get(f'{n}_top1_agree_end'), '.2%')} |")
+    return "\n".join(rows)
+
+
 def recipe_lines(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
     """One bullet per technique the run used, in the words a reader of the card needs."""
     data, train = config.get("data", {}), config.get("train", {})
@@ -44,6 +60,20 @@ def recipe_lines(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
         lines.append(f"replay ratio chosen by the CMR scaling law: critical domain share {cmr.get('cmr'):.3f} at "
                      f"{cmr.get('budget_tokens'):.3g} tokens (tolerance {cmr.get('tolerance')} "
                      f"{cmr.get('tolerance_mode')})")
+    synth = data.get("synth")
+    if synth:
+        parts = []
+        if (data.get("general") or {}).get("train") == "self":
+            parts.append(f"{synth.get('train_tokens'):,} tokens replayed as general text")
+        if synth.get("eval_tokens"):
+            parts.append(f"{synth.get('eval_tokens'):,} tokens held out as `general_self`")
+        lines.append("self-synthesised general text (sampled from the base model at temperature "
+                     f"{synth.get('temperature')}, top-p {synth.get('top_p')}): " + "; ".join(parts))
+    distill = train.get("distill")
+    if distill:
+        lines.append(f"distillation replay: {distill.get('weight')} x KL(base || model) on {distill.get('on')} "
+                     f"tokens (base top-{distill.get('top_k')}, {distill.get('targets')} targets; "
+                     f"{metrics.get('distilled_tokens') or 0:,} tokens distilled)")
     tokens = metrics.get("train_tokens") or {}
     if tokens:
         total = sum(tokens.values())
@@ -109,6 +139,9 @@ def render_model_card(config: dict[str, Any], metrics: dict[str, Any], base_mode
     numbers = {k: f.get(k) for k in ("general_loss_start", "general_loss_end", "general_delta_rel",
                                       "domain_loss_start", "domain_loss_end", "domain_delta_rel",
                                       "tolerance", "tolerance_mode", "tolerance_breached")}
+    # every other held-out set (e.g. general_self) and the KL to the base model
+    numbers.update({k: v for k, v in f.items() if k not in numbers and v is not None
+                    and k.endswith(("_loss_start", "_loss_end", "_delta_rel", "_kl_end", "_top1_agree_end"))})
     card_data = ModelCardData(
         library_name="transformers",
         base_model=base_model,
@@ -131,10 +164,7 @@ text mixed with general (replay) text. {config.get('description') or ''}
 {usage}
 ## Forgetting
 
-| held-out set | loss before | loss after | change |
-|---|---:|---:|---:|
-| general (upstream) | {_fmt(f.get('general_loss_start'))} | {_fmt(f.get('general_loss_end'))} | {_fmt(f.get('general_delta'), '+.4f')} ({_fmt(f.get('general_delta_rel'), '+.2%')}) |
-| domain (downstream) | {_fmt(f.get('domain_loss_start'))} | {_fmt(f.get('domain_loss_end'))} | {_fmt(f.get('domain_delta'), '+.4f')} ({_fmt(f.get('domain_delta_rel'), '+.2%')}) |
+{forgetting_table(f)}
 
 General-loss tolerance: {f.get('tolerance')} ({f.get('tolerance_mode')}); breached: \
 {'yes, first at step ' + str(f['breach_step']) if f.get('tolerance_breached') else 'no'}.

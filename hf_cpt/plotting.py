@@ -15,10 +15,11 @@ def plot_forgetting(
     tolerance_mode: str = "relative",
     title: str = "",
 ) -> Path:
-    """Write a PNG with one panel per held-out set (their scales differ), Δ vs step 0 in the legend.
+    """Write a PNG: general held-out losses (every general set), domain loss, and the KL to the base model with
+    top-1 agreement when measured; Δ vs step 0 in the legends.
 
     Args:
-        history: records ``{"step", "<name>_loss"}`` as kept by [`ForgettingMonitorCallback`].
+        history: records ``{"step", "<name>_loss", "<name>_kl", ...}`` as kept by [`ForgettingMonitorCallback`].
         path: output PNG path.
         tolerance: if given, draws the general-loss limit as a dashed line.
     """
@@ -27,24 +28,49 @@ def plot_forgetting(
     matplotlib.use("Agg", force=False)  # headless: never needs a display
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), constrained_layout=True)
-    for ax, name, color in ((axes[0], general, "tab:blue"), (axes[1], domain, "tab:orange")):
-        pts = [(r["step"], r[f"{name}_loss"]) for r in history if f"{name}_loss" in r]
-        ax.set_title(f"{name} held-out loss")
+    sets = [general] + sorted({k[: -len("_loss")] for r in history for k in r if k.endswith("_loss")}
+                              - {general, domain}) + [domain]
+    has_kl = any(k.endswith("_kl") for r in history for k in r)
+    fig, axes = plt.subplots(1, 3 if has_kl else 2, figsize=(15 if has_kl else 10, 3.8), constrained_layout=True)
+    colors = dict(zip(sets, ["tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:gray"]))
+    colors[domain] = "tab:orange"
+    axes[0].set_title("general held-out loss")
+    axes[1].set_title(f"{domain} held-out loss")
+    for ax in axes[:2]:
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss (nats/token)")
         ax.grid(alpha=0.3)
+    for name in sets:
+        ax = axes[1] if name == domain else axes[0]
+        pts = [(r["step"], r[f"{name}_loss"]) for r in history if f"{name}_loss" in r]
         if not pts:
-            ax.text(0.5, 0.5, "no evaluations", ha="center", va="center", transform=ax.transAxes)
             continue
         steps, losses = zip(*pts)
         delta = losses[-1] - losses[0]
-        ax.plot(steps, losses, marker="o", color=color,
-                label=f"{losses[0]:.3f} → {losses[-1]:.3f} (Δ {delta:+.3f})")
+        ax.plot(steps, losses, marker="o", color=colors[name],
+                label=f"{name}: {losses[0]:.3f} → {losses[-1]:.3f} (Δ {delta:+.3f})")
         if name == general and tolerance is not None:
             limit = losses[0] * (1 + tolerance) if tolerance_mode == "relative" else losses[0] + tolerance
-            ax.axhline(limit, ls="--", color="tab:red", label=f"tolerance ({tolerance:g} {tolerance_mode})")
-        ax.legend(loc="best", fontsize=8)
+            ax.axhline(limit, ls="--", color="tab:red",
+                       label=f"{general} tolerance ({tolerance:g} {tolerance_mode})")
+    if has_kl:
+        ax = axes[2]
+        ax.set_title("KL(base ‖ model) on general sets")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("nats/token")
+        ax.grid(alpha=0.3)
+        for name in sets:
+            pts = [(r["step"], r[f"{name}_kl"]) for r in history if f"{name}_kl" in r]
+            if pts:
+                steps, kls = zip(*pts)
+                agree = [r.get(f"{name}_top1_agree") for r in history if f"{name}_kl" in r][-1]
+                ax.plot(steps, kls, marker="o", color=colors[name],
+                        label=f"{name}: KL {kls[-1]:.3f}" + (f", top-1 agree {agree:.0%}" if agree is not None else ""))
+    for ax in axes:
+        if ax.lines:
+            ax.legend(loc="best", fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no evaluations", ha="center", va="center", transform=ax.transAxes)
     if title:
         fig.suptitle(title)
     path = Path(path)

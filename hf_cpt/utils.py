@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,17 +46,54 @@ def make_staging_dir(final: str | os.PathLike, overwrite: bool = False) -> Path:
         FileExistsError: `final` exists and is not empty, and `overwrite` is False.
     """
     final = Path(final).expanduser().resolve()
+    if final.exists() and not final.is_dir():
+        raise ValueError(f"`output_dir` {str(final)!r} is a file: choose a directory path")
     if is_nonempty_dir(final) and not overwrite:
         raise FileExistsError(
             f"`output_dir` {str(final)!r} exists and is not empty; choose another `output_dir` or pass "
             "`overwrite=True` (CLI: --overwrite)"
         )
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging_dirs(final)
+        # the owner's pid and host in the name let a later run tell a killed run's leftovers from a live one
+        prefix = f".{final.name}.tmp-{os.getpid()}-{socket.gethostname()}-"
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
+    except OSError as e:
+        raise ValueError(f"`output_dir` {str(final)!r} cannot be written ({e.strerror or e}): choose a directory "
+                         "you can create and write to") from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like a normal dir
     return tmp
+
+
+def remove_stale_staging_dirs(final: str | os.PathLike) -> list[Path]:
+    """Delete the staging directories (`.<name>.tmp-*`) that killed runs writing `final` left behind; those of
+    a live process on this host, or of another host, are kept. Returns the removed paths."""
+    final = Path(final).expanduser().resolve()
+    host = socket.gethostname()
+    removed = []
+    for path in final.parent.glob(f".{glob.escape(final.name)}.tmp-*"):
+        owner = path.name[len(final.name) + 6:]
+        pid, _, rest = owner.partition("-")
+        if pid.isdigit() and rest.rpartition("-")[0] != host:
+            continue  # written from another machine (shared filesystem): cannot tell whether it is alive
+        if pid.isdigit() and _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def commit_staging_dir(tmp: Path, final: str | os.PathLike) -> None:

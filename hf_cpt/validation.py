@@ -67,6 +67,17 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     return value
 
 
+def check_known_name(name: str, value: Any, choices: Iterable[str], what: str = "name") -> str:
+    """One of a long list of `choices` (optimizer or scheduler names); the error lists the closest few, not all."""
+    import difflib
+
+    choices = list(choices)
+    if not isinstance(value, str) or value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=4, cutoff=0.5) or choices[:4]
+        raise ValueError(f"`{name}` must be a known {what}, got {value!r}; close valid names: {', '.join(close)}")
+    return value
+
+
 def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"`{name}` must be true or false, got {value!r}")

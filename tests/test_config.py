@@ -39,12 +39,45 @@ def test_nested_dicts_build_dataclasses_and_yaml_floats_are_coerced():
         ({"data": {"replay_rate": 0.2}}, "unknown field `data.replay_rate`; did you mean `data.replay_ratio`?"),
         ({"modle": {}}, "unknown field `modle`; did you mean `model`?"),
         ({"data": {"general": None, "replay_ratio": 0.1}}, "no `data.general` corpus is set"),
+        # self-synthesised data and distillation replay
+        ({"objective": "mlm", "model": {"name_or_path": "embedded:minilm-l6"}, "data": {"synth": {"eval_tokens": 64}}},
+         "`data.general.train` / `data.synth`: self-synthesised data needs a causal (generating) model"),
+        ({"data": {"general": {"train": "self", "eval": "embedded:kjv/validation"}}}, "`data.synth.train_tokens`"),
+        ({"data": {"synth": {"train_tokens": -5}}}, "`data.synth.train_tokens` must be an integer >= 0"),
+        ({"data": {"synth": {"train_tokens": 0, "eval_tokens": 0}}}, "at least one must be > 0"),
+        ({"data": {"synth": {"eval_tokens": 64, "temperature": 0}}}, "`data.synth.temperature` must be > 0"),
+        ({"data": {"synth": {"eval_tokens": 64, "top_p": 1.5}}}, "`data.synth.top_p`"),
+        ({"data": {"domain": {"train": "self", "eval": "x"}}}, "`data.domain.train` / `data.domain.eval`"),
+        ({"train": {"distill": {"weight": -0.5}}}, "`train.distill.weight` must be >= 0"),
+        ({"train": {"distill": {"top_k": 0}}}, "`train.distill.top_k` must be an integer >= 1"),
+        ({"train": {"distill": {"on": "domain"}}}, "`train.distill.on` must be one of"),
+        ({"data": {"replay_ratio": 0}, "train": {"distill": {}}}, "`train.distill.on` is `replay` but the run replays"),
+        ({"data": {"general": None, "replay_ratio": 0}, "monitor": {"general": "general_self"},
+          "train": {"distill": {}}}, "`train.distill.on` is `replay`"),
+        ({"train": {"distill": {}, "chunked_loss": False}}, "`train.distill` is computed inside hf-cpt's chunked loss"),
+        ({"monitor": {"tolerance_metric": "kl"}}, "`monitor.tolerance_metric` kl"),
+        ({"monitor": {"kl_top_k": 0}}, "`monitor.kl_top_k` must be an integer >= 1"),
     ],
 )
 def test_bad_input_names_the_field(data, field):
     with pytest.raises(ValueError) as e:
         CPTConfig.from_dict(data)
     assert field in str(e.value)
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"monitor": {"general": "general_self"}}, "`monitor.general` is 'general_self', which is not a held-out set"),
+    ({"data": {"domain": {"train": "a.jsonl"}}}, "`data.domain.eval` is not set"),
+    ({"data": {"general": {"train": "a.jsonl"}}}, "`data.general.eval` is not set"),
+])
+def test_a_run_needs_the_monitors_held_out_sets(data, field):
+    cfg = CPTConfig.from_dict(data)  # fine as a config (e.g. for extend-vocab) ...
+    with pytest.raises(ValueError, match=field.replace("(", r"\(")):
+        cfg.check_held_out_sets()  # ... but not to train
+    ok = CPTConfig.from_dict({"data": {"general": {"train": "a.jsonl"}, "synth": {"eval_tokens": 64}},
+                              "monitor": {"general": "general_self"}})
+    ok.check_held_out_sets()
+    assert ok.held_out_sets() == ["general_self", "domain"]
 
 
 def test_python_api_validates_too():

@@ -21,12 +21,14 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from ..validation import check_bool, check_choice, check_name, check_number
+from ..validation import check_bool, check_choice, check_int, check_name, check_number
 
 logger = logging.getLogger(__name__)
 
 ACTIONS = ("warn", "stop", "none")
 TOLERANCE_MODES = ("relative", "absolute")
+TOLERANCE_METRICS = ("loss", "kl")
+METRICS = ("loss", "kl", "top1_agree")  # what the monitor records per held-out set
 
 
 @dataclass
@@ -52,6 +54,18 @@ class ForgettingMonitorConfig:
     evaluate_at_end: bool = field(
         default=True, metadata={"help": "Also evaluate after the last step when it is not an evaluation step."}
     )
+    tolerance_metric: str = field(
+        default="loss", metadata={"help": "What the tolerance guards on the general set: `loss` (held-out loss) or "
+                                          "`kl` (KL to the base model, nats; needs `tolerance_mode: absolute`)."}
+    )
+    kl: bool = field(
+        default=True, metadata={"help": "Measure KL(base || model) and top-1 agreement with the base model on the "
+                                        "general held-out sets (causal LMs; base top-k stored once at step 0)."}
+    )
+    kl_top_k: int = field(
+        default=64, metadata={"help": "Base log-probs kept per token for the KL estimate (a lower bound; exact when "
+                                      "= vocabulary size)."}
+    )
 
     def __post_init__(self) -> None:
         check_name("general", self.general)
@@ -62,30 +76,43 @@ class ForgettingMonitorConfig:
         check_choice("tolerance_mode", self.tolerance_mode, TOLERANCE_MODES)
         check_choice("action", self.action, ACTIONS)
         check_bool("evaluate_at_end", self.evaluate_at_end)
+        check_choice("tolerance_metric", self.tolerance_metric, TOLERANCE_METRICS)
+        if self.tolerance_metric == "kl" and self.tolerance_mode != "absolute":
+            raise ValueError("`tolerance_metric` kl starts at 0 at step 0, so a relative tolerance means nothing: set "
+                             "`tolerance_mode: absolute` (nats of KL)")
+        check_bool("kl", self.kl)
+        check_int("kl_top_k", self.kl_top_k)
 
 
 def compute_forgetting(
     history: list[dict[str, float]], general: str = "general", domain: str = "domain"
 ) -> dict[str, float | None]:
-    """Summarise a loss history: first/last loss per set, their absolute and relative change.
+    """Summarise a history: first/last value per held-out set and metric, their absolute and relative change.
 
     Args:
-        history: records ``{"step": int, "<name>_loss": float, ...}`` in step order.
-        general: name of the general held-out set.
+        history: records ``{"step": int, "<name>_loss": float, "<name>_kl": float, ...}`` in step order.
+        general: name of the (primary) general held-out set.
         domain: name of the domain held-out set.
 
     Returns:
-        ``{"<name>_loss_start", "<name>_loss_end", "<name>_delta", "<name>_delta_rel"}`` for both names
-        (``None`` where the history has no value).
+        ``{"<name>_loss_start", "<name>_loss_end", "<name>_delta", "<name>_delta_rel"}`` for `general` and
+        `domain` (``None`` where the history has no value) and for every other set in the history; plus
+        ``"<name>_kl_end"`` and ``"<name>_top1_agree_end"`` for sets with a KL-to-base record.
     """
+    names = [general, domain] + sorted({k[: -len("_loss")] for r in history for k in r if k.endswith("_loss")}
+                                       - {general, domain})
     out: dict[str, float | None] = {}
-    for name in (general, domain):
+    for name in names:
         values = [r[f"{name}_loss"] for r in history if f"{name}_loss" in r]
         start, end = (values[0], values[-1]) if values else (None, None)
         out[f"{name}_loss_start"] = start
         out[f"{name}_loss_end"] = end
         out[f"{name}_delta"] = None if start is None else end - start
         out[f"{name}_delta_rel"] = None if not start else (end - start) / start
+        for metric in ("kl", "top1_agree"):
+            series = [r[f"{name}_{metric}"] for r in history if f"{name}_{metric}" in r]
+            if series:
+                out[f"{name}_{metric}_end"] = series[-1]
     return out
 
 
@@ -104,10 +131,11 @@ def exceeds_tolerance(baseline: float, current: float, tolerance: float, mode: s
 
 
 class ForgettingMonitorCallback(TrainerCallback, ExportableState):
-    """Records general vs domain held-out loss over training and guards the general loss.
+    """Records general vs domain held-out loss over training and guards the general loss (or KL to the base).
 
-    Reads ``eval_<general>_loss`` and ``eval_<domain>_loss`` from the Trainer's evaluation metrics. Its history
-    is saved with Trainer checkpoints (restored with ``restore_callback_states_from_checkpoint=True``).
+    Reads ``eval_<set>_loss`` (and ``eval_<set>_kl`` / ``eval_<set>_top1_agree`` from [`KLToBaseCallback`]) for
+    every held-out set from the Trainer's evaluation metrics. Its history is saved with Trainer checkpoints
+    (restored with ``restore_callback_states_from_checkpoint=True``).
 
     Args:
         config: a [`ForgettingMonitorConfig`]; keyword arguments build one when omitted.
@@ -149,15 +177,18 @@ class ForgettingMonitorCallback(TrainerCallback, ExportableState):
         step = int(state.global_step)
         record = self.history[-1] if self.history and self.history[-1]["step"] == step else None
         found = False
-        for name in (self.config.general, self.config.domain):
-            key = f"eval_{name}_loss"
-            if key in metrics:
-                if record is None:
-                    record = {"step": step}
-                    self.history.append(record)
-                record[f"{name}_loss"] = float(metrics[key])
-                found = True
-        if found and f"{self.config.general}_loss" in record:
+        for key, value in metrics.items():
+            # eval_<set>_<metric> for every held-out set (general, domain, general_self, ...)
+            metric = next((m for m in METRICS if key.endswith(f"_{m}")), None)
+            if metric is None or not key.startswith("eval_"):
+                continue
+            if record is None:
+                record = {"step": step}
+                self.history.append(record)
+            record[key[len("eval_"):]] = float(value)
+            found = True
+        key = f"{self.config.general}_{self.config.tolerance_metric}"
+        if found and key in record:
             self._check(record, state, control)
         return control
 
@@ -180,7 +211,7 @@ class ForgettingMonitorCallback(TrainerCallback, ExportableState):
         return out
 
     def _check(self, record: dict[str, float], state, control) -> None:
-        key = f"{self.config.general}_loss"
+        key = f"{self.config.general}_{self.config.tolerance_metric}"
         baseline = next(r[key] for r in self.history if key in r)
         if not exceeds_tolerance(baseline, record[key], self.config.tolerance, self.config.tolerance_mode):
             return
@@ -188,8 +219,9 @@ class ForgettingMonitorCallback(TrainerCallback, ExportableState):
             self.breach_step = record["step"]
         if self.config.action == "none":
             return
+        what = "loss" if self.config.tolerance_metric == "loss" else "KL to the base model"
         msg = (
-            f"general held-out loss rose from {baseline:.4f} to {record[key]:.4f} at step {record['step']}, past "
+            f"general held-out {what} rose from {baseline:.4f} to {record[key]:.4f} at step {record['step']}, past "
             f"the {self.config.tolerance_mode} tolerance {self.config.tolerance}"
         )
         if self.config.action == "stop":

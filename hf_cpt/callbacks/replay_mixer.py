@@ -9,7 +9,7 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from ..mixers.replay import ReplayMixer
+from ..mixers.replay import ReplayMixer, register_mixer, registered_mixer
 
 logger = logging.getLogger(__name__)
 
@@ -40,21 +40,29 @@ class ReplayMixerCallback(TrainerCallback, ExportableState):
     - `mixer/tokens_<source>` is added to the Trainer logs; `tokens_per_source` holds the final counts.
 
     Args:
-        mixer: the training set; found automatically in the train dataloader when omitted.
+        mixer: the training set (or the mixer behind `mixer.to_iterable_dataset()`); found automatically in the
+            train dataloader when omitted.
+        slot: names this callback's mixer in a process-wide registry. The Trainer rebuilds stateful callbacks
+            from checkpoint state (`type(cb)(**state["args"])` with `restore_callback_states_from_checkpoint=True`),
+            which would drop the mixer; the rebuilt callback gets the slot and finds the mixer given to the
+            latest `ReplayMixerCallback` of that slot. A `ReplayMixer` in the train dataloader always wins.
 
     A checkpoint written with other ratios/block size/seed/vocabulary is refused unless the mixer was built with
     `strict_resume=False` (then positions are kept and the new settings apply from the resumed step).
     """
 
-    def __init__(self, mixer: ReplayMixer | None = None) -> None:
-        self.mixer = mixer
+    def __init__(self, mixer: ReplayMixer | None = None, slot: str = "train") -> None:
+        self.slot = slot
+        if mixer is not None:
+            register_mixer(mixer, f"callback:{slot}")
+        self.mixer = mixer if mixer is not None else registered_mixer(f"callback:{slot}")
         self.saved_state: dict | None = None
         self.blocks_per_step: int | None = None
         self.global_step = 0
         self.is_reader = True
 
     def state(self) -> dict:
-        return {"args": {},
+        return {"args": {"slot": self.slot},
                 "attributes": {"saved_state": self._consumed_state(), "blocks_per_step": self.blocks_per_step}}
 
     def _consumed_state(self) -> dict | None:
@@ -71,9 +79,11 @@ class ReplayMixerCallback(TrainerCallback, ExportableState):
         return {n: s["tokens"] for n, s in state["sources"].items()} if state else {}
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        self.mixer = self.mixer or find_mixer(train_dataloader)
+        self.mixer = find_mixer(train_dataloader) or self.mixer
         if self.mixer is None:
-            raise ValueError("ReplayMixerCallback found no ReplayMixer: pass it, or use one as `train_dataset`")
+            raise ValueError("ReplayMixerCallback found no ReplayMixer: pass it (`ReplayMixerCallback(mixer)`), or "
+                             "use one as `train_dataset`")
+        register_mixer(self.mixer, f"callback:{self.slot}")  # a rebuild from this run's checkpoints finds it
         if args.dataloader_num_workers:
             raise ValueError("a ReplayMixer training set needs `dataloader_num_workers=0` (it tokenizes on the fly "
                              "and its position is checkpointed from the main process)")

@@ -389,4 +389,9 @@ class RewarmCallback(TrainerCallback):
         if logs is not None and self.schedule is not None and "learning_rate" in logs:
             # the Trainer logs the LR of the update it just made: update `global_step`, i.e. scheduler step - 1
             logs["lr_stage"] = self.schedule.stage(max(state.global_step - 1, 0))
+            # the Trainer appended a copy of `logs` to `state.log_history` just before this hook: update it too,
+            # so the stage reaches trainer_state.json and the integrations that read the history
+            last = state.log_history[-1] if state.log_history else None
+            if last is not None and last.get("step") == state.global_step and "learning_rate" in last:
+                last["lr_stage"] = logs["lr_stage"]
         return control

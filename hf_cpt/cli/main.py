@@ -36,7 +36,8 @@ def _user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as e:
-            typer.echo(f"Error: {e}", err=True)
+            # one line, whatever the message holds (a YAML excerpt, a third-party multi-line message)
+            typer.echo("Error: " + " ".join(str(e).split()), err=True)
             raise typer.Exit(code=2) from None
 
     return wrapper
@@ -73,10 +74,14 @@ def train(
         return
     f = result.metrics["forgetting"]
     typer.echo(f"\nAdapted model written to {result.output_dir}")
-    typer.echo(f"  domain  held-out loss: {f['domain_loss_start']:.4f} -> {f['domain_loss_end']:.4f} "
-               f"({f['domain_delta']:+.4f})")
-    typer.echo(f"  general held-out loss: {f['general_loss_start']:.4f} -> {f['general_loss_end']:.4f} "
-               f"({f['general_delta']:+.4f}); tolerance breached: {f['tolerance_breached']}")
+    names = sorted({k[: -len("_loss_start")] for k in f if k.endswith("_loss_start") and f[k] is not None},
+                   key=lambda n: (n == "domain", n))
+    for name in names:
+        kl = f.get(f"{name}_kl_end")
+        typer.echo(f"  {name:<13} held-out loss: {f[f'{name}_loss_start']:.4f} -> {f[f'{name}_loss_end']:.4f} "
+                   f"({f[f'{name}_delta']:+.4f})" + (f"; KL to base {kl:.4f}, top-1 agreement "
+                                                     f"{f[f'{name}_top1_agree_end']:.1%}" if kl is not None else ""))
+    typer.echo(f"  tolerance breached: {f['tolerance_breached']}")
     typer.echo(f"  metrics: {result.output_dir / 'metrics.json'}  plot: {result.output_dir / 'forgetting.png'}")
     if result.metrics.get("hub_commit_url"):
         typer.echo(f"  pushed to the Hub: {result.metrics['hub_commit_url']}")
@@ -252,6 +257,17 @@ def cmr_fit(
 
 
 def main() -> None:
+    import logging
+
+    # hf-cpt says what it did (loss choice, synthesised text, distillation targets) in one line each, on stderr
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("hf-cpt: %(message)s"))
+    package_logger = logging.getLogger("hf_cpt")
+    package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO)
+    # bitsandbytes (imported by peft/transformers when installed) warns on import that a 4-bit CPU kernel is
+    # missing; hf-cpt never runs 4-bit matmuls, and its 8-bit optimizers work without that kernel
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     app(prog_name="hf-cpt")
 
 

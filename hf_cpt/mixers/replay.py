@@ -54,6 +54,8 @@ class ReplayMixerConfig:
         shuffle: shuffle documents of map-style sources (streaming sources keep their order; shuffle them
             upstream with `IterableDataset.shuffle`, which is re-seeded per pass through `set_epoch`).
         text_field: column holding the text (one name, or one per source).
+        emit_sources: also yield `block_index` (the block's global position in the stream) and `source_ids` (per
+            token, the index of its source in `ratios`), e.g. to attach per-block distillation targets.
     """
 
     ratios: dict[str, float]
@@ -65,6 +67,7 @@ class ReplayMixerConfig:
     seed: int = 0
     shuffle: bool = True
     text_field: str | dict[str, str] = "text"
+    emit_sources: bool = False
 
     def __post_init__(self) -> None:
         self.ratios = check_ratios(self.ratios, "ratios")
@@ -244,6 +247,26 @@ class ReplayMixer(torch.utils.data.IterableDataset):
             "vocab_size": len(tokenizer)}
         self.reset()
 
+    # --- datasets / TRL ---------------------------------------------------------------------------------------
+    def to_iterable_dataset(self) -> Any:
+        """This mixer as a `datasets.IterableDataset` with `input_ids`/`attention_mask`/`labels` features, for
+        trainers that accept only `datasets` types (TRL's `SFTTrainer`).
+
+        Resume stays exact: the dataset holds only a registry key, never a copy of the mixer (`datasets` copies
+        its pipelines), so every iteration reads this very mixer, whose position [`ReplayMixerCallback`] (given
+        this mixer) saves and restores. Needs `dataloader_num_workers=0`."""
+        import uuid
+
+        import datasets
+
+        features = datasets.Features({k: datasets.Sequence(datasets.Value("int64"))
+                                      for k in ("input_ids", "attention_mask", "labels")})
+        if self.config.emit_sources:
+            features["block_index"] = datasets.Value("int64")
+            features["source_ids"] = datasets.Sequence(datasets.Value("int64"))
+        return datasets.IterableDataset.from_generator(_iterate_registered, features=features,
+                                                       gen_kwargs={"key": register_mixer(self, f"dataset:{uuid.uuid4().hex}")})
+
     # --- state ------------------------------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
         """What must not change between a checkpoint and its resume (else the stream would silently differ)."""
@@ -314,18 +337,21 @@ class ReplayMixer(torch.utils.data.IterableDataset):
         return {n: r.tokens for n, r in self.readers.items()}
 
     # --- iteration ----------------------------------------------------------------------------------------------
-    def _next_block(self) -> list[int]:
+    def _next_block(self) -> tuple[list[int], list[int]]:
+        """The next block's token ids, and per token the index of its source."""
         cfg = self.config
         ratios = ratios_at(self._blocks, cfg.ratios, cfg.stages, cfg.total_blocks)
         amount = 1 if cfg.granularity == "block" else cfg.block_size
         alloc, credits = allocate_shares(self._credits, ratios, amount)
         ids: list[int] = []
-        for name in self.names:
+        sources: list[int] = []
+        for i, name in enumerate(self.names):
             n = alloc[name] * (cfg.block_size if cfg.granularity == "block" else 1)
             if n:
                 ids.extend(self.readers[name].take(n))
+                sources.extend([i] * n)
         self._credits = credits
-        return ids
+        return ids, sources
 
     def __iter__(self) -> Iterator[dict[str, list[int]]]:
         worker = torch.utils.data.get_worker_info()
@@ -338,7 +364,7 @@ class ReplayMixer(torch.utils.data.IterableDataset):
         while True:
             self._history.append((self._blocks, self._state()))
             try:
-                ids = self._next_block()
+                ids, sources = self._next_block()
             except _Exhausted as e:
                 # `stop` mode: the next iteration (the Trainer's next epoch) is another pass over the whole mix,
                 # numbered on from here so checkpoints stay addressable
@@ -351,4 +377,31 @@ class ReplayMixer(torch.utils.data.IterableDataset):
             index = self._blocks
             self._blocks += 1
             if index % self.world_size == self.rank:
-                yield {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
+                block: dict[str, Any] = {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
+                if self.config.emit_sources:
+                    block.update(block_index=index, source_ids=sources)
+                yield block
+
+
+# mixers reached through a key: `datasets` pipelines and callbacks rebuilt from checkpoint state carry the key (a
+# string survives their copies and JSON) and look the live mixer up here. Strong references on purpose:
+# `ReplayMixer(...).to_iterable_dataset()` must keep working after the caller drops the mixer.
+_MIXERS: dict[str, ReplayMixer] = {}
+
+
+def register_mixer(mixer: ReplayMixer, key: str) -> str:
+    """Make `mixer` findable under `key` (a later registration of the same key replaces it); returns `key`."""
+    _MIXERS[key] = mixer
+    return key
+
+
+def registered_mixer(key: str | None) -> ReplayMixer | None:
+    """The mixer registered under `key`, or None."""
+    return _MIXERS.get(key) if key else None
+
+
+def _iterate_registered(key: str) -> Iterator[dict[str, Any]]:
+    mixer = registered_mixer(key)
+    if mixer is None:
+        raise RuntimeError(f"no ReplayMixer registered as {key!r} in this process: build it before iterating")
+    yield from mixer

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import codecs
+import csv
 import glob
+import json
 import logging
 import os
 from importlib import resources
@@ -134,17 +137,26 @@ def tokenize_and_pack(ds, tokenizer, text_field: str, block_size: int, desc: str
     return ds.map(group, batched=True, batch_size=1000, remove_columns=["input_ids"], **extra)
 
 
-def build_eval_sets(cfg: DataConfig, tokenizer) -> dict[str, Any]:
-    """Held-out block sets keyed `domain` / `general`, each capped at `max_eval_blocks`."""
-    out = {}
+SELF = "self"  # `data.general.train: self`: replay text the base model writes itself (`data.synth`)
+SELF_EVAL_SET = "general_self"  # the held-out set of self-synthesised text (`data.synth.eval_tokens`)
+
+
+def build_eval_sets(cfg: DataConfig, tokenizer, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Held-out block sets keyed `general` / `domain` (plus `extra` text datasets, e.g. `general_self`), each
+    capped at `max_eval_blocks`."""
+    texts: dict[str, tuple[Any, str]] = {}
     for name in ("general", "domain"):
         source: SourceConfig | None = getattr(cfg, name)
-        if source is None or source.eval is None:
-            continue
-        ds = load_split(source.eval, source, f"data.{name}.eval")
-        blocks = tokenize_and_pack(ds, tokenizer, source.text_field, cfg.block_size, f"{name} held-out")
+        if source is not None and source.eval is not None:
+            texts[name] = (load_split(source.eval, source, f"data.{name}.eval"), source.text_field)
+    for name, ds in (extra or {}).items():
+        texts[name] = (ds, "text")
+    out = {}
+    for name, (ds, text_field) in texts.items():
+        blocks = tokenize_and_pack(ds, tokenizer, text_field, cfg.block_size, f"{name} held-out")
         if len(blocks) == 0:
-            raise ValueError(f"`data.{name}.eval`: the held-out text is shorter than one block "
+            where = f"data.{name}.eval" if name in ("general", "domain") else "data.synth.eval_tokens"
+            raise ValueError(f"`{where}`: the held-out text is shorter than one block "
                              f"(`data.block_size`={cfg.block_size}); add text or lower `data.block_size`")
         if cfg.max_eval_blocks:
             blocks = blocks.select(range(min(cfg.max_eval_blocks, len(blocks))))
@@ -152,26 +164,36 @@ def build_eval_sets(cfg: DataConfig, tokenizer) -> dict[str, Any]:
     return out
 
 
-def build_train_set(cfg: DataConfig, tokenizer, total_blocks: int | None = None) -> ReplayMixer:
+def build_train_set(cfg: DataConfig, tokenizer, total_blocks: int | None = None,
+                    sources: dict[str, Any] | None = None, emit_sources: bool = False) -> ReplayMixer:
     """The training stream: a [`ReplayMixer`] of `domain` and `general` (share `cfg.replay_ratio` of tokens).
 
     Args:
         cfg: the data settings.
         tokenizer: tokenizes documents on the fly (EOS between documents).
         total_blocks: blocks in the whole run (all processes); places `cfg.replay_stages`.
+        sources: text datasets to use instead of loading a source's `train` split (e.g. self-synthesised
+            `general` text when `data.general.train` is `self`).
+        emit_sources: tag blocks with their index and each token with its source (distillation replay).
 
     Streaming sources (`streaming: true`) are read lazily; the others are loaded as `datasets.Dataset`s and read
     in a seeded random document order per pass.
     """
     r = cfg.replay_ratio if cfg.general is not None else 0.0
     names = ["domain"] + (["general"] if cfg.general is not None and (r > 0 or cfg.replay_stages) else [])
-    sources: dict[str, Any] = {}
+    given = sources or {}
+    loaded: dict[str, Any] = {}
     for name in names:
         src: SourceConfig = getattr(cfg, name)
+        if name in given:
+            loaded[name] = given[name]
+            continue
+        if src.train == SELF:
+            raise ValueError(f"`data.{name}.train` is `self`: pass the synthesised text in `sources` (run_cpt does)")
         ds = load_split(src.train, src, f"data.{name}.train", streaming=src.streaming)
         if not src.streaming and len(ds) == 0:
             raise ValueError(f"`data.{name}.train`: {src.train!r} holds no documents; point it at your text")
-        sources[name] = ds
+        loaded[name] = ds
     ratios = {"domain": 1.0 - r, "general": r} if len(names) == 2 else {"domain": 1.0}
     stages = list(cfg.replay_stages) if len(names) == 2 else []
     if stages and total_blocks is None:
@@ -179,9 +201,10 @@ def build_train_set(cfg: DataConfig, tokenizer, total_blocks: int | None = None)
     mixer_cfg = ReplayMixerConfig(
         ratios=ratios, block_size=cfg.block_size, granularity=cfg.granularity, on_exhausted=cfg.on_exhausted,
         stages=stages, total_blocks=total_blocks if stages else None, seed=cfg.shuffle_seed,
-        text_field={n: getattr(cfg, n).text_field for n in names},
+        text_field={n: "text" if n in given else getattr(cfg, n).text_field for n in names},
+        emit_sources=emit_sources,
     )
-    return ReplayMixer(sources, tokenizer, mixer_cfg)
+    return ReplayMixer(loaded, tokenizer, mixer_cfg)
 
 
 def check_data_paths(cfg: DataConfig) -> None:
@@ -196,10 +219,105 @@ def check_data_paths(cfg: DataConfig) -> None:
             continue
         for split in ("train", "eval"):
             spec = getattr(source, split)
-            if spec is not None and not spec.startswith("hub:"):
-                resolve_data_files(spec, f"data.{name}.{split}")
-    for name in ("domain", "general"):
-        source = getattr(cfg, name)
-        if source is None or source.eval is None:
-            raise ValueError(f"`data.{name}.eval` is not set: the forgetting monitor needs a held-out split "
-                             f"of the {name} text")
+            if spec is not None and not spec.startswith("hub:") and spec != SELF:
+                builder, files = resolve_data_files(spec, f"data.{name}.{split}")
+                if not spec.startswith("embedded:"):
+                    for i, path in enumerate(files):
+                        check_data_file(path, builder, f"data.{name}.{split}", f"data.{name}.text_field",
+                                        source.text_field, peek=i < _PEEKED_FILES)
+
+
+_PEEKED_FILES = 100  # files of a split whose first bytes are read up front (all are checked for emptiness)
+_PEEK_BYTES = 1 << 16
+
+
+def check_data_file(path: str, builder: str, field: str, text_field_name: str, text_field: str,
+                    peek: bool = True) -> None:
+    """Refuse, naming `field`, a data file that is empty, binary, not UTF-8, or lacks the text column, reading
+    only its first bytes, so a bad file fails in a second instead of inside `datasets` after the model loads."""
+    import gzip
+    import zlib
+
+    name = os.path.basename(path)
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"`{field}`: {name!r} is empty; point it at a file holding documents")
+    if not peek:
+        return
+    if builder == "parquet":
+        _check_parquet(path, field, text_field_name, text_field)
+        return
+    try:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rb") as fh:
+            head = fh.read(_PEEK_BYTES)
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"`{field}`: {name!r} cannot be read ({e}); check that it is a {builder} file") from None
+    if b"\0" in head:
+        raise ValueError(f"`{field}`: {name!r} is binary (NUL bytes), not {builder} text; point it at a text corpus")
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < _PEEK_BYTES)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"`{field}`: {name!r} is not UTF-8 text (byte {e.start}); re-encode it as UTF-8") from None
+    text = text.lstrip("\ufeff")
+    if not text.strip():
+        raise ValueError(f"`{field}`: {name!r} holds only whitespace; point it at a file holding documents")
+    first = next(line for line in text.splitlines(keepends=True) if line.strip())
+    whole_line = first.endswith(("\n", "\r")) or len(head) < _PEEK_BYTES  # a long first document may not fit
+    if builder == "text" and text_field != "text":
+        raise ValueError(f"`{text_field_name}`: plain-text files have one column, `text`, got {text_field!r}; set "
+                         "`text_field: text`")
+    if builder == "csv" and whole_line:
+        header = next(csv.reader([first.rstrip("\r\n")]))
+        if text_field not in header:
+            raise ValueError(f"`{text_field_name}`: column {text_field!r} not found in {name!r} (columns: "
+                             f"{header[:8]}); set `text_field` to the column holding the text")
+    if builder == "json" and whole_line and path.endswith((".jsonl", ".jsonl.gz")):
+        try:
+            record = json.loads(first)
+        except ValueError:
+            raise ValueError(f"`{field}`: the first line of {name!r} is not a JSON object; JSON Lines files hold "
+                             "one object per line") from None
+        if isinstance(record, dict) and text_field not in record:
+            raise ValueError(f"`{text_field_name}`: column {text_field!r} not found in {name!r} (columns: "
+                             f"{list(record)[:8]}); set `text_field` to the column holding the text")
+
+
+def _check_parquet(path: str, field: str, text_field_name: str, text_field: str) -> None:
+    import pyarrow.parquet as pq
+
+    name = os.path.basename(path)
+    try:
+        columns = pq.read_schema(path).names
+    except Exception as e:  # pyarrow raises its own error types for a file that is not parquet
+        raise ValueError(f"`{field}`: {name!r} is not a readable parquet file ({type(e).__name__}); check the "
+                         "path") from None
+    if text_field not in columns:
+        raise ValueError(f"`{text_field_name}`: column {text_field!r} not found in {name!r} (columns: "
+                         f"{columns[:8]}); set `text_field` to the column holding the text")
+
+
+def synthesize_general(cfg: DataConfig, model: Any, tokenizer: Any) -> dict[str, Any]:
+    """Self-synthesised general text as `datasets.Dataset`s: `{"train": ...}` when `general.train` is `self`,
+    `{"eval": ...}` when `synth.eval_tokens` > 0 (disjoint sampling seeds). Sampled from `model` (the base, before
+    any training) and cached on disk; under several processes the main one generates and the others read its
+    cache, so the text is generated once per run."""
+    import datasets
+    from accelerate import PartialState
+
+    from ..synth import load_or_synthesize, split_seeds
+
+    synth = cfg.synth
+    if synth is None:
+        return {}
+    train_seed, eval_seed = split_seeds(synth.seed)
+    wanted = {}
+    if cfg.general is not None and cfg.general.train == SELF and synth.train_tokens:
+        wanted["train"] = (synth.train_tokens, train_seed)
+    if synth.eval_tokens:
+        wanted["eval"] = (synth.eval_tokens, eval_seed)
+    out = {}
+    with PartialState().main_process_first():  # the main process fills the cache; the others read it
+        for split, (n_tokens, seed) in wanted.items():
+            docs = load_or_synthesize(model, tokenizer, synth, n_tokens, seed)
+            out[split] = datasets.Dataset.from_dict({"text": docs})
+    return out

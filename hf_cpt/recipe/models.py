@@ -147,16 +147,57 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_model_and_tokenizer(cfg: ModelConfig, objective: str = "clm") -> tuple[Any, Any]:
+# config attributes that bound the sequence length, by architecture family (GPT-2: n_positions, BLOOM/MPT-style:
+# max_sequence_length / max_seq_len, ChatGLM/Qwen-1: seq_length, ...)
+POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx",
+                       "max_seq_len", "max_seq_length", "seq_len")
+_OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer")  # position ids start after padding_idx
+
+
+def position_limit(model_config: Any) -> tuple[int, str] | None:
+    """`(longest sequence, the config attribute it comes from)` for a transformers config, or None if unbounded."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    for key in POSITION_LIMIT_KEYS:
+        value = getattr(text, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            pad = getattr(text, "pad_token_id", None)
+            if getattr(text, "model_type", "") in _OFFSET_POSITIONS and isinstance(pad, int):
+                return value - pad - 1, key
+            return value, key
+    return None
+
+
+def check_model_fits(model_config: Any, tokenizer: Any, name: str, block_size: int | None = None) -> None:
+    """Refuse a tokenizer with more ids than the model's embedding rows, and a `data.block_size` above the
+    model's position limit, before any weights load (both would fail later as an `IndexError` mid-step).
+
+    Raises:
+        ValueError: naming `model.name_or_path` or `data.block_size`, with the fix.
+    """
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    rows = getattr(text, "vocab_size", None)
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        raise ValueError(f"`model.name_or_path` {name!r}: its tokenizer has {len(tokenizer)} tokens but the model "
+                         f"has {rows} embedding rows; use the tokenizer saved with this model, or resize the "
+                         "embeddings (`model.resize_token_embeddings(len(tokenizer))`) and save both")
+    limit = position_limit(model_config)
+    if block_size is not None and limit is not None and block_size > limit[0]:
+        raise ValueError(f"`data.block_size` ({block_size}) is above the model's position limit ({limit[1]}="
+                         f"{limit[0]} in {name!r}); use `data.block_size` <= {limit[0]}")
+
+
+def load_model_and_tokenizer(cfg: ModelConfig, objective: str = "clm",
+                             block_size: int | None = None) -> tuple[Any, Any]:
     """Load a causal LM (`objective="clm"`) or masked LM (`"mlm"`) and its tokenizer as `cfg` says. The tokenizer
     gets a pad token if it has none. A masked-LM head missing from the checkpoint (e.g. a sentence encoder) is
-    initialised by transformers."""
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    initialised by transformers. The pair is checked first ([`check_model_fits`], with `block_size` when given)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     path = resolve_model_path(cfg.name_or_path)
     common: dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **common)
+        check_model_fits(AutoConfig.from_pretrained(path, **common), tokenizer, cfg.name_or_path, block_size)
         kwargs: dict[str, Any] = dict(common)
         kwargs["dtype"] = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
         if cfg.attn_implementation:

@@ -7,6 +7,7 @@ forgetting plot and model card into the output directory, atomically.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -62,11 +63,12 @@ def build_training_args(cfg: CPTConfig, output_dir: str | Path):
         seed=t.seed,
         data_seed=t.seed,
         bf16=t.bf16,
-        gradient_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.gradient_checkpointing,  # the current name; `gradient_checkpointing` warns
         report_to=t.report_to or "none",
         # the ReplayMixer restores its own position; map-style masked data is skipped by the Trainer as usual
         ignore_data_skip=cfg.masking is None,
-        remove_unused_columns=cfg.masking is None,  # span columns reach the collator
+        # span columns and distillation tags (block index, token sources) reach the collator
+        remove_unused_columns=cfg.masking is None and cfg.train.distill is None,
         prediction_loss_only=True,  # evaluation needs the loss only; the chunked loss returns no logits
         restore_callback_states_from_checkpoint=True,
         dataloader_num_workers=0,
@@ -75,7 +77,11 @@ def build_training_args(cfg: CPTConfig, output_dir: str | Path):
         use_cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
     )
     kwargs.update(t.training_args)
-    return TrainingArguments(**kwargs)
+    try:
+        return TrainingArguments(**kwargs)
+    except (ValueError, TypeError) as e:  # transformers' own checks of combined settings name no field
+        raise ValueError(f"`train` / `train.training_args`: TrainingArguments refused these settings: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
 def build_rewarm_optimizers(model, cfg: CPTConfig, args) -> tuple:
@@ -103,20 +109,19 @@ def find_resume_checkpoint(cfg: CPTConfig, ckpt_dir: Path, resume: bool) -> str 
         and `resume` is False. ValueError: `resume` without `train.save_steps`, or checkpoints written with a
         recipe that differs in anything that changes training (see [`CPTConfig.training_diff`]).
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     if not cfg.train.save_steps:
         if resume:
             raise ValueError("`resume` needs checkpoints: set `train.save_steps` > 0")
         return None
-    existing = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    existing = last_complete_checkpoint(ckpt_dir, remove_partial=resume)
     if not resume:
         if existing is not None:
             raise FileExistsError(f"checkpoints of an earlier run are in {str(ckpt_dir)!r}: pass `resume=True` "
                                   "(CLI: --resume) to continue it, or delete them to start over")
         return None
     if existing is None:
-        raise FileNotFoundError(f"nothing to resume: no checkpoint in {str(ckpt_dir)!r}")
+        raise FileNotFoundError(f"`resume`: nothing to resume, no checkpoint in {str(ckpt_dir)!r}; run without "
+                                "`resume` (CLI: --resume) to start")
     if not (ckpt_dir / CONFIG_FILE).is_file():
         raise ValueError(f"{str(ckpt_dir)!r} has no {CONFIG_FILE}: it was not written by `hf-cpt train`; "
                          "resume it with the Python API or delete it")
@@ -128,12 +133,32 @@ def find_resume_checkpoint(cfg: CPTConfig, ckpt_dir: Path, resume: bool) -> str 
     return existing
 
 
+def last_complete_checkpoint(ckpt_dir: Path, remove_partial: bool = False) -> str | None:
+    """The newest `checkpoint-N` in `ckpt_dir` whose `trainer_state.json` (written last by the Trainer) is
+    complete; a run killed while saving leaves a newer, partial one, which `remove_partial` deletes."""
+    import json
+
+    if not ckpt_dir.is_dir():
+        return None
+    found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()),
+                   key=lambda p: int(p.name[11:]), reverse=True)
+    for path in found:
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+            return str(path)
+        except (OSError, ValueError):
+            if remove_partial:
+                logger.info("removing %s: a save interrupted by the crash left it incomplete", path)
+                shutil.rmtree(path, ignore_errors=True)
+    return None
+
+
 def build_model(cfg: CPTConfig) -> tuple[Any, Any, dict[str, Any] | None]:
     """The model and tokenizer to adapt, with the vocabulary extended when the config has a `vocab:` block
     (deterministic, so a resumed run rebuilds the same extended model). Returns `(model, tokenizer, summary)`."""
     from .models import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.objective)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.objective, block_size=cfg.data.block_size)
     if cfg.vocab is None:
         return model, tokenizer, None
     from ..vocab.extend import extend_vocabulary
@@ -152,9 +177,10 @@ class RunData:
     callbacks: list[Any] = field(default_factory=list)
 
 
-def build_data(cfg: CPTConfig, tokenizer: Any, args: Any) -> RunData:
-    """Training stream and held-out sets: token-exact [`ReplayMixer`] blocks for causal runs, tagged and masked
-    chunks for `masking:` runs."""
+def build_data(cfg: CPTConfig, model: Any, tokenizer: Any, args: Any) -> RunData:
+    """Training stream and held-out sets: token-exact [`ReplayMixer`] blocks for causal runs (self-synthesised
+    general text and distillation targets come from `model`, still the base), tagged and masked chunks for
+    `masking:` runs."""
     if cfg.masking is not None:
         from ..callbacks.masking_stats import MaskingStatsCallback
         from .masked_data import build_masked_data
@@ -164,22 +190,64 @@ def build_data(cfg: CPTConfig, tokenizer: Any, args: Any) -> RunData:
         return RunData(train_set, eval_sets, collator, callbacks)
     from transformers import default_data_collator
 
-    from .data import build_eval_sets, build_train_set
+    from .data import SELF_EVAL_SET, build_eval_sets, build_train_set, synthesize_general
 
+    synth = synthesize_general(cfg.data, model, tokenizer)
+    sources = {"general": synth["train"]} if "train" in synth else None
+    extra = {SELF_EVAL_SET: synth["eval"]} if "eval" in synth else None
     num_blocks = cfg.train.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
-    train_set = build_train_set(cfg.data, tokenizer, total_blocks=num_blocks * args.world_size)
-    return RunData(train_set, build_eval_sets(cfg.data, tokenizer), default_data_collator,
-                   [ReplayMixerCallback(train_set)])
+    num_blocks *= args.world_size
+    distill = cfg.train.distill
+    train_set = build_train_set(cfg.data, tokenizer, total_blocks=num_blocks, sources=sources,
+                                emit_sources=distill is not None)
+    eval_sets = build_eval_sets(cfg.data, tokenizer, extra)
+    collator = default_data_collator if distill is None else \
+        build_distill_collator(cfg, model, tokenizer, num_blocks, sources)
+    return RunData(train_set, eval_sets, collator, [ReplayMixerCallback(train_set)])
+
+
+def build_distill_collator(cfg: CPTConfig, model: Any, tokenizer: Any, num_blocks: int,
+                           sources: dict[str, Any] | None) -> Any:
+    """The collator adding base top-k targets (`train.distill`): precomputed for the exact blocks the run will
+    read (a second mixer with the same settings), or from a frozen copy of the base."""
+    from ..collators.distill import DistillCollator, precompute_distill_targets
+    from ..distill import make_frozen_copy
+    from .data import build_train_set
+
+    distill = cfg.train.distill
+    _check_top_k("train.distill.top_k", distill.top_k, model)
+    if distill.targets == "frozen_copy":
+        return DistillCollator(distill, frozen_model=make_frozen_copy(model))
+    blocks = build_train_set(cfg.data, tokenizer, total_blocks=num_blocks, sources=sources, emit_sources=True)
+    targets = precompute_distill_targets(iter(blocks), model, num_blocks, distill, distilled_sources=[1],
+                                         batch_size=cfg.train.per_device_eval_batch_size)
+    logger.info("distillation replay: base top-%d targets for %d of %d blocks", distill.top_k, len(targets),
+                num_blocks)
+    return DistillCollator(distill, targets=targets)
+
+
+def _check_top_k(name: str, k: int, model: Any) -> None:
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if k > vocab:
+        raise ValueError(f"`{name}` ({k}) is larger than the model's vocabulary ({vocab}): use at most {vocab}")
 
 
 def build_trainer(cfg: CPTConfig, args: Any, model: Any, tokenizer: Any, data: RunData,
                   vocab_summary: dict[str, Any] | None = None) -> Any:
     """A stock `transformers.Trainer` with the run's loss, optimizer/schedule and callbacks (the forgetting
-    monitor first)."""
+    monitor first; KL to the base on the general held-out sets, its targets taken from `model`, still the base)."""
     from transformers import Trainer
 
     from ..liger import choose_loss
 
+    kl = None
+    if cfg.objective == "clm" and cfg.monitor.kl:
+        from ..callbacks.kl_to_base import KLToBaseCallback
+
+        _check_top_k("monitor.kl_top_k", cfg.monitor.kl_top_k, model)
+        general = {n: s for n, s in data.eval_sets.items() if n != cfg.monitor.domain}
+        kl = KLToBaseCallback(general, top_k=cfg.monitor.kl_top_k, batch_size=cfg.train.per_device_eval_batch_size)
+        kl.compute_targets(model)  # before any update: a resumed run recomputes them from the reloaded base
     if cfg.objective == "clm":
         mode = choose_loss(model, cfg.train.use_liger, cfg.train.chunked_loss, cfg.train.loss_chunk_size or None,
                            require_chunked=cfg.needs_chunked_loss)
@@ -197,9 +265,14 @@ def build_trainer(cfg: CPTConfig, args: Any, model: Any, tokenizer: Any, data: R
     if cfg.schedule is not None:
         optimizers = build_rewarm_optimizers(model, cfg, args)
         callbacks.append(RewarmCallback(cfg.schedule))
-    return Trainer(model=model, args=args, train_dataset=data.train_set, eval_dataset=data.eval_sets,
-                   data_collator=data.collator, processing_class=tokenizer, callbacks=callbacks,
-                   optimizers=optimizers)
+    trainer = Trainer(model=model, args=args, train_dataset=data.train_set, eval_dataset=data.eval_sets,
+                      data_collator=data.collator, processing_class=tokenizer, callbacks=callbacks,
+                      optimizers=optimizers)
+    if kl is not None:
+        from ..callbacks.kl_to_base import attach_kl_to_base
+
+        attach_kl_to_base(trainer, kl)
+    return trainer
 
 
 def collect_metrics(cfg: CPTConfig, trainer: Any, train_out: Any, data: RunData, resumed_from: str | None,
@@ -226,6 +299,7 @@ def collect_metrics(cfg: CPTConfig, trainer: Any, train_out: Any, data: RunData,
         "train_tokens_per_s": sum(train_tokens.values()) / max(runtime, 1e-9),
         "total_runtime_s": None,
         "vocab": vocab_summary,
+        "distilled_tokens": getattr(data.collator, "tokens_distilled", None),
         "forgetting": monitor.summary(),
         "eval_history": monitor.history,
         "log_history": trainer.state.log_history,
@@ -266,6 +340,10 @@ def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: boo
     final = Path(output_dir).expanduser().resolve()
     ckpt = checkpoint_dir(final)
     last = find_resume_checkpoint(cfg, ckpt, resume)
+    from .data import check_data_paths
+
+    cfg.check_held_out_sets()  # the monitor's general and domain sets exist
+    check_data_paths(cfg.data)  # a bad path or file fails here, before the output dir or the model
     push_token = None
     if cfg.hub.push_to_hub and state.is_main_process:  # fail before training, not after it
         from ..hub import check_push_access
@@ -281,6 +359,8 @@ def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: boo
     except BaseException:
         if state.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
+            if cfg.train.save_steps and not any(ckpt.glob("checkpoint-*")):
+                shutil.rmtree(ckpt, ignore_errors=True)  # only the recipe copy: nothing to resume
         raise
     if state.is_main_process:
         shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
@@ -308,15 +388,19 @@ def _shared_staging_dir(final: Path, overwrite: bool, state: Any) -> Path:
 
 def _train_and_write(cfg: CPTConfig, args: Any, tmp: Path, last: str | None, start: float) -> dict[str, Any]:
     """Build, train (resuming from `last`), and write the results into the staging directory `tmp`."""
-    from .data import check_data_paths
-
-    check_data_paths(cfg.data)  # fail on a bad path before spending time on the model
     model, tokenizer, vocab_summary = build_model(cfg)
-    data = build_data(cfg, tokenizer, args)
+    data = build_data(cfg, model, tokenizer, args)
+    finished = last is not None and cfg.masking is None and _checkpoint_step(last) >= cfg.train.max_steps
+    if finished:
+        # killed after its last checkpoint (e.g. while writing outputs): the Trainer would take one more step on
+        # an iterable set, so it gets no blocks; it still restores weights and callback states, then stops
+        data = RunData(_NoBlocks(), data.eval_sets, data.collator, data.callbacks)
+        args.accelerator_config.dispatch_batches = False  # accelerate's dispatcher refuses an empty stream
     trainer = build_trainer(cfg, args, model, tokenizer, data, vocab_summary)
     if last is not None:
         args.eval_on_start = False  # step 0 is in the restored monitor history; do not evaluate the resume step
-    train_out = trainer.train(resume_from_checkpoint=last)
+    with _quiet_empty_epoch(finished):
+        train_out = trainer.train(resume_from_checkpoint=last)
     metrics = collect_metrics(cfg, trainer, train_out, data, last, vocab_summary)
     trainer.save_model(str(tmp))
     # training_args.bin is a pickle; the recipe is recorded as YAML instead (safetensors/text only)
@@ -325,3 +409,31 @@ def _train_and_write(cfg: CPTConfig, args: Any, tmp: Path, last: str | None, sta
         metrics["total_runtime_s"] = time.perf_counter() - start
         write_outputs(cfg, tmp, metrics)
     return metrics
+
+
+def _checkpoint_step(checkpoint: str) -> int:
+    import json
+
+    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"])
+
+
+class _NoBlocks(torch.utils.data.IterableDataset):
+    """An empty training stream: resuming a checkpoint taken at `max_steps` restores it without training."""
+
+    def __iter__(self):
+        return iter(())
+
+
+@contextlib.contextmanager
+def _quiet_empty_epoch(active: bool):
+    """Hide the Trainer's warning about an epoch without samples while finishing a run that had none left."""
+    def drop(record: logging.LogRecord) -> bool:
+        return "not to be a single sample" not in record.getMessage()
+
+    trainer_logger = logging.getLogger("transformers.trainer")
+    if active:
+        trainer_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        trainer_logger.removeFilter(drop)

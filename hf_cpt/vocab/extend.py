@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from .init import EMBEDDING_INITS, init_mean, init_ofa, init_random, init_subword_mean
+from ..validation import check_choice, check_int, check_number
+from .init import EMBEDDING_INITS, InitInputs
 from .vectors import (
     WordVectors,
     build_word_vectors,
@@ -33,13 +34,18 @@ logger = logging.getLogger(__name__)
 class VocabConfig:
     """Extend the vocabulary with domain subwords before continual pretraining (the `vocab:` block)."""
 
-    n_new_tokens: int = field(default=5000, metadata={"help": "Subwords to learn from the domain corpus and add."})
+    n_new_tokens: int = field(
+        default=5000,
+        metadata={"help": "Subwords to add that the merged tokenizer uses on the domain corpus (BPE merge-chain "
+                          "intermediates come on top and are reported separately)."},
+    )
     init: str = field(
         default="subword_mean",
-        metadata={"help": f"New-row initialiser, one of {list(EMBEDDING_INITS)}; `ofa` pays off with good aligned "
-                          "`word_vectors` (see docs/vocab.md for the measurements behind this default)."},
+        metadata={"help": f"New-row initialiser, one of {list(EMBEDDING_INITS)} (see docs/vocab.md for the "
+                          "measurements behind the default)."},
     )
     corpus: str | None = field(default=None, metadata={"help": "Texts to learn from (default: `data.domain.train`)."})
+    min_frequency: int = field(default=2, metadata={"help": "BPE/WordPiece: ignore pairs seen fewer times."})
     word_vectors: str | None = field(
         default=None,
         metadata={"help": "OFA word vectors (word2vec/fastText text); default: built from the training corpora."},
@@ -52,9 +58,23 @@ class VocabConfig:
     vector_dim: int = field(default=100, metadata={"help": "Dimension of word vectors built from the corpora."})
     top_k: int = field(default=10, metadata={"help": "OFA: neighbours per new token."})
     temperature: float = field(default=0.1, metadata={"help": "OFA: softmax temperature over similarities."})
-    rank: int | None = field(default=None, metadata={"help": "OFA: combine in a rank-r factorisation (100-400)."})
+    rank: int | None = field(
+        default=None,
+        metadata={"help": "OFA: combine in a rank-r SVD of the old rows. Smooths the new rows; saves no "
+                          "parameters (the checkpoint keeps a full-rank matrix)."},
+    )
     ofa_fallback: str = field(
         default="subword_mean", metadata={"help": "OFA rows no word vector covers: `subword_mean` or `random`."}
+    )
+    distill_contexts: int = field(
+        default=2, metadata={"help": "Distill: domain snippets per new token (fewer where the corpus has fewer)."}
+    )
+    distill_context_length: int = field(default=32, metadata={"help": "Distill: tokens per snippet."})
+    distill_steps: int = field(default=1, metadata={"help": "Distill: passes over the snippets."})
+    distill_lr: float = field(default=1e-3, metadata={"help": "Distill: Adam learning rate of the new rows."})
+    distill_batch_size: int = field(default=16, metadata={"help": "Distill: snippets per forward/backward."})
+    distill_layer: int = field(
+        default=-1, metadata={"help": "Distill: transformer block whose hidden states are matched (1-based; -1: last)."}
     )
     new_rows_first_steps: int = field(
         default=0, metadata={"help": "Train only the new rows (body and old rows frozen) for N updates first."}
@@ -62,23 +82,27 @@ class VocabConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the random draws."})
 
     def __post_init__(self) -> None:
-        if isinstance(self.n_new_tokens, bool) or not isinstance(self.n_new_tokens, int) or self.n_new_tokens < 1:
-            raise ValueError(f"`n_new_tokens` must be an integer >= 1, got {self.n_new_tokens!r}")
-        if self.init not in EMBEDDING_INITS:
-            raise ValueError(f"`init` must be one of {list(EMBEDDING_INITS)}, got {self.init!r}")
-        if self.ofa_fallback not in ("subword_mean", "random"):
-            raise ValueError(f"`ofa_fallback` must be `subword_mean` or `random`, got {self.ofa_fallback!r}")
-        if not (self.temperature > 0):
-            raise ValueError(f"`temperature` must be > 0, got {self.temperature!r}")
-        for name in ("top_k", "vector_dim"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1, got {v!r}")
-        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
-            raise ValueError(f"`rank` must be a positive integer or null, got {self.rank!r}")
-        if isinstance(self.new_rows_first_steps, bool) or not isinstance(self.new_rows_first_steps, int) or \
-                self.new_rows_first_steps < 0:
-            raise ValueError(f"`new_rows_first_steps` must be an integer >= 0, got {self.new_rows_first_steps!r}")
+        check_int("n_new_tokens", self.n_new_tokens)
+        check_choice("init", self.init, EMBEDDING_INITS)
+        check_choice("ofa_fallback", self.ofa_fallback, ("subword_mean", "random"))
+        check_number("temperature", self.temperature, 0, min_inclusive=False)
+        for name in ("top_k", "vector_dim", "min_frequency", "distill_contexts", "distill_steps",
+                     "distill_batch_size"):
+            check_int(name, getattr(self, name))
+        check_int("distill_context_length", self.distill_context_length, minimum=4)
+        check_number("distill_lr", self.distill_lr, 0, min_inclusive=False)
+        check_int("distill_layer", self.distill_layer, minimum=-1)
+        if self.distill_layer == 0:
+            raise ValueError("`distill_layer` must be -1 (the last block) or a block number >= 1, got 0")
+        if self.rank is not None:
+            check_int("rank", self.rank)
+        check_int("new_rows_first_steps", self.new_rows_first_steps, minimum=0)
+        check_int("seed", self.seed, minimum=None)
+
+    def distill_options(self) -> dict[str, Any]:
+        return {"distill_contexts": self.distill_contexts, "distill_context_length": self.distill_context_length,
+                "distill_steps": self.distill_steps, "distill_lr": self.distill_lr,
+                "distill_batch_size": self.distill_batch_size, "distill_layer": self.distill_layer}
 
 
 def _pad_multiple(current_rows: int, n_old: int) -> int:
@@ -101,56 +125,41 @@ def _old_pieces(old_tokenizer: Any, tokenizer: Any, new_tokens: Sequence[str]) -
     return out
 
 
-def _rows(init: str, old: torch.Tensor, n_old: int, *, pieces: list[list[int]], source_vecs: torch.Tensor | None,
-          target_vecs: torch.Tensor | None, std: float | None, opts: dict[str, Any]) -> torch.Tensor:
-    g = torch.Generator().manual_seed(int(opts.get("seed", 0)))
-    n = len(pieces)
-    if init == "random":
-        return init_random(old, n, std=std, generator=g)
-    if init == "mean":
-        return init_mean(old, n, generator=g)
-    if init == "subword_mean":
-        return init_subword_mean(old, pieces)
-    fallback = init_subword_mean(old, pieces) if opts.get("ofa_fallback", "subword_mean") == "subword_mean" else None
-    return init_ofa(old, source_vecs, target_vecs, top_k=opts.get("top_k", 10),
-                    temperature=opts.get("temperature", 0.1), rank=opts.get("rank"), fallback=fallback, generator=g)
-
-
 def extend_model(model: Any, tokenizer: Any, new_tokens: Sequence[str], init: str = "subword_mean", *,
                  old_tokenizer: Any = None, word_vectors: WordVectors | dict | None = None,
-                 pad_to_multiple_of: int | None = None, **init_options: Any) -> dict[str, Any]:
+                 texts: Sequence[str] | None = None, pad_to_multiple_of: int | None = None,
+                 **init_options: Any) -> dict[str, Any]:
     """Resize `model`'s embeddings (and output head) for `tokenizer` and initialise the rows of `new_tokens`.
 
     Args:
         model: a transformers model (decoder or encoder, tied or untied head, padded vocab or not).
         tokenizer: the extended tokenizer (holds `new_tokens`).
         new_tokens: the added entries (model-internal form, as in `VocabExtension.new_tokens`).
-        init: one of `EMBEDDING_INITS` (`ofa`, `subword_mean`, `mean`, `random`).
-        old_tokenizer: the tokenizer before extension (needed by `ofa` and `subword_mean`).
+        init: one of `EMBEDDING_INITS` (`distill`, `ofa`, `subword_mean`, `mean`, `random`).
+        old_tokenizer: the tokenizer before extension (needed by `distill`, `ofa` and `subword_mean`).
         word_vectors: `ofa`'s external vectors (`WordVectors` or `dict[str, vector]`).
+        texts: `distill`'s domain texts, where its contexts come from.
         pad_to_multiple_of: row-count granularity when the matrix grows; default keeps a padded model's padding.
-        **init_options: `top_k`, `temperature`, `rank`, `ofa_fallback`, `seed`.
+        **init_options: `top_k`, `temperature`, `rank`, `ofa_fallback`, `seed`, `distill_contexts`,
+            `distill_context_length`, `distill_steps`, `distill_lr`, `distill_batch_size`, `distill_layer`,
+            `progress`.
 
     Returns:
-        a summary: rows added, the new matrix size, OFA coverage, seconds.
+        a summary: rows added, the new matrix size, OFA coverage / distillation loss, seconds.
     """
     t0 = time.perf_counter()
-    if init not in EMBEDDING_INITS:
-        raise ValueError(f"`init` must be one of {list(EMBEDDING_INITS)}, got {init!r}")
-    if init in ("ofa", "subword_mean") and old_tokenizer is None:
+    check_choice("init", init, EMBEDDING_INITS)
+    spec = EMBEDDING_INITS[init]
+    if spec.needs_pieces and old_tokenizer is None:
         raise ValueError(f"`init={init}` needs `old_tokenizer` (the tokenizer before extension)")
-    if init == "ofa" and word_vectors is None:
-        raise ValueError("`init=ofa` needs `word_vectors` (see `build_word_vectors` to make them offline)")
+    if spec.needs_vectors and word_vectors is None:
+        raise ValueError(f"`init={init}` needs `word_vectors` (see `build_word_vectors` to make them offline)")
+    if spec.needs_contexts and not any(t and t.strip() for t in (texts or ())):
+        raise ValueError(f"`init={init}` needs a domain corpus to take its contexts from (`texts`; in a config: "
+                         "`vocab.corpus` or `data.domain.train`)")
     if isinstance(word_vectors, dict):
         word_vectors = WordVectors.from_dict(word_vectors)
-    ids = tokenizer.convert_tokens_to_ids(list(new_tokens))
-    unk = tokenizer.unk_token_id
-    missing = [t for t, i in zip(new_tokens, ids) if i is None or (unk is not None and i == unk)]
-    if missing:
-        raise ValueError(f"`new_tokens` not in the extended tokenizer: {missing[:5]}")
-    n_old = min(ids)
-    if sorted(ids) != list(range(n_old, n_old + len(ids))):
-        raise ValueError("`new_tokens` must be the contiguous block of ids after the old vocabulary")
+    n_old, ids = _check_new_ids(tokenizer, new_tokens)
     emb = model.get_input_embeddings()
     rows_before = emb.weight.shape[0]
     if n_old > rows_before:
@@ -164,29 +173,50 @@ def extend_model(model: Any, tokenizer: Any, new_tokens: Sequence[str], init: st
     emb = model.get_input_embeddings()
     out = model.get_output_embeddings()
     tied = out is None or out.weight.data_ptr() == emb.weight.data_ptr()
-    # only subword_mean (and OFA's fallback) read the old pieces; the other inits need just the count
-    pieces = _old_pieces(old_tokenizer, tokenizer, new_tokens) if init in ("subword_mean", "ofa") else \
-        [[0]] * len(ids)
-    source_vecs = target_vecs = None
-    coverage = None
-    if init == "ofa":
-        source_vecs = subword_vectors(old_tokenizer, word_vectors, list(range(n_old)))
-        target_vecs = subword_vectors(tokenizer, word_vectors, ids)
-        coverage = float((target_vecs.abs().sum(1) > 0).double().mean())
-    std = getattr(model.config, "initializer_range", None)
     opts = dict(init_options)
+    inputs = InitInputs(old=emb.weight[:n_old].detach(), n_new=len(ids), options=opts,
+                        std=getattr(model.config, "initializer_range", None))
+    if spec.needs_pieces:
+        inputs.pieces = _old_pieces(old_tokenizer, tokenizer, new_tokens)
+    coverage = None
+    if spec.needs_vectors:
+        inputs.source_vectors = subword_vectors(old_tokenizer, word_vectors, list(range(n_old)))
+        inputs.target_vectors = subword_vectors(tokenizer, word_vectors, ids)
+        coverage = float((inputs.target_vectors.abs().sum(1) > 0).double().mean())
+    if spec.needs_contexts:
+        from .distill import mine_distill_contexts
+
+        inputs.model = model
+        inputs.contexts = mine_distill_contexts(
+            texts, old_tokenizer, tokenizer, n_old, per_token=opts.get("distill_contexts", 2),
+            length=opts.get("distill_context_length", 32), seed=opts.get("seed", 0))
     with torch.no_grad():
-        matrices = [emb.weight] + ([] if tied else [out.weight])
-        for w in matrices:
-            new = _rows(init, w[:n_old].detach(), n_old, pieces=pieces, source_vecs=source_vecs,
-                        target_vecs=target_vecs, std=std, opts=opts)
+        matrices = [("input", emb.weight)] + ([] if tied else [("output", out.weight)])
+        for role, w in matrices:
+            inputs.old, inputs.role = w[:n_old].detach(), role
+            inputs.generator = torch.Generator().manual_seed(int(opts.get("seed", 0)))
+            with torch.enable_grad():
+                new = spec.rows(inputs)
             w[n_old:needed] = new.to(w.dtype)
         bias = getattr(out, "bias", None) if out is not None else None
         if bias is not None and bias.shape[0] >= needed:  # MLM decoders: new tokens start at the average logit
             bias[n_old:needed] = bias[:n_old].mean()
     return {"init": init, "added": len(ids), "old_vocab_size": n_old, "rows_before": rows_before,
             "rows_after": model.get_input_embeddings().weight.shape[0], "tied": tied, "ofa_coverage": coverage,
-            "seconds": time.perf_counter() - t0}
+            **inputs.stats, "seconds": time.perf_counter() - t0}
+
+
+def _check_new_ids(tokenizer: Any, new_tokens: Sequence[str]) -> tuple[int, list[int]]:
+    """The first new id and the ids of `new_tokens`, which must be the contiguous block after the old vocabulary."""
+    ids = tokenizer.convert_tokens_to_ids(list(new_tokens))
+    unk = tokenizer.unk_token_id
+    missing = [t for t, i in zip(new_tokens, ids) if i is None or (unk is not None and i == unk)]
+    if missing:
+        raise ValueError(f"`new_tokens` not in the extended tokenizer: {missing[:5]}")
+    n_old = min(ids)
+    if sorted(ids) != list(range(n_old, n_old + len(ids))):
+        raise ValueError("`new_tokens` must be the contiguous block of ids after the old vocabulary")
+    return n_old, ids
 
 
 def word_vectors_for(cfg: VocabConfig, texts: Sequence[str]) -> WordVectors:
@@ -204,17 +234,25 @@ def extend_vocabulary(model: Any, tokenizer: Any, cfg: VocabConfig, domain_texts
                       general_texts: Sequence[str] = (), heldout: Sequence[str] | None = None
                       ) -> tuple[Any, Any, dict[str, Any]]:
     """The whole `vocab:` recipe: learn `cfg.n_new_tokens` domain subwords, merge them into `tokenizer`, grow and
-    initialise `model`. Returns `(model, extended tokenizer, summary)`; `model` is modified in place."""
+    initialise `model`. Returns `(model, extended tokenizer, summary)`; `model` is modified in place.
+
+    The summary (`hf_cpt_vocab.json`, model card) reports `added` rows, `used` tokens (those the domain
+    segmentation produces), BPE `intermediates`, and fertility before/after on held-out domain text and, when
+    `general_texts` are given, on general text."""
     from .tokens import learn_domain_tokens
 
     t0 = time.perf_counter()
-    ext = learn_domain_tokens(domain_texts, tokenizer, cfg.n_new_tokens, heldout=heldout)
+    general = list(general_texts)[:200] or None  # a sample is enough for the general fertility report
+    ext = learn_domain_tokens(domain_texts, tokenizer, cfg.n_new_tokens, heldout=heldout, general=general,
+                              min_frequency=cfg.min_frequency)
     learn_s = time.perf_counter() - t0
-    vectors = word_vectors_for(cfg, list(domain_texts) + list(general_texts)) if cfg.init == "ofa" else None
+    vectors = word_vectors_for(cfg, list(domain_texts) + list(general_texts)) if \
+        EMBEDDING_INITS[cfg.init].needs_vectors else None
     stats = extend_model(model, ext.tokenizer, ext.new_tokens, cfg.init, old_tokenizer=tokenizer,
-                         word_vectors=vectors, top_k=cfg.top_k, temperature=cfg.temperature, rank=cfg.rank,
-                         ofa_fallback=cfg.ofa_fallback, seed=cfg.seed)
+                         word_vectors=vectors, texts=domain_texts, top_k=cfg.top_k, temperature=cfg.temperature,
+                         rank=cfg.rank, ofa_fallback=cfg.ofa_fallback, seed=cfg.seed, **cfg.distill_options())
     summary = {**ext.summary(), **stats, "learn_seconds": learn_s, "total_seconds": time.perf_counter() - t0}
-    logger.info("vocabulary: +%d tokens (%s init), fertility %.3f -> %.3f", len(ext.new_tokens), cfg.init,
+    logger.info("vocabulary: +%d tokens (%d used, %d intermediates; %s init), fertility %.3f -> %.3f",
+                len(ext.new_tokens), ext.stats["used"], ext.stats["intermediates"], cfg.init,
                 ext.fertility_before or float("nan"), ext.fertility_after or float("nan"))
     return model, ext.tokenizer, summary

@@ -9,8 +9,14 @@ embeddings of its `top_k` most similar old subwords in that space:
 
 with `top_k=10`, `temperature=0.1` as in the paper. New subwords no word vector covers fall back (the reference
 draws them from N(mean, std) of the old rows; `fallback=` lets a caller use subword means instead). With
-`rank=r` the combination is taken over the rank-r factorisation E_old ~ C P (SVD: C = U_r, P = S_r V_r^T), the
-paper's parameter-saving variant; the result is materialised as C_new P so stock transformers loads it.
+`rank=r` the combination is taken over the rank-r factorisation E_old ~ C P (SVD: C = U_r, P = S_r V_r^T) and
+multiplied back to full rows C_new P. In the paper the factorisation is a parameter saving because the model keeps
+C and P as separate (trained) matrices; here the checkpoint stays a stock full-rank embedding matrix, so `rank`
+saves *no* parameters or memory: it only projects the new rows onto the top-r directions of the old matrix (a
+smoothing of the rows).
+
+`distill` (Token Distillation, Dobler et al., ICLR 2026; distill.py) starts from `subword_mean` and learns the
+input rows so the model's hidden states with the new token match those of the old segmentation.
 
 Alternatives: `subword_mean` (FVT: mean of the old rows of the pieces the old tokenizer splits the new token
 into), `mean` (Hewitt 2021: the old rows' mean, perturbed within their covariance), `random` (normal noise of the
@@ -19,7 +25,9 @@ old rows' scale: the usual baseline).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -118,4 +126,76 @@ def init_random(old: torch.Tensor, n_new: int, *, std: float | None = None,
     return (x.mean(0) + z * x.std(0)).to(old.dtype)
 
 
-EMBEDDING_INITS = {"ofa": init_ofa, "subword_mean": init_subword_mean, "mean": init_mean, "random": init_random}
+@dataclass
+class InitInputs:
+    """What an initialiser may read for one embedding matrix (`extend_model` fills it).
+
+    Attributes:
+        old: the matrix's old rows [V, d].
+        n_new: rows to produce.
+        role: `input` or `output` (an untied head's own matrix).
+        pieces: each new token's ids under the old tokenizer (or None when the init does not need them).
+        generator: seeded random draws.
+        std: the model's `initializer_range`.
+        source_vectors / target_vectors: OFA's word-space vectors of the old / new tokens.
+        model / contexts: the live model and `DistillContext` snippets (Token Distillation).
+        options: `top_k`, `temperature`, `rank`, `ofa_fallback`, `distill_*`, `seed`.
+        stats: where an init reports what it measured (merged into `extend_model`'s summary).
+    """
+
+    old: torch.Tensor
+    n_new: int
+    role: str = "input"
+    pieces: list[list[int]] | None = None
+    generator: torch.Generator | None = None
+    std: float | None = None
+    source_vectors: torch.Tensor | None = None
+    target_vectors: torch.Tensor | None = None
+    model: Any = None
+    contexts: Sequence[Any] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EmbeddingInit:
+    """A registered initialiser: `rows(inputs) -> [n_new, d]` and what it needs from `extend_model`."""
+
+    rows: Callable[[InitInputs], torch.Tensor]
+    needs_pieces: bool = False  # the old tokenizer's pieces of each new token
+    needs_vectors: bool = False  # external word vectors (OFA)
+    needs_contexts: bool = False  # domain snippets and the live model (Token Distillation)
+
+
+def _ofa_rows(x: InitInputs) -> torch.Tensor:
+    o = x.options
+    fallback = init_subword_mean(x.old, x.pieces) if o.get("ofa_fallback", "subword_mean") == "subword_mean" else None
+    return init_ofa(x.old, x.source_vectors, x.target_vectors, top_k=o.get("top_k", 10),
+                    temperature=o.get("temperature", 0.1), rank=o.get("rank"), fallback=fallback,
+                    generator=x.generator)
+
+
+def _distill_rows(x: InitInputs) -> torch.Tensor:
+    start = init_subword_mean(x.old, x.pieces)
+    if x.role != "input":
+        # Token Distillation learns input rows; an untied head's rows stay at the subword mean (the reference learns
+        # them by next-token prediction instead, which is what continual pretraining then does anyway)
+        return start
+    from .distill import init_distill
+
+    o = x.options
+    rows, stats = init_distill(x.model, x.old, start, x.contexts, steps=o.get("distill_steps", 1),
+                               lr=o.get("distill_lr", 1e-3), batch_size=o.get("distill_batch_size", 16),
+                               layer=o.get("distill_layer", -1), seed=o.get("seed", 0),
+                               progress=o.get("progress", True))
+    x.stats.update({f"distill_{k}": v for k, v in stats.items()})
+    return rows
+
+
+EMBEDDING_INITS: dict[str, EmbeddingInit] = {
+    "distill": EmbeddingInit(_distill_rows, needs_pieces=True, needs_contexts=True),
+    "ofa": EmbeddingInit(_ofa_rows, needs_pieces=True, needs_vectors=True),
+    "subword_mean": EmbeddingInit(lambda x: init_subword_mean(x.old, x.pieces), needs_pieces=True),
+    "mean": EmbeddingInit(lambda x: init_mean(x.old, x.n_new, generator=x.generator)),
+    "random": EmbeddingInit(lambda x: init_random(x.old, x.n_new, std=x.std, generator=x.generator)),
+}

@@ -17,10 +17,12 @@ New ids start at `len(tokenizer)`, after every existing and added token, so old 
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,55 +100,113 @@ def _rebuild(tokenizer: Any, state: dict[str, Any]) -> Any:
     return merged
 
 
-class _BPESegmenter:
-    """Segments one pre-tokenized word as base BPE followed by the merges added so far (what the merged model does:
-    base merges outrank new ones, and no base merge involves a new token, so they are exhausted first)."""
-
-    def __init__(self, model: Any):
-        self.model = model
-        self.ranks: dict[tuple[str, str], int] = {}
-
-    def add(self, a: str, b: str) -> None:
-        self.ranks.setdefault((a, b), len(self.ranks))
-
-    def __call__(self, word: str) -> list[str]:
-        pieces = [t.value for t in self.model.tokenize(word)]
-        while len(pieces) > 1:
-            best = min(range(len(pieces) - 1), key=lambda i: self.ranks.get((pieces[i], pieces[i + 1]), 1 << 60))
-            if (pieces[best], pieces[best + 1]) not in self.ranks:
-                break
-            pieces[best:best + 2] = [pieces[best] + pieces[best + 1]]
-        return pieces
+def _word_counts(tokenizer: Any, texts: Sequence[str]) -> Counter[str]:
+    """Pre-tokenized words of `texts` (the tokenizer's own normaliser and pre-tokenizer) and their counts."""
+    backend = tokenizer.backend_tokenizer
+    counts: Counter[str] = Counter()
+    for text in texts:
+        s = backend.normalizer.normalize_str(text) if backend.normalizer is not None else text
+        words = backend.pre_tokenizer.pre_tokenize_str(s) if backend.pre_tokenizer is not None else [(s, None)]
+        counts.update(w for w, _ in words)
+    return counts
 
 
-def _select_bpe(base_state: dict[str, Any], trained_state: dict[str, Any], base_tok: Any,
-                n_new: int) -> tuple[list[str], list[tuple[str, str]]]:
-    vocab = base_state["model"]["vocab"]
-    segment = _BPESegmenter(base_tok.backend_tokenizer.model)
-    new_tokens: list[str] = []
-    new_merges: list[tuple[str, str]] = []
-    added: set[str] = set()
-    for merge in trained_state["model"]["merges"]:
-        a, b = merge if isinstance(merge, list) else merge.split(" ", 1)
-        target = a + b
-        if target in vocab or target in added:
-            continue
-        pieces = segment(target)
-        cur = pieces[0]
-        for p in pieces[1:]:
-            nxt = cur + p
-            if (cur, p) not in segment.ranks:
-                if nxt not in vocab and nxt not in added:
-                    if len(new_tokens) >= n_new:
-                        return new_tokens, new_merges
-                    new_tokens.append(nxt)
-                    added.add(nxt)
-                new_merges.append((cur, p))
-                segment.add(cur, p)
-            cur = nxt
-        if len(new_tokens) >= n_new:
-            break
-    return new_tokens, new_merges
+class _BPEContinuation:
+    """BPE training that starts from the *base* segmentation of the domain words and keeps merging the pair that
+    saves the most tokens on the domain corpus (its count). The merged tokenizer applies the base merges first and
+    then these in the same order, so the state here is exactly its segmentation of the corpus: a new token is
+    *used* while its count is > 0, and an *intermediate* once later merges have consumed every occurrence."""
+
+    def __init__(self, words: Counter[str], model: Any, vocab: dict[str, int], min_frequency: int):
+        self.words = [[t.value for t in model.tokenize(w)] for w in words]
+        self.freq = list(words.values())
+        self.vocab, self.min_frequency = vocab, min_frequency
+        self.pairs: Counter[tuple[str, str]] = Counter()
+        self.where: dict[tuple[str, str], set[int]] = {}
+        for i, (pieces, f) in enumerate(zip(self.words, self.freq)):
+            for pair in zip(pieces, pieces[1:]):
+                self.pairs[pair] += f
+                self.where.setdefault(pair, set()).add(i)
+        self.heap = [(-c, p) for p, c in self.pairs.items()]
+        heapq.heapify(self.heap)
+        self.count: dict[str, int] = {}  # occurrences of each new token in the current segmentation
+        self.merges: list[tuple[str, str]] = []
+        self.used = 0
+
+    def _best(self) -> tuple[str, str] | None:
+        while self.heap:
+            neg, pair = heapq.heappop(self.heap)
+            count = self.pairs.get(pair, 0)
+            if -neg != count:
+                continue  # stale entry: the pair's count changed and was pushed again
+            if count < self.min_frequency:
+                return None  # the most frequent pair left is too rare
+            if pair[0] + pair[1] in self.vocab:
+                continue  # joining into a base token would re-segment text the base already handles
+            return pair
+        return None
+
+    def _shift(self, token: str, delta: int) -> None:
+        if token in self.count:
+            before = self.count[token]
+            self.count[token] = before + delta
+            self.used += (self.count[token] > 0) - (before > 0)
+
+    def step(self) -> bool:
+        """Apply the best merge everywhere; False when no pair is frequent enough."""
+        pair = self._best()
+        if pair is None:
+            return False
+        a, b = pair
+        new = a + b
+        self.count.setdefault(new, 0)
+        self.merges.append(pair)
+        touched: Counter[tuple[str, str]] = Counter()
+        for i in self.where.pop(pair, ()):
+            pieces, f = self.words[i], self.freq[i]
+            out, j, k = [], 0, 0
+            while j < len(pieces):
+                if j + 1 < len(pieces) and pieces[j] == a and pieces[j + 1] == b:
+                    out.append(new)
+                    j, k = j + 2, k + 1
+                else:
+                    out.append(pieces[j])
+                    j += 1
+            if not k:
+                continue
+            for p in zip(pieces, pieces[1:]):
+                touched[p] -= f
+            for p in zip(out, out[1:]):
+                touched[p] += f
+                self.where.setdefault(p, set()).add(i)
+            self.words[i] = out
+            self._shift(a, -k * f)
+            self._shift(b, -k * f)
+            self._shift(new, k * f)
+        for p, d in touched.items():
+            if d:
+                self.pairs[p] += d
+                if self.pairs[p] > 0:
+                    heapq.heappush(self.heap, (-self.pairs[p], p))
+        self.pairs.pop(pair, None)
+        return True
+
+
+def _select_bpe(tokenizer: Any, texts: Sequence[str], n_new: int,
+                min_frequency: int) -> tuple[list[str], list[tuple[str, str]], int]:
+    """New BPE tokens (in merge order), their merges and how many of them the domain segmentation uses: merge until
+    exactly `n_new` new tokens occur in it (intermediates do not count)."""
+    vocab = tokenizer.get_vocab()
+    bpe = _BPEContinuation(_word_counts(tokenizer, texts), tokenizer.backend_tokenizer.model, vocab, min_frequency)
+    while bpe.used < n_new and bpe.step():
+        pass
+    if bpe.used < n_new:
+        raise ValueError(
+            f"`n_new_tokens` is {n_new}, more than the domain corpus supports: merging every pair seen at least "
+            f"{min_frequency} times gives {bpe.used} new tokens its segmentation uses; set `n_new_tokens` <= "
+            f"{bpe.used} or give more domain text"
+        )
+    return [a + b for a, b in bpe.merges], bpe.merges, bpe.used
 
 
 def merge_tokens(tokenizer: Any, new_tokens: list[str], merges: list[tuple[str, str]] | None = None,
@@ -204,54 +264,126 @@ def merge_tokens(tokenizer: Any, new_tokens: list[str], merges: list[tuple[str, 
     return VocabExtension(merged, list(new_tokens), ids, start, kind)
 
 
-def learn_domain_tokens(corpus: Iterable[str], tokenizer: Any, n_new: int, *, heldout: Iterable[str] | None = None,
-                        train_vocab_size: int | None = None, min_frequency: int = 2) -> VocabExtension:
-    """Train a tokenizer of `tokenizer`'s own type (same normaliser, pre-tokenizer, algorithm) on `corpus`, pick the
-    `n_new` most useful subwords it has and the base lacks, and merge them into the base tokenizer.
+def token_usage(tokenizer: Any, texts: Sequence[str], token_ids: Sequence[int]) -> Counter[int]:
+    """How often each of `token_ids` occurs in `tokenizer`'s segmentation of `texts` (ids never produced: 0)."""
+    want = set(token_ids)
+    counts: Counter[int] = Counter({i: 0 for i in token_ids})
+    for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        counts.update(i for i in ids if i in want)
+    return counts
 
-    Selection follows the domain tokenizer's own order of discovery: BPE merges are learnt most-frequent pair first
-    and WordPiece likewise, so earlier = more frequent in the domain; Unigram pieces are ranked by their
-    log-probability. Each new BPE token is built from the base pieces (see the module docstring), so
-    `decode(encode(x)) == x` still holds.
+
+def _select_by_usage(tokenizer: Any, candidates: list[str], scores: dict[str, float] | None, texts: Sequence[str],
+                     n_new: int, rounds: int = 6) -> list[str]:
+    """Unigram / WordPiece: merge candidates, keep those the domain segmentation uses, refill from the rest.
+
+    A first pass over twice the budget ranks the used ones by tokens saved (occurrences x (old pieces - 1)). Dropping
+    a token the segmentation never produces changes nothing (greedy longest-match and Viterbi never chose it), so
+    the final set is exactly the used tokens of the last pass."""
+    pool = list(candidates)
+    chosen, pool = pool[:2 * n_new], pool[2 * n_new:]
+    for r in range(rounds):
+        ext = merge_tokens(tokenizer, chosen, scores=[scores[t] for t in chosen] if scores else None)
+        usage = token_usage(ext.tokenizer, texts, ext.new_token_ids)
+        used = [t for t, i in zip(chosen, ext.new_token_ids) if usage[i] > 0]
+        if r == 0:
+            def saved(t: str) -> int:
+                text = t[2:] if t.startswith("##") else ext.tokenizer.convert_tokens_to_string([t])
+                return usage[ext.tokenizer.convert_tokens_to_ids(t)] * max(
+                    len(tokenizer(text, add_special_tokens=False)["input_ids"]) - 1, 1)
+            used = sorted(used, key=lambda t: -saved(t))[:n_new]
+        if len(used) == len(chosen) and len(used) >= min(n_new, len(candidates)):
+            return used[:n_new]
+        deficit = n_new - len(used)
+        chosen, pool = used + pool[:max(deficit, 0)], pool[max(deficit, 0):]
+        if deficit <= 0 and not pool:
+            break
+    ext = merge_tokens(tokenizer, chosen, scores=[scores[t] for t in chosen] if scores else None)
+    usage = token_usage(ext.tokenizer, texts, ext.new_token_ids)
+    return [t for t, i in zip(chosen, ext.new_token_ids) if usage[i] > 0][:n_new]
+
+
+def learn_domain_tokens(corpus: Iterable[str], tokenizer: Any, n_new: int, *, heldout: Iterable[str] | None = None,
+                        general: Iterable[str] | None = None, train_vocab_size: int | None = None,
+                        min_frequency: int = 2) -> VocabExtension:
+    """Add `n_new` subwords that the merged tokenizer really produces on the domain corpus.
+
+    `n_new` counts *used* tokens: each occurs in the merged tokenizer's segmentation of `corpus`.
+
+    - BPE: training continues from the base segmentation of the domain words, merging the pair that saves the most
+      tokens on `corpus` each time (its count), until `n_new` new tokens occur in the resulting segmentation. A
+      merge chain may need intermediates (`Ġlogg` on the way to `Ġlogging`) that later merges consume everywhere:
+      they are added too (BPE cannot build the longer token otherwise) and reported separately in `stats`
+      (`intermediates`, and `intermediates_produced`: how many still occur in held-out / general text).
+    - Unigram / WordPiece: candidates come from a tokenizer of the base's own type trained on `corpus` (highest
+      log-probability / earliest learnt first); they are merged, ranked by tokens saved on `corpus`, and those the
+      segmentation never produces are replaced by the next candidates.
 
     Args:
         corpus: domain texts.
         tokenizer: the base fast tokenizer.
-        n_new: how many entries to add (fewer if the corpus has fewer new subwords).
+        n_new: how many used entries to add (`n_new_tokens`).
         heldout: domain texts for the fertility report (tokens per word before/after).
-        train_vocab_size: vocabulary of the domain tokenizer trained for selection (default: enough for `n_new`).
-        min_frequency: BPE/WordPiece: ignore pairs seen fewer times.
+        general: general texts for the fertility report (the extension should leave them about as they were).
+        train_vocab_size: Unigram / WordPiece: vocabulary of the candidate tokenizer (default: enough for `n_new`).
+        min_frequency: BPE / WordPiece: ignore pairs seen fewer times.
+
+    Raises:
+        ValueError: an empty corpus, or `n_new` larger than the corpus supports (the message says how many it can).
     """
     if isinstance(n_new, bool) or not isinstance(n_new, int) or n_new < 1:
-        raise ValueError(f"`n_new` must be an integer >= 1, got {n_new!r}")
+        raise ValueError(f"`n_new_tokens` (n_new) must be an integer >= 1, got {n_new!r}")
     base_state = _tokenizer_json(tokenizer)
     kind = base_state["model"]["type"]
     texts = [t for t in corpus if isinstance(t, str) and t.strip()]
     if not texts:
         raise ValueError("the domain corpus is empty: give texts to learn new tokens from")
-    size = train_vocab_size or max(4 * n_new, 8000)
-    kwargs: dict[str, Any] = {"min_frequency": min_frequency} if kind != "Unigram" else {}
-    trained = tokenizer.train_new_from_iterator(texts, vocab_size=size, **kwargs)
-    trained_state = json.loads(trained.backend_tokenizer.to_str())
-    base_vocab = tokenizer.get_vocab()
     merges = scores = None
     if kind == "BPE":
-        new_tokens, merges = _select_bpe(base_state, trained_state, tokenizer, n_new)
-    elif kind == "Unigram":
-        ranked = sorted((p for p in trained_state["model"]["vocab"] if p[0] not in base_vocab), key=lambda p: -p[1])
-        special = set(tokenizer.all_special_tokens)
-        ranked = [p for p in ranked if p[0] not in special][:n_new]
-        new_tokens, scores = [p[0] for p in ranked], [p[1] for p in ranked]
+        tokens, merges, _ = _select_bpe(tokenizer, texts, n_new, min_frequency)
+        ext = merge_tokens(tokenizer, tokens, merges=merges)
     else:
-        special = set(tokenizer.all_special_tokens)
-        vocab = trained_state["model"]["vocab"]
-        new_tokens = [t for t in sorted(vocab, key=vocab.get) if t not in base_vocab and t not in special][:n_new]
-    if not new_tokens:
-        raise ValueError("the domain corpus yields no subword the base tokenizer lacks; nothing to add")
-    ext = merge_tokens(tokenizer, new_tokens, merges=merges, scores=scores)
-    if heldout is not None:
-        heldout = list(heldout)
-        ext.fertility_before = fertility(tokenizer, heldout)
-        ext.fertility_after = fertility(ext.tokenizer, heldout)
-    ext.stats["requested"] = n_new
+        size = train_vocab_size or max(6 * n_new, 8000)
+        kwargs: dict[str, Any] = {"min_frequency": min_frequency} if kind != "Unigram" else {}
+        trained = tokenizer.train_new_from_iterator(texts, vocab_size=size, **kwargs)
+        trained_state = json.loads(trained.backend_tokenizer.to_str())
+        base_vocab, special = tokenizer.get_vocab(), set(tokenizer.all_special_tokens)
+        if kind == "Unigram":
+            ranked = sorted((p for p in trained_state["model"]["vocab"] if p[0] not in base_vocab
+                             and p[0] not in special), key=lambda p: -p[1])
+            candidates, scores = [p[0] for p in ranked], {p[0]: p[1] for p in ranked}
+        else:
+            vocab = trained_state["model"]["vocab"]
+            candidates = [t for t in sorted(vocab, key=vocab.get) if t not in base_vocab and t not in special]
+        if not candidates:
+            raise ValueError("the domain corpus yields no subword the base tokenizer lacks; nothing to add")
+        tokens = _select_by_usage(tokenizer, candidates, scores, texts, n_new)
+        if len(tokens) < n_new:
+            raise ValueError(
+                f"`n_new_tokens` is {n_new}, more than the domain corpus supports: {len(tokens)} new {kind} tokens "
+                f"occur in its segmentation; set `n_new_tokens` <= {len(tokens)} or give more domain text")
+        ext = merge_tokens(tokenizer, tokens, scores=[scores[t] for t in tokens] if scores else None)
+    _report(ext, tokenizer, texts, n_new, heldout, general)
     return ext
+
+
+def _report(ext: VocabExtension, base: Any, texts: Sequence[str], n_new: int, heldout: Iterable[str] | None,
+            general: Iterable[str] | None) -> None:
+    """Fill `ext`'s usage and fertility statistics (what the summary / model card shows)."""
+    after = ext.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    usage = Counter(i for ids in after for i in ids if i >= ext.old_vocab_size)
+    inter = [i for i in ext.new_token_ids if not usage[i]]
+    elsewhere = [list(t) for t in (heldout, general) if t is not None]
+    seen = token_usage(ext.tokenizer, [x for t in elsewhere for x in t], inter) if inter and elsewhere else {}
+    ext.stats.update({
+        "requested": n_new, "used": len(ext.new_token_ids) - len(inter), "intermediates": len(inter),
+        "intermediates_produced": sum(1 for c in seen.values() if c > 0) if elsewhere else None,
+        "domain_tokens_before": sum(len(x) for x in base(list(texts), add_special_tokens=False)["input_ids"]),
+        "domain_tokens_after": sum(len(x) for x in after),
+    })
+    if heldout is not None:
+        ext.fertility_before = fertility(base, elsewhere[0])
+        ext.fertility_after = fertility(ext.tokenizer, elsewhere[0])
+    if general is not None:
+        ext.stats["general_fertility_before"] = fertility(base, elsewhere[-1])
+        ext.stats["general_fertility_after"] = fertility(ext.tokenizer, elsewhere[-1])

@@ -225,6 +225,14 @@ def test_callback_adds_the_stage_to_the_logs(tmp_path, tiny_tokenizer):
     assert stages == [0] * 6 + [1] * 6
 
 
+def test_lr_stage_reaches_the_log_history(tmp_path, tiny_tokenizer):
+    trainer = _trainer(tmp_path, tiny_tokenizer, STAGES, max_steps=12)
+    trainer.train()
+    logged = [(h["step"], h["lr_stage"]) for h in trainer.state.log_history if "learning_rate" in h]
+    assert len(logged) == 12  # every LR record carries its stage (it is what trainer_state.json saves)
+    assert logged == [(s, 0 if s <= 6 else 1) for s in range(1, 13)]
+
+
 def test_callback_refuses_embedding_ratio_without_own_optimizer(tmp_path, tiny_tokenizer):
     with pytest.raises(ValueError, match="make_rewarm_optimizer"):
         _trainer(tmp_path, tiny_tokenizer, RewarmConfig(embedding_lr_ratio=2.0)).train()

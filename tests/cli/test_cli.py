@@ -42,7 +42,8 @@ def test_train_runs_end_to_end_and_writes_every_output(tmp_path, tiny_model_dir)
     out = tmp_path / "out"
     result = runner.invoke(app, ["train", str(config), "--output-dir", str(out)])
     assert result.exit_code == 0, result.output
-    assert "domain  held-out loss" in result.output
+    assert "domain        held-out loss" in result.output and "general       held-out loss" in result.output
+    assert "KL to base" in result.output  # the general set: KL to the base model and top-1 agreement
     for name in ("model.safetensors", "config.json", "tokenizer.json", "hf_cpt_config.yaml", "metrics.json",
                  "forgetting.png", "README.md"):
         assert (out / name).is_file(), name

@@ -87,13 +87,6 @@ def test_spans_map_to_tokens(tagged, tokenizer, lem_features):
                        for cs, ce in zip(row["text_span_starts"], row["text_span_ends"]))
 
 
-def test_char_to_token_spans_reference():
-    offsets = [(0, 0), (0, 3), (3, 5), (6, 9), (10, 12), (12, 13), (0, 0)]
-    got = char_to_token_spans(offsets, [0, 6, 10, 20], [5, 9, 12, 25])
-    assert got == [(0, 1, 3), (1, 3, 4), (2, 4, 5)]  # the span past the truncation is dropped
-    assert char_to_token_spans(offsets, [4], [7]) == [(0, 2, 4)]  # partial overlaps on both ends
-
-
 def _masked_positions(batch):
     return [np.flatnonzero(row.numpy() != -100) for row in batch["labels"]]
 

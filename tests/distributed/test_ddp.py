@@ -27,12 +27,19 @@ def _port():
         return s.getsockname()[1]
 
 
+def _run_checked(cmd):
+    """Run `cmd`; on failure, fail the test with the children's stderr (the only clue under load)."""
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{cmd[1:4]} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+    return proc
+
+
 def test_two_ranks_train_on_disjoint_slices_of_the_one_process_stream(tmp_path):
     worker = Path(__file__).with_name("ddp_worker.py")
     one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, str(worker), str(one), "4"], env=ENV, check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_port()}",
-                    str(worker), str(two), "2"], env=ENV, check=True, capture_output=True)
+    _run_checked([sys.executable, str(worker), str(one), "4"])
+    _run_checked([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_port()}",
+                  str(worker), str(two), "2"])
     single = json.loads((one / "rank0.json").read_text())
     ranks = [json.loads((two / f"rank{i}.json").read_text()) for i in range(2)]
     assert ranks[0]["world"] == 2

@@ -101,5 +101,16 @@ def test_mean_and_random_statistics():
     assert abs(float(r2.std()) - 0.02) < 0.002 and abs(float(r2.mean())) < 0.002
 
 
-def test_registry():
-    assert set(EMBEDDING_INITS) == {"ofa", "subword_mean", "mean", "random"}
+def test_registry_dispatches():
+    """`extend_model` calls the registry entry: each produces [n_new, d] rows from `InitInputs`."""
+    from hf_cpt.vocab.init import InitInputs
+
+    assert set(EMBEDDING_INITS) == {"distill", "ofa", "subword_mean", "mean", "random"}
+    g = torch.Generator().manual_seed(0)
+    old = torch.randn(20, 4, generator=g)
+    x = InitInputs(old=old, n_new=3, pieces=[[1, 2], [3], [4, 5, 6]], generator=g, role="output")
+    torch.testing.assert_close(EMBEDDING_INITS["subword_mean"].rows(x), init_subword_mean(old, x.pieces))
+    # distill's output-role rows (untied heads) are the subword means: it learns input rows only
+    torch.testing.assert_close(EMBEDDING_INITS["distill"].rows(x), init_subword_mean(old, x.pieces))
+    assert EMBEDDING_INITS["random"].rows(x).shape == (3, 4)
+    assert EMBEDDING_INITS["distill"].needs_contexts and EMBEDDING_INITS["ofa"].needs_vectors

@@ -37,8 +37,9 @@ def bpe_ext(domain):
 def test_bpe_tokens_are_real_vocabulary_used_by_normal_tokenization(bpe_ext, domain):
     base, ext = bpe_ext
     tok = ext.tokenizer
-    assert len(ext.new_tokens) == 200 and ext.new_token_ids == list(range(len(base), len(base) + 200))
-    assert len(tok) == len(base) + 200
+    n = len(ext.new_tokens)
+    assert ext.stats["used"] == 200 and n == 200 + ext.stats["intermediates"]
+    assert ext.new_token_ids == list(range(len(base), len(base) + n)) and len(tok) == len(base) + n
     # in the BPE model itself (vocab + merges), not added tokens
     state = json.loads(tok.backend_tokenizer.to_str())
     assert all(t in state["model"]["vocab"] for t in ext.new_tokens)
@@ -67,7 +68,8 @@ def test_embedded_smollm_tokenizer(domain):
 
     base = AutoTokenizer.from_pretrained(resolve_model_path("embedded:smollm2-135m"))
     ext = learn_domain_tokens(domain[0], base, 300, heldout=domain[1])
-    assert len(ext.new_tokens) == 300 and ext.fertility_after < ext.fertility_before
+    assert ext.stats["used"] == 300 and len(ext.new_tokens) == 300 + ext.stats["intermediates"]
+    assert ext.fertility_after < ext.fertility_before
     for text in SAMPLES:
         assert ext.tokenizer.decode(ext.tokenizer(text, add_special_tokens=False)["input_ids"]) == text
 
@@ -113,7 +115,7 @@ def test_learn_errors(domain):
     base = make_tiny_tokenizer()
     with pytest.raises(ValueError, match="corpus is empty"):
         learn_domain_tokens(["", "   "], base, 10)
-    with pytest.raises(ValueError, match="`n_new`"):
+    with pytest.raises(ValueError, match="`n_new_tokens`"):
         learn_domain_tokens(domain[0], base, 0)
 
 
@@ -131,3 +133,45 @@ def test_unsupported_and_slow_tokenizers():
 
     with pytest.raises(ValueError, match="slow tokenizer.*use_fast=True"):
         learn_domain_tokens(["text"], Slow(), 5)
+
+
+def _used_share(ext, texts):
+    from hf_cpt.vocab.tokens import token_usage
+
+    usage = token_usage(ext.tokenizer, texts, ext.new_token_ids)
+    return sum(1 for c in usage.values() if c > 0) / len(ext.new_token_ids)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram", "wordpiece"])
+def test_added_tokens_are_used_on_the_domain_text(kind, domain):
+    """>= 95 % of the added rows occur in the merged tokenizer's segmentation of the text they were learnt from;
+    `n_new` counts used tokens, BPE intermediates are reported on top."""
+    kjv = read_embedded("kjv", limit=60)
+    base = {"bpe": make_tiny_tokenizer, "unigram": lambda: train_unigram_tokenizer(kjv, 600),
+            "wordpiece": lambda: train_wordpiece_tokenizer(kjv, 500)}[kind]()
+    ext = learn_domain_tokens(domain[0], base, 120, heldout=domain[1], general=read_embedded("kjv", "validation",
+                                                                                              limit=3))
+    assert _used_share(ext, domain[0]) >= 0.95
+    s = ext.summary()
+    assert s["used"] == 120 and s["added"] == 120 + s["intermediates"]
+    assert s["domain_tokens_after"] < s["domain_tokens_before"]
+    assert s["general_fertility_after"] <= s["general_fertility_before"]
+    if kind != "bpe":
+        assert s["intermediates"] == 0
+
+
+def test_base_segmentation_of_general_text_unchanged_where_no_new_token_applies(bpe_ext):
+    base, ext = bpe_ext
+    backend = base.backend_tokenizer
+    for text in read_embedded("kjv", "validation", limit=2):
+        for word, _ in backend.pre_tokenizer.pre_tokenize_str(text[:3000]):
+            new = [t.value for t in ext.tokenizer.backend_tokenizer.model.tokenize(word)]
+            if not set(new) & set(ext.new_tokens):
+                assert new == [t.value for t in backend.model.tokenize(word)]
+
+
+def test_too_many_tokens_for_the_corpus_says_how_many_it_supports():
+    base = make_tiny_tokenizer()
+    text = ["the quick brown fox jumps over the lazy dog " * 3]
+    with pytest.raises(ValueError, match=r"`n_new_tokens` is 500, more than the domain corpus supports.*<= \d+"):
+        learn_domain_tokens(text, base, 500)

@@ -1,0 +1,152 @@
+"""Distillation replay: anchor the model to its base on replay (or all) tokens, in the chunked loss.
+
+Learning without Forgetting for continual pretraining: next to the next-token loss, the training loss gets
+``weight * KL_k(p_base || p_theta)`` on the chosen tokens (the top-k + rest estimator of `hf_cpt.distill.topk_kl`,
+exact gradients, no tokens x vocabulary logits tensor; see `hf_cpt.losses`). The base model's top-k per token is
+either precomputed once before training for the exact blocks the run will read ([`precompute_distill_targets`]:
+no second model in memory while training, 8 x k bytes per distilled token) or computed per batch from a frozen
+copy of the base ([`DistillCollator`] with `frozen_model`: one more model in memory and one more forward per
+step).
+
+Blocks come from a [`ReplayMixer`] with `emit_sources=True`, which tags each block with its global index and each
+token with its source; the collator turns them into the batch keys the chunked loss reads: `base_topk_ids`,
+`base_topk_logprobs`, `distill_weights`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from ..distill import compute_base_targets
+from ..validation import check_choice, check_int, check_number
+
+DISTILL_ON = ("replay", "all")
+DISTILL_TARGETS = ("precomputed", "frozen_copy")
+
+
+@dataclass
+class DistillConfig:
+    """Distillation replay (`train.distill:`): ``weight * KL(base || model)`` added to the loss on the chosen tokens."""
+
+    weight: float = field(default=1.0, metadata={"help": "Weight of the KL term next to the next-token loss (>= 0)."})
+    on: Literal["replay", "all"] = field(
+        default="replay", metadata={"help": "Distil on `replay` tokens (the general source) or on `all` tokens."})
+    top_k: int = field(default=64, metadata={"help": "Base log-probs kept per token (>= 1, <= vocabulary size)."})
+    targets: Literal["precomputed", "frozen_copy"] = field(
+        default="precomputed",
+        metadata={"help": "`precomputed`: base top-k for every block before training (no second model while "
+                          "training); `frozen_copy`: a frozen copy of the base computes them per batch."})
+
+    def __post_init__(self) -> None:
+        self.weight = check_number("weight", self.weight, 0.0)
+        check_choice("on", self.on, DISTILL_ON)
+        check_int("top_k", self.top_k)
+        check_choice("targets", self.targets, DISTILL_TARGETS)
+
+
+def distill_token_weights(source_ids: torch.Tensor, weight: float, on: str, distilled_sources: Sequence[int]
+                          ) -> torch.Tensor:
+    """Per-token distillation weights: `weight` on tokens of `distilled_sources` (`on="replay"`) or on every token
+    (`on="all"`), 0 elsewhere."""
+    if on == "all":
+        return torch.full(source_ids.shape, float(weight))
+    chosen = torch.zeros(source_ids.shape, dtype=torch.bool)
+    for s in distilled_sources:
+        chosen |= source_ids == s
+    return chosen.float() * weight
+
+
+def precompute_distill_targets(blocks: Iterable[Mapping[str, Any]], base_model: Any, num_blocks: int,
+                               cfg: DistillConfig, distilled_sources: Sequence[int], batch_size: int = 8
+                               ) -> dict[int, dict[str, torch.Tensor]]:
+    """The base model's top-k for every block among the first `num_blocks` of `blocks` with distilled tokens.
+
+    `blocks` is a fresh stream equal to the one training will read (e.g. a second [`ReplayMixer`] with the same
+    config and `emit_sources=True`), so the targets match the training blocks by `block_index`. Returns
+    `{block_index: {"ids", "logprobs", "weights"}}` (CPU tensors).
+    """
+    chosen: list[tuple[int, list[int], torch.Tensor]] = []
+    for block, _ in zip(blocks, range(num_blocks)):
+        if "block_index" not in block or "source_ids" not in block:
+            raise ValueError("distillation targets need blocks tagged with `block_index` and `source_ids`: build the "
+                             "ReplayMixer with `emit_sources=True`")
+        w = distill_token_weights(torch.tensor(block["source_ids"]), cfg.weight, cfg.on, distilled_sources)
+        if w.any():
+            chosen.append((block["block_index"], block["input_ids"], w))
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for start in range(0, len(chosen), 64):
+        part = chosen[start:start + 64]
+        t = compute_base_targets(base_model, torch.tensor([ids for _, ids, _ in part]), cfg.top_k,
+                                 batch_size=batch_size)
+        for j, (index, _, w) in enumerate(part):
+            out[index] = {"ids": t["ids"][j], "logprobs": t["logprobs"][j], "weights": w}
+    return out
+
+
+@dataclass
+class DistillCollator:
+    """Collates mixer blocks and adds the distillation keys.
+
+    Output keys: those of `base_collator` (e.g. `input_ids`, `attention_mask`, `labels`) plus `base_topk_ids`
+    `(B, T, k)`, `base_topk_logprobs` `(B, T, k)` and `distill_weights` `(B, T)`; the blocks' `block_index` and
+    `source_ids` are consumed. Blocks without targets get zero weights.
+
+    >>> batch = DistillCollator(targets=targets, top_k=4)([block])  # doctest: +SKIP
+    >>> sorted(batch)  # doctest: +SKIP
+    ['attention_mask', 'base_topk_ids', 'base_topk_logprobs', 'distill_weights', 'input_ids', 'labels']
+
+    Args:
+        targets: precomputed `{block_index: {"ids", "logprobs", "weights"}}` ([`precompute_distill_targets`]).
+        frozen_model: or a frozen base model computing targets per batch ([`hf_cpt.distill.make_frozen_copy`]).
+        config: the [`DistillConfig`] (weight, `on`, top_k).
+        distilled_sources: source indices distilled when `config.on == "replay"`.
+        base_collator: collates the plain keys; default `transformers.default_data_collator`.
+    """
+
+    config: DistillConfig
+    targets: Mapping[int, Mapping[str, torch.Tensor]] | None = None
+    frozen_model: Any = None
+    distilled_sources: Sequence[int] = (1,)
+    base_collator: Any = None
+    tokens_distilled: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.targets is None) == (self.frozen_model is None):
+            raise ValueError("`DistillCollator` needs exactly one of `targets` (precomputed) or `frozen_model`")
+        if self.base_collator is None:
+            from transformers import default_data_collator
+
+            self.base_collator = default_data_collator
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        features = [dict(f) for f in features]
+        meta = [(f.pop("block_index", None), f.pop("source_ids", None)) for f in features]
+        batch = self.base_collator(features)
+        if all(src is None for _, src in meta):  # held-out batches: plain next-token loss
+            return batch
+        b, length = batch["input_ids"].shape
+        k = self.config.top_k
+        if self.frozen_model is not None:
+            weights = torch.stack([distill_token_weights(torch.tensor(src), self.config.weight, self.config.on,
+                                                         self.distilled_sources) for _, src in meta])
+            if not weights.any():
+                return batch
+            t = compute_base_targets(self.frozen_model, batch["input_ids"], k, batch_size=b)
+            ids, logprobs = t["ids"], t["logprobs"]
+        else:
+            ids = torch.zeros((b, length, k), dtype=torch.int32)
+            logprobs = torch.zeros((b, length, k), dtype=torch.float32)
+            weights = torch.zeros((b, length), dtype=torch.float32)
+            for row, (index, _) in enumerate(meta):
+                found = self.targets.get(index) if index is not None else None
+                if found is not None:
+                    ids[row], logprobs[row], weights[row] = found["ids"], found["logprobs"], found["weights"]
+            if not weights.any():
+                return batch
+        self.tokens_distilled += int((weights > 0).sum())
+        batch.update(base_topk_ids=ids, base_topk_logprobs=logprobs, distill_weights=weights)
+        return batch
