@@ -41,6 +41,9 @@ def run(init: str | None, n_new: int, steps: int, workdir: Path, min_frequency: 
     cfg["train"].update(max_steps=steps, eval_steps=steps, logging_steps=steps)
     cfg["schedule"]["warmup_steps"] = min(cfg["schedule"]["warmup_steps"], steps)
     cfg["monitor"]["tolerance"] = 10.0  # a benchmark: never stop early
+    # losses per init only: no self-synthesised set (the extended model would sample its own) and no KL pass
+    cfg["data"]["synth"] = None
+    cfg["monitor"]["kl"] = False
     if init is not None:
         cfg["vocab"] = {"n_new_tokens": n_new, "init": init, "min_frequency": min_frequency}
     from hf_cpt.config import CPTConfig
