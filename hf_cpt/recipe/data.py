@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..config import DataConfig, SourceConfig
+from ..config import SELF, SELF_EVAL_SET, DataConfig, SourceConfig
 from ..mixers.core import pack_blocks
 from ..mixers.replay import ReplayMixer, ReplayMixerConfig
 
@@ -137,8 +137,6 @@ def tokenize_and_pack(ds, tokenizer, text_field: str, block_size: int, desc: str
     return ds.map(group, batched=True, batch_size=1000, remove_columns=["input_ids"], **extra)
 
 
-SELF = "self"  # `data.general.train: self`: replay text the base model writes itself (`data.synth`)
-SELF_EVAL_SET = "general_self"  # the held-out set of self-synthesised text (`data.synth.eval_tokens`)
 
 
 def build_eval_sets(cfg: DataConfig, tokenizer, extra: dict[str, Any] | None = None) -> dict[str, Any]:
