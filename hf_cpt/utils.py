@@ -28,6 +28,36 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+def requested_sharding(args: Any) -> str | None:
+    """`"FSDP"` or `"DeepSpeed"` when the run asks for sharded training, from `TrainingArguments` (`fsdp`,
+    `deepspeed`) or from `accelerate launch` (which tells the processes through `ACCELERATE_USE_FSDP` /
+    `ACCELERATE_USE_DEEPSPEED`, not through the arguments); None otherwise."""
+    fsdp = getattr(args, "fsdp", None)
+    if (fsdp not in (None, False, "", [], ()) and fsdp != "no") or _env_flag("ACCELERATE_USE_FSDP"):
+        return "FSDP"
+    if getattr(args, "deepspeed", None) or _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        return "DeepSpeed"
+    return None
+
+
+def is_sharded_model(model: torch.nn.Module) -> bool:
+    """Whether `model`'s parameters are really sharded: FSDP2 (`DTensor` parameters), FSDP1 (a
+    `FullyShardedDataParallel` module) or DeepSpeed ZeRO-3 (parameters carrying `ds_id`)."""
+    for module in model.modules():
+        if type(module).__name__ == "FullyShardedDataParallel":
+            return True
+    for p in model.parameters():
+        if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
+            return True
+        if hasattr(p, "ds_id"):
+            return True
+    return False
+
+
 def get_processing_class(kwargs: dict[str, Any]) -> Any:
     """The tokenizer/processor passed to a callback hook (`processing_class` in recent transformers,
     `tokenizer` in older ones)."""
@@ -122,3 +152,18 @@ def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False) -> Iter
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     commit_staging_dir(tmp, final)
+
+
+def add_callback_before_integrations(trainer: Any, callback: Any) -> Any:
+    """Add `callback` to `trainer` ahead of its reporting integrations (TensorBoard, W&B, ...), so metrics it
+    adds to the `logs` of `on_log` reach them too. Uses only the Trainer's public `pop_callback`/`add_callback`."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK
+
+    integration_types = tuple(INTEGRATION_TO_CALLBACK.values())
+    moved = [cb for cb in list(trainer.callback_handler.callbacks) if isinstance(cb, integration_types)]
+    for cb in moved:
+        trainer.pop_callback(cb)
+    trainer.add_callback(callback)
+    for cb in moved:
+        trainer.add_callback(cb)
+    return callback

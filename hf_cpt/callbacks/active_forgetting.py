@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ..utils import unwrap_model
+from ..utils import is_sharded_model, requested_sharding, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -119,9 +119,12 @@ class ActiveForgettingCallback(TrainerCallback):
         self.config = config if config is not None else ActiveForgettingConfig(**kwargs)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
-            raise ValueError("ActiveForgettingCallback does not support FSDP/DeepSpeed sharded embeddings yet; "
-                             "use DDP or a single process")
+        # the real setting: what the arguments or `accelerate launch` ask for, and what the model is
+        sharding = requested_sharding(args) or ("FSDP/DeepSpeed" if model is not None and is_sharded_model(model)
+                                                else None)
+        if sharding:
+            raise ValueError(f"`active_forgetting` does not support {sharding} (sharded embeddings) yet: "
+                             "train with DDP or a single process, or remove `active_forgetting`")
         if model is not None:
             embedding_parameters(unwrap_model(model), self.config.reset_untied_output)  # fail early
         return control

@@ -23,7 +23,7 @@ from ..callbacks.forgetting import ForgettingMonitorCallback
 from ..callbacks.replay_mixer import ReplayMixerCallback
 from ..callbacks.rewarm import RewarmCallback, make_rewarm_optimizer, make_rewarm_scheduler
 from ..config import CONFIG_FILE, CPTConfig
-from ..utils import commit_staging_dir, make_staging_dir
+from ..utils import commit_staging_dir, make_staging_dir, requested_sharding
 from .outputs import write_outputs
 
 logger = logging.getLogger(__name__)
@@ -71,17 +71,52 @@ def build_training_args(cfg: CPTConfig, output_dir: str | Path):
         remove_unused_columns=cfg.masking is None and cfg.train.distill is None,
         prediction_loss_only=True,  # evaluation needs the loss only; the chunked loss returns no logits
         restore_callback_states_from_checkpoint=True,
-        dataloader_num_workers=0,
+        dataloader_num_workers=cfg.data.num_workers,
+        # a prepared store is a map-style dataset whose item i is block start + i: read it in order
+        **({"train_sampling_strategy": "sequential"} if cfg.data.prepared_dir and cfg.masking is None else {}),
         dataloader_pin_memory=torch.cuda.is_available(),
         # several processes and no GPU (torchrun on CPU): accelerate only sets up gloo DDP when told `cpu`
         use_cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
     )
     kwargs.update(t.training_args)
     try:
-        return TrainingArguments(**kwargs)
+        args = TrainingArguments(**kwargs)
     except (ValueError, TypeError) as e:  # transformers' own checks of combined settings name no field
         raise ValueError(f"`train` / `train.training_args`: TrainingArguments refused these settings: "
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    check_sharding(cfg, args)
+    return args
+
+
+# accelerate's process types under which FSDP can really shard (it falls back to DDP on the others)
+_FSDP_CAPABLE = ("MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA", "MULTI_MUSA", "MULTI_HPU",
+                 "MULTI_NEURON", "FSDP")
+
+
+def check_sharding(cfg: CPTConfig, args: Any) -> None:
+    """Refuse, before the model is loaded, a sharded run that would silently not shard or that a technique
+    does not support.
+
+    `accelerate launch` with an FSDP config (or `training_args.fsdp`) on processes without accelerators makes
+    accelerate set up plain data parallelism (gloo DDP) with no word: every rank would hold the whole model.
+
+    Raises:
+        ValueError: FSDP asked for where accelerate cannot shard; `active_forgetting` with FSDP/DeepSpeed.
+    """
+    from accelerate import PartialState
+
+    sharding = requested_sharding(args)
+    if sharding is None:
+        return
+    if cfg.active_forgetting is not None:
+        raise ValueError(f"`active_forgetting` does not support {sharding} (sharded embeddings) yet: train with "
+                         "DDP or a single process, or remove `active_forgetting`")
+    kind = PartialState().distributed_type
+    if sharding == "FSDP" and getattr(kind, "name", str(kind)) not in _FSDP_CAPABLE:
+        raise ValueError(
+            f"FSDP was requested (accelerate config `distributed_type: FSDP` or `training_args.fsdp`) but these "
+            f"processes have no GPU, so accelerate would run plain data parallelism ({getattr(kind, 'name', kind)}) "
+            "with every rank holding the whole model: on CPU use `hf-cpt train --nproc N` (DDP), or launch on GPUs")
 
 
 def build_rewarm_optimizers(model, cfg: CPTConfig, args) -> tuple:
@@ -235,7 +270,8 @@ def _check_top_k(name: str, k: int, model: Any) -> None:
 def build_trainer(cfg: CPTConfig, args: Any, model: Any, tokenizer: Any, data: RunData,
                   vocab_summary: dict[str, Any] | None = None) -> Any:
     """A stock `transformers.Trainer` with the run's loss, optimizer/schedule and callbacks (the forgetting
-    monitor first; KL to the base on the general held-out sets, its targets taken from `model`, still the base)."""
+    monitor first; KL to the base on the general held-out sets, its targets taken from `model`, still the base;
+    lm-eval tasks on the live model when `downstream` is set)."""
     from transformers import Trainer
 
     from ..liger import choose_loss
@@ -268,10 +304,18 @@ def build_trainer(cfg: CPTConfig, args: Any, model: Any, tokenizer: Any, data: R
     trainer = Trainer(model=model, args=args, train_dataset=data.train_set, eval_dataset=data.eval_sets,
                       data_collator=data.collator, processing_class=tokenizer, callbacks=callbacks,
                       optimizers=optimizers)
+    wanted = requested_sharding(args)
+    if wanted == "FSDP" and not trainer.is_fsdp_enabled or wanted == "DeepSpeed" and not trainer.is_deepspeed_enabled:
+        raise ValueError(f"{wanted} was requested but accelerate set up {trainer.accelerator.distributed_type}: the "
+                         f"run would not be sharded; check the accelerate config, or drop {wanted} to run DDP")
     if kl is not None:
         from ..callbacks.kl_to_base import attach_kl_to_base
 
         attach_kl_to_base(trainer, kl)
+    if cfg.downstream is not None:
+        from ..callbacks.downstream import DownstreamEvalCallback, attach_downstream_eval
+
+        attach_downstream_eval(trainer, DownstreamEvalCallback(cfg.downstream))
     return trainer
 
 
@@ -302,8 +346,16 @@ def collect_metrics(cfg: CPTConfig, trainer: Any, train_out: Any, data: RunData,
         "distilled_tokens": getattr(data.collator, "tokens_distilled", None),
         "forgetting": monitor.summary(),
         "eval_history": monitor.history,
+        "downstream": _downstream_summary(live),
         "log_history": trainer.state.log_history,
     }
+
+
+def _downstream_summary(callbacks: list[Any]) -> dict[str, Any] | None:
+    from ..callbacks.downstream import DownstreamEvalCallback
+
+    found = next((c for c in callbacks if isinstance(c, DownstreamEvalCallback)), None)
+    return found.summary() if found is not None else None
 
 
 def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: bool = False,
@@ -344,6 +396,8 @@ def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: boo
 
     cfg.check_held_out_sets()  # the monitor's general and domain sets exist
     check_data_paths(cfg.data)  # a bad path or file fails here, before the output dir or the model
+    if cfg.downstream is not None:
+        cfg.downstream.check()  # lm-eval installed, task names and metrics known: before the model loads
     push_token = None
     if cfg.hub.push_to_hub and state.is_main_process:  # fail before training, not after it
         from ..hub import check_push_access

@@ -1,8 +1,20 @@
-"""`ReplayMixer` under TRL: `SFTTrainer` accepts `mixer.to_iterable_dataset()`, and a resume from a checkpoint (the
-Trainer rebuilding `ReplayMixerCallback` from its saved state) sees exactly the blocks of an uninterrupted run."""
+"""`ReplayMixer` under TRL: `SFTTrainer` (full, or a LoRA adapter through its `peft_config`) accepts
+`mixer.to_iterable_dataset()`, and a resume (in-process, or after kill -9 in a child) sees exactly the blocks of an
+uninterrupted run. TRL's other trainers (DPO, KTO, GRPO, RLOO, reward, on-policy distillation) train on prompts and
+preferences or on the student's own generations, not on a token stream, so `SFTTrainer` is TRL's CPT trainer."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from hf_cpt.callbacks.replay_mixer import ReplayMixerCallback
 from hf_cpt.config import DataConfig
@@ -43,3 +55,49 @@ def test_sft_trainer_takes_the_mixer_and_resumes_exactly(tmp_path, tiny_tokenize
     assert cb.tokens_per_source == tokens
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+# kill -9 in a child process, then resume in a fresh one: the same weights (bitwise), tokens and losses as an
+# uninterrupted child; for full fine-tuning and for a LoRA adapter (SFTTrainer's `peft_config`)
+_ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+def _worker(out, mode, how):
+    return [sys.executable, str(Path(__file__).with_name("trl_worker.py")), str(out), mode, how]
+
+
+def _run_worker(out, mode, how):
+    proc = subprocess.run(_worker(out, mode, how), env=_ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, f"trl_worker {mode} {how} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_sigkill_then_resume_under_trl_matches_the_uninterrupted_run(tmp_path, mode):
+    _run_worker(tmp_path / "ref", mode, "fresh")
+    crash = tmp_path / "crash"
+    proc = subprocess.Popen(_worker(crash, mode, "fresh"), env=_ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    target = crash / "checkpoint-3" / "trainer_state.json"  # written last in a checkpoint
+    deadline = time.time() + 300
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, f"the run ended before its first checkpoint: {proc.stderr.read()[-3000:]}"
+    time.sleep(random.Random(mode).uniform(0, 0.05))  # seeded jitter past the checkpoint
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert not (crash / "final.json").exists()
+
+    _run_worker(crash, mode, "resume")
+    ref, again = (json.loads((d / "final.json").read_text()) for d in (tmp_path / "ref", crash))
+    assert again["global_step"] == ref["global_step"] == 6
+    assert again["tokens"] == ref["tokens"] and sum(ref["tokens"].values()) == 6 * 2 * 32
+    resumed_losses = {k: v for k, v in ref["losses"].items() if int(k) > 3}
+    assert {k: again["losses"][k] for k in resumed_losses} == resumed_losses
+    a, b = load_file(tmp_path / "ref" / "final.safetensors"), load_file(crash / "final.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    if mode == "lora":
+        assert any("lora_" in name for name in a)  # the adapter was trained through TRL's peft_config

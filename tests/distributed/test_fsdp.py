@@ -1,0 +1,90 @@
+"""FSDP is never silently degraded: on processes without GPUs, where accelerate would quietly run plain DDP with the
+shipped FSDP config, `hf-cpt train` refuses with one line; guards that depend on sharding see the real setting (the
+arguments, what `accelerate launch` tells the processes, and the model's parameters)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hf_cpt.callbacks.active_forgetting import ActiveForgettingCallback
+from hf_cpt.config import CPTConfig
+from hf_cpt.recipe.train import check_sharding
+from hf_cpt.templates import accelerate_config
+from hf_cpt.testing import make_tiny_llama
+from hf_cpt.utils import is_sharded_model, requested_sharding
+
+from ..conftest import tiny_run_dict
+
+pytestmark = pytest.mark.timeout(600)
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+class _Args:
+    fsdp = ""
+    deepspeed = None
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for processes without GPUs")
+def test_accelerate_launch_with_the_shipped_fsdp_config_refuses_on_cpu(tmp_path, tiny_model_dir):
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(tiny_run_dict(tiny_model_dir, max_steps=2)))
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config("fsdp")),
+         "--num_processes", "2", "-m", "hf_cpt.cli.main", "train", str(tmp_path / "run.yaml"),
+         "-o", str(tmp_path / "out")],
+        env=ENV, capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert proc.returncode != 0, f"ran instead of refusing; stderr:\n{proc.stderr[-3000:]}"
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert ours and all("FSDP was requested" in line and "--nproc" in line for line in ours), proc.stderr[-3000:]
+    assert "/hf_cpt/" not in proc.stderr  # no traceback through our code (the launcher reports its child's exit)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_requested_sharding_reads_the_arguments_and_the_launcher(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    args = _Args()
+    assert requested_sharding(args) is None
+    args.fsdp = ["full_shard", "auto_wrap"]
+    assert requested_sharding(args) == "FSDP"
+    args.fsdp = ""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # how `accelerate launch` tells the processes
+    assert requested_sharding(args) == "FSDP"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert requested_sharding(args) == "DeepSpeed"
+
+
+def test_active_forgetting_guard_sees_fsdp_set_by_the_launcher(monkeypatch, tiny_model_dir):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match=r"`active_forgetting` does not support FSDP"):
+        ActiveForgettingCallback(every_k_updates=2).on_train_begin(_Args(), None, None, model=make_tiny_llama(64))
+    cfg = CPTConfig.from_dict({**tiny_run_dict(tiny_model_dir), "active_forgetting": {"every_k_updates": 2}})
+    with pytest.raises(ValueError, match=r"`active_forgetting` does not support FSDP"):
+        check_sharding(cfg, _Args())  # the recipe refuses before loading the model
+
+
+def test_is_sharded_model_sees_fsdp2_parameters(tmp_path):
+    """`fully_shard` on a one-process gloo group (CPU) gives DTensor parameters; run in a child so the process
+    group does not leak into other tests."""
+    script = textwrap.dedent(f"""
+        import torch, torch.distributed as dist
+        from torch.distributed.fsdp import fully_shard
+        from hf_cpt.testing import make_tiny_llama
+        from hf_cpt.utils import is_sharded_model
+        dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+        model = make_tiny_llama(64)
+        before = is_sharded_model(model)
+        fully_shard(model)
+        print(before, is_sharded_model(model))
+        dist.destroy_process_group()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["False", "True"]
+    assert not is_sharded_model(make_tiny_llama(64))
