@@ -57,7 +57,12 @@ def main() -> None:
     ap.add_argument("--n-new", type=int, default=5000)
     ap.add_argument("--min-frequency", type=int, default=2)
     ap.add_argument("--inits", default="distill,ofa,subword_mean,mean,random")
+    ap.add_argument("--distill-layer", type=int, default=-1, help="`vocab.distill_layer` (-1: final hidden states)")
+    ap.add_argument("--distill-context-length", type=int, default=32, help="`vocab.distill_context_length`")
+    ap.add_argument("--distill-contexts", type=int, default=2, help="`vocab.distill_contexts` per new token")
     args = ap.parse_args()
+    distill_opts = {"distill_layer": args.distill_layer, "distill_context_length": args.distill_context_length,
+                    "distill_contexts": args.distill_contexts}
     inits = args.inits.split(",")
     missing = [p for p in (REF / "debian-reference.de.txt.gz", REF / "debian-reference.en.txt.gz", DICT)
                if not p.exists()]
@@ -90,12 +95,13 @@ def main() -> None:
           f"+ FreeDict: {len(pairs)} pairs, {len(dict_vectors.words)} words in {dict_s:.1f} s\n")
     runs = [("distill", "distill", None), ("ofa (corpus vectors)", "ofa", corpus_vectors), ("ofa (corpus + FreeDict)", "ofa", dict_vectors),
             ("subword_mean", "subword_mean", None), ("mean", "mean", None), ("random", "random", None)]
+    print(f"distill options: {distill_opts}; torch threads {torch.get_num_threads()}")
     print("| init | extend+init s | OFA coverage | German loss step 0 | English (KJV) loss step 0 |")
     print("|---|---:|---:|---:|---:|")
     for name, init, vectors in [r for r in runs if r[1] in inits]:
         model = AutoModelForCausalLM.from_pretrained(path)
         s = extend_model(model, ext.tokenizer, ext.new_tokens, init, old_tokenizer=base, word_vectors=vectors,
-                         texts=de_train)
+                         texts=de_train, **(distill_opts if init == "distill" else {}))
         cov = f"{s['ofa_coverage']:.0%}" if s["ofa_coverage"] is not None else ""
         print(f"| {name} | {s['seconds']:.1f} | {cov} | {loss(model, evals['german']):.4f} | "
               f"{loss(model, evals['english (KJV)']):.4f} |", flush=True)

@@ -25,12 +25,26 @@ _GROUPS: dict[str, dict[str, str]] = {
         "ReplayMixer": "mixers.replay", "ReplayMixerConfig": "mixers.replay", "RatioStage": "mixers.core",
         "ReplayMixerCallback": "callbacks.replay_mixer",
     },
+    "data at scale": {"PreparedMixer": "mixers.prepared", "PreparedStore": "mixers.prepared",
+                      "prepare_sources": "recipe.prepare", "prepare_config": "recipe.prepare"},
     "CMR": {n: "mixers.cmr" for n in ("fit_cmr_law", "predict_cmr", "read_records", "write_records", "plot_cmr",
                                          "CMRFit", "CMRPrediction", "CMRRecord")},
+    "learning dynamics": {
+        **{n: "dynamics" for n in ("fit_dynamics", "bootstrap_dynamics", "predict_band", "predict_curves",
+                                   "DynamicsLaw", "DynamicsFit", "LossLaw", "PilotCurve")},
+        **{n: "recipe.plan" for n in ("plan_cpt", "plan_from_pilots", "read_pilot", "plot_plan", "write_plan",
+                                      "CPTPlan", "PlanCandidate")},
+    },
     "forgetting monitor": {"ForgettingMonitorConfig": "callbacks.forgetting",
                            "ForgettingMonitorCallback": "callbacks.forgetting", "plot_forgetting": "plotting",
                            "KLToBaseCallback": "callbacks.kl_to_base", "attach_kl_to_base": "callbacks.kl_to_base",
                            "compute_base_targets": "distill", "evaluate_kl": "distill"},
+    "downstream evaluation": {
+        "DownstreamConfig": "callbacks.downstream", "DownstreamEvalCallback": "callbacks.downstream",
+        "attach_downstream_eval": "callbacks.downstream", "evaluate_tasks": "evaluation",
+        "check_tasks": "evaluation", "offline_tasks_dir": "evaluation", "compare_models": "recipe.evaluate",
+        "EvalComparison": "recipe.evaluate",
+    },
     "self-synthesised data": {"SynthConfig": "synth", "synthesize_text": "synth",
                               "load_or_synthesize": "synth"},
     "distillation replay": {"DistillConfig": "collators.distill", "DistillCollator": "collators.distill",
@@ -66,10 +80,12 @@ __all__ = ["__version__", *_EXPORTS]
 if TYPE_CHECKING:  # pragma: no cover
     from .adapters import add_lora_for_cpt
     from .callbacks.active_forgetting import ActiveForgettingCallback, ActiveForgettingConfig, relearn_embeddings
+    from .callbacks.downstream import DownstreamConfig, DownstreamEvalCallback, attach_downstream_eval
     from .callbacks.forgetting import ForgettingMonitorCallback, ForgettingMonitorConfig
     from .callbacks.kl_to_base import KLToBaseCallback, attach_kl_to_base
     from .collators.distill import DistillCollator, DistillConfig, precompute_distill_targets
     from .distill import compute_base_targets, evaluate_kl, make_frozen_copy
+    from .evaluation import check_tasks, evaluate_tasks, offline_tasks_dir
     from .synth import SynthConfig, load_or_synthesize, synthesize_text
     from .callbacks.masking_stats import MaskingStatsCallback
     from .callbacks.new_rows_first import NewRowsFirstCallback
@@ -89,6 +105,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from .hub import HubConfig, check_push_access, push_adapted
     from .liger import choose_loss, resolve_liger
     from .losses import apply_chunked_loss, chunked_linear_cross_entropy
+    from .dynamics import (
+        DynamicsFit,
+        DynamicsLaw,
+        LossLaw,
+        PilotCurve,
+        bootstrap_dynamics,
+        fit_dynamics,
+        predict_band,
+        predict_curves,
+    )
     from .mixers.cmr import (
         CMRFit,
         CMRPrediction,
@@ -100,12 +126,24 @@ if TYPE_CHECKING:  # pragma: no cover
         write_records,
     )
     from .mixers.core import RatioStage
+    from .mixers.prepared import PreparedMixer, PreparedStore
     from .mixers.replay import ReplayMixer, ReplayMixerConfig
     from .model_card import render_model_card
     from .plotting import plot_forgetting
     from .recipe.cmr_pilot import run_cmr_pilot, write_cmr_config
     from .recipe.data import build_eval_sets, build_train_set
+    from .recipe.evaluate import EvalComparison, compare_models
     from .recipe.models import load_model_and_tokenizer, resolve_model_path
+    from .recipe.plan import (
+        CPTPlan,
+        PlanCandidate,
+        plan_cpt,
+        plan_from_pilots,
+        plot_plan,
+        read_pilot,
+        write_plan,
+    )
+    from .recipe.prepare import prepare_config, prepare_sources
     from .recipe.resolve import load_config
     from .recipe.train import CPTResult, build_training_args, run_cpt
     from .recipe.vocab import extend_checkpoint

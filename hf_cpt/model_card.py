@@ -44,6 +44,29 @@ def forgetting_table(f: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def downstream_table(d: dict[str, Any]) -> str:
+    """Markdown table of the downstream (lm-eval) scores: before (step 0), after, change."""
+    rows = ["| task / metric | before | after | change |", "|---|---:|---:|---:|"]
+    for key, end in (d.get("end") or {}).items():
+        start = (d.get("start") or {}).get(key)
+        rows.append(f"| {key} | {_fmt(start)} | {_fmt(end)} | {_fmt(None if start is None else end - start, '+.4f')} |")
+    return "\n".join(rows)
+
+
+def downstream_eval_results(d: dict[str, Any], pipeline_tag: str) -> list[Any]:
+    """The adapted model's downstream scores as Hub `model-index` entries (one per task and metric)."""
+    from huggingface_hub import EvalResult
+
+    out = []
+    for key, value in (d.get("end") or {}).items():
+        task, metric = key.split("/", 1)
+        out.append(EvalResult(task_type=pipeline_tag, dataset_type=task, dataset_name=task,
+                              metric_type=metric.split("/")[0], metric_value=value,
+                              metric_name=f"{metric} (lm-eval" + (f", limit {d['limit']}" if d.get("limit") else "")
+                              + (f", {d['num_fewshot']}-shot" if d.get("num_fewshot") is not None else "") + ")"))
+    return out
+
+
 def recipe_lines(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
     """One bullet per technique the run used, in the words a reader of the card needs."""
     data, train = config.get("data", {}), config.get("train", {})
@@ -121,7 +144,8 @@ def render_model_card(config: dict[str, Any], metrics: dict[str, Any], base_mode
 
     The YAML metadata carries `base_model`, `datasets` (Hub corpora only), `tags`
     (`continual-pretraining`, `hf-cpt`, the domain), `library_name` and an `hf_cpt` block with the held-out losses
-    before and after, so tools can read the forgetting numbers without parsing the body.
+    before and after, so tools can read the forgetting numbers without parsing the body; with downstream
+    evaluation, the final task scores as `model-index` results and before/after/change in `hf_cpt.downstream`.
 
     Args:
         config: the resolved run config (`CPTConfig.to_dict()`).
@@ -142,15 +166,23 @@ def render_model_card(config: dict[str, Any], metrics: dict[str, Any], base_mode
     # every other held-out set (e.g. general_self) and the KL to the base model
     numbers.update({k: v for k, v in f.items() if k not in numbers and v is not None
                     and k.endswith(("_loss_start", "_loss_end", "_delta_rel", "_kl_end", "_top1_agree_end"))})
+    pipeline_tag = "fill-mask" if config.get("objective") == "mlm" else "text-generation"
+    model_name = config["model"]["name_or_path"]
+    downstream = metrics.get("downstream") or {}
+    hf_cpt = {"forgetting": numbers, "train_tokens": tokens, "global_step": metrics.get("global_step")}
+    if downstream.get("end"):
+        hf_cpt["downstream"] = {k: {"before": downstream["start"].get(k), "after": v,
+                                    "change": v - downstream["start"].get(k, v)} for k, v in downstream["end"].items()}
     card_data = ModelCardData(
         library_name="transformers",
         base_model=base_model,
         datasets=datasets or None,
         tags=tags,
-        pipeline_tag="fill-mask" if config.get("objective") == "mlm" else "text-generation",
-        hf_cpt={"forgetting": numbers, "train_tokens": tokens, "global_step": metrics.get("global_step")},
+        pipeline_tag=pipeline_tag,
+        model_name=(repo_id or f"{base_model or model_name}-cpt") if downstream.get("end") else None,
+        eval_results=downstream_eval_results(downstream, pipeline_tag) or None,
+        hf_cpt=hf_cpt,
     )
-    model_name = config["model"]["name_or_path"]
     recipe = "\n".join(f"- {line}" for line in recipe_lines(config, metrics))
     auto = "AutoModelForMaskedLM" if config.get("objective") == "mlm" else "AutoModelForCausalLM"
     usage = (f"\n## Use\n\n```python\nfrom transformers import {auto}, AutoTokenizer\n\n"
@@ -172,7 +204,7 @@ General-loss tolerance: {f.get('tolerance')} ({f.get('tolerance_mode')}); breach
 ![forgetting plot](forgetting.png)
 
 {format_history_table(metrics.get('eval_history', []))}
-
+{_downstream_section(downstream)}
 ## Recipe
 
 {recipe}
@@ -189,3 +221,17 @@ wall time: {_fmt(metrics.get('train_runtime_s'), '.1f')} s, training tokens: {su
 """
     # ModelCard parses the metadata block back, so the card is valid for the Hub as written
     return str(ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}"))
+
+
+def _downstream_section(d: dict[str, Any]) -> str:
+    if not d.get("end"):
+        return ""
+    how = ", ".join(x for x in (f"first {d['limit']} documents per task" if d.get("limit") else "all documents",
+                                f"{d['num_fewshot']}-shot" if d.get("num_fewshot") is not None else "")
+                    if x)
+    guard = ""
+    if d.get("tolerance_metric"):
+        guard = (f"\nTolerance on `{d['tolerance_metric']}`: {d['tolerance']} ({d['tolerance_mode']}); breached: "
+                 + (f"yes, first at step {d['breach_step']}" if d.get("tolerance_breached") else "no") + ".\n")
+    return (f"\n## Downstream evaluation\n\nlm-evaluation-harness on the model during training ({how}): at step "
+            f"0 (the base model) and after the last update.\n\n{downstream_table(d)}\n{guard}")

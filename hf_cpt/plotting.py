@@ -14,14 +14,16 @@ def plot_forgetting(
     tolerance: float | None = None,
     tolerance_mode: str = "relative",
     title: str = "",
+    downstream: list[dict[str, float]] | None = None,
 ) -> Path:
-    """Write a PNG: general held-out losses (every general set), domain loss, and the KL to the base model with
-    top-1 agreement when measured; Δ vs step 0 in the legends.
+    """Write a PNG: general held-out losses (every general set), domain loss, the KL to the base model with
+    top-1 agreement when measured, and downstream (lm-eval) task scores when given; Δ vs step 0 in the legends.
 
     Args:
         history: records ``{"step", "<name>_loss", "<name>_kl", ...}`` as kept by [`ForgettingMonitorCallback`].
         path: output PNG path.
         tolerance: if given, draws the general-loss limit as a dashed line.
+        downstream: records ``{"step", "<task>/<metric>": value, ...}`` as kept by [`DownstreamEvalCallback`].
     """
     import matplotlib
 
@@ -31,7 +33,9 @@ def plot_forgetting(
     sets = [general] + sorted({k[: -len("_loss")] for r in history for k in r if k.endswith("_loss")}
                               - {general, domain}) + [domain]
     has_kl = any(k.endswith("_kl") for r in history for k in r)
-    fig, axes = plt.subplots(1, 3 if has_kl else 2, figsize=(15 if has_kl else 10, 3.8), constrained_layout=True)
+    scores = sorted({k for r in downstream or [] for k in r if k != "step" and "_stderr" not in k})
+    panels = 2 + has_kl + bool(scores)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8), constrained_layout=True)
     colors = dict(zip(sets, ["tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:gray"]))
     colors[domain] = "tab:orange"
     axes[0].set_title("general held-out loss")
@@ -66,6 +70,17 @@ def plot_forgetting(
                 agree = [r.get(f"{name}_top1_agree") for r in history if f"{name}_kl" in r][-1]
                 ax.plot(steps, kls, marker="o", color=colors[name],
                         label=f"{name}: KL {kls[-1]:.3f}" + (f", top-1 agree {agree:.0%}" if agree is not None else ""))
+    if scores:
+        ax = axes[-1]
+        ax.set_title("downstream tasks (lm-eval)")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("score")
+        ax.grid(alpha=0.3)
+        for key in scores:
+            pts = [(r["step"], r[key]) for r in downstream if key in r]
+            steps, values = zip(*pts)
+            ax.plot(steps, values, marker="o",
+                    label=f"{key}: {values[0]:.3f} → {values[-1]:.3f} (Δ {values[-1] - values[0]:+.3f})")
     for ax in axes:
         if ax.lines:
             ax.legend(loc="best", fontsize=8)

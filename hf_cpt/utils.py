@@ -152,3 +152,18 @@ def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False) -> Iter
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     commit_staging_dir(tmp, final)
+
+
+def add_callback_before_integrations(trainer: Any, callback: Any) -> Any:
+    """Add `callback` to `trainer` ahead of its reporting integrations (TensorBoard, W&B, ...), so metrics it
+    adds to the `logs` of `on_log` reach them too. Uses only the Trainer's public `pop_callback`/`add_callback`."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK
+
+    integration_types = tuple(INTEGRATION_TO_CALLBACK.values())
+    moved = [cb for cb in list(trainer.callback_handler.callbacks) if isinstance(cb, integration_types)]
+    for cb in moved:
+        trainer.pop_callback(cb)
+    trainer.add_callback(callback)
+    for cb in moved:
+        trainer.add_callback(cb)
+    return callback

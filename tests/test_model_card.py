@@ -27,9 +27,10 @@ def test_recipe_lines_name_every_technique():
         "schedule": {"schedule": "rewarm", "warmup_steps": 10, "decay": "1-sqrt"},
         "active_forgetting": {"every_k_updates": 100},
         "vocab": {"n_new_tokens": 5000, "init": "ofa"},
-        "masking": {"kind": "lem", "span_weight": 3.0},
     }).to_dict()
-    text = "\n".join(recipe_lines(cfg, _metrics()))
+    # masked runs mix chunks by probability and refuse replay stages: their line comes from a config of its own
+    masked = CPTConfig.from_dict({"data": {"replay_ratio": 0.1}, "masking": {"kind": "lem", "span_weight": 3.0}})
+    text = "\n".join(recipe_lines(cfg, _metrics()) + recipe_lines(masked.to_dict(), _metrics()))
     for needle in ("replay: 10.0%", "2.0% from 80% of the run", "critical domain share 0.900 at 2e+09 tokens",
                    "training tokens: 400 (domain: 300 = 75.0%", "`rewarm`", "1-sqrt re-decay",
                    "masking: kind=lem", "vocabulary extension: 5000 domain subwords", "`ofa` (top-k 10, temperature 0.1)",

@@ -24,7 +24,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..distill import compute_base_targets, evaluate_kl
-from ..utils import unwrap_model
+from ..utils import add_callback_before_integrations, unwrap_model
 from ..validation import check_int
 
 logger = logging.getLogger(__name__)
@@ -115,13 +115,4 @@ def attach_kl_to_base(trainer: Any, callback: KLToBaseCallback) -> KLToBaseCallb
 
     Uses only the Trainer's public callback API: the integrations are popped and added back after it.
     """
-    from transformers.integrations import INTEGRATION_TO_CALLBACK
-
-    integration_types = tuple(INTEGRATION_TO_CALLBACK.values())
-    moved = [cb for cb in list(trainer.callback_handler.callbacks) if isinstance(cb, integration_types)]
-    for cb in moved:
-        trainer.pop_callback(cb)
-    trainer.add_callback(callback)
-    for cb in moved:
-        trainer.add_callback(cb)
-    return callback
+    return add_callback_before_integrations(trainer, callback)

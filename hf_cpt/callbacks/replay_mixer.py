@@ -9,13 +9,14 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from ..mixers.prepared import PreparedMixer
 from ..mixers.replay import ReplayMixer, register_mixer, registered_mixer
 
 logger = logging.getLogger(__name__)
 
 
-def find_mixer(dataloader: Any) -> ReplayMixer | None:
-    """The [`ReplayMixer`] under a (possibly accelerate-wrapped) dataloader, or None."""
+def find_mixer(dataloader: Any) -> ReplayMixer | PreparedMixer | None:
+    """The [`ReplayMixer`] or [`PreparedMixer`] under a (possibly accelerate-wrapped) dataloader, or None."""
     seen: set[int] = set()
     todo = [dataloader]
     while todo:
@@ -23,14 +24,18 @@ def find_mixer(dataloader: Any) -> ReplayMixer | None:
         if obj is None or id(obj) in seen:
             continue
         seen.add(id(obj))
-        if isinstance(obj, ReplayMixer):
+        if isinstance(obj, (ReplayMixer, PreparedMixer)):
             return obj
         todo.extend(getattr(obj, a, None) for a in ("dataset", "base_dataloader"))
     return None
 
 
 class ReplayMixerCallback(TrainerCallback, ExportableState):
-    """Makes a [`ReplayMixer`] training set resumable and accounted for.
+    """Makes a [`ReplayMixer`] (or [`PreparedMixer`]) training set resumable and accounted for.
+
+    - A [`PreparedMixer`] computes any block from its index, so resuming is a seek (its `start` is set to the
+      checkpoint's block), it may be read by dataloader workers, and it must be read in order
+      (`train_sampling_strategy="sequential"`).
 
     - Each checkpoint stores the mixer state *at the last consumed block* (global step x blocks per update), not
       at the dataloader's prefetch position, so a resumed run sees exactly the blocks an uninterrupted one would.
@@ -84,7 +89,13 @@ class ReplayMixerCallback(TrainerCallback, ExportableState):
             raise ValueError("ReplayMixerCallback found no ReplayMixer: pass it (`ReplayMixerCallback(mixer)`), or "
                              "use one as `train_dataset`")
         register_mixer(self.mixer, f"callback:{self.slot}")  # a rebuild from this run's checkpoints finds it
-        if args.dataloader_num_workers:
+        if isinstance(self.mixer, PreparedMixer):
+            # blocks are fetched by index: any number of workers, but in order (item i is block start + i)
+            if getattr(args, "train_sampling_strategy", "sequential") != "sequential":
+                raise ValueError("a PreparedMixer training set is read in order: set "
+                                 "`train_sampling_strategy='sequential'` in TrainingArguments, got "
+                                 f"{args.train_sampling_strategy!r}")
+        elif args.dataloader_num_workers:
             raise ValueError("a ReplayMixer training set needs `dataloader_num_workers=0` (it tokenizes on the fly "
                              "and its position is checkpointed from the main process)")
         per_update = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size

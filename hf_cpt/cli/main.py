@@ -2,10 +2,13 @@
 
     hf-cpt train --template quickstart          # run a shipped template
     hf-cpt train my_run.yaml -o runs/my_run     # run your own config
+    hf-cpt prepare my_run.yaml                  # tokenize the corpora once into `data.prepared_dir`
     hf-cpt init --domain medical                # write a commented template to edit
     hf-cpt templates                            # list the templates
     hf-cpt cmr pilot my_run.yaml -o records.csv # pilot runs at several domain shares
     hf-cpt cmr fit records.csv --budget-tokens 2e9 --tolerance 0.05
+    hf-cpt plan runs/pilot-* --budget-steps 4000 # fit the CPT learning-dynamics law, recommend a run
+    hf-cpt eval runs/quickstart                 # the adapted model vs its base on lm-eval tasks
 """
 
 from __future__ import annotations
@@ -82,6 +85,10 @@ def train(
                    f"({f[f'{name}_delta']:+.4f})" + (f"; KL to base {kl:.4f}, top-1 agreement "
                                                      f"{f[f'{name}_top1_agree_end']:.1%}" if kl is not None else ""))
     typer.echo(f"  tolerance breached: {f['tolerance_breached']}")
+    downstream = result.metrics.get("downstream") or {}
+    for key, end in (downstream.get("end") or {}).items():
+        start = downstream["start"][key]
+        typer.echo(f"  {key:<32} {start:.4f} -> {end:.4f} ({end - start:+.4f})  [lm-eval, step 0 -> end]")
     typer.echo(f"  metrics: {result.output_dir / 'metrics.json'}  plot: {result.output_dir / 'forgetting.png'}")
     if result.metrics.get("hub_commit_url"):
         typer.echo(f"  pushed to the Hub: {result.metrics['hub_commit_url']}")
@@ -117,6 +124,27 @@ def extend_vocab(
                    "tokens/word")
     typer.echo(f"  examples: {', '.join(repr(x) for x in s['examples'][:10])}")
     typer.echo(f"  to train it: set `model.name_or_path: {out}` and remove the `vocab:` block")
+
+
+@app.command()
+@_user_errors
+def prepare(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config whose `data:` sources are tokenized.")] = None,
+    template: Annotated[Optional[str], typer.Option("--template", "-t", help="Use a shipped template.")] = None,
+    prepared_dir: Annotated[Optional[Path], typer.Option(help="Overrides `data.prepared_dir`.")] = None,
+    num_proc: Annotated[Optional[int], typer.Option(help="Overrides `data.num_proc` (tokenizing processes).")]
+    = None,
+    overwrite: Annotated[bool, typer.Option(help="Rebuild a store prepared from other data or tokenizer.")] = False,
+) -> None:
+    """Tokenize the training corpora once into a pretokenized store (`data.prepared_dir`), which `hf-cpt train`
+    then reads: no tokenizing during training, each rank builds only its own blocks, O(1) resume."""
+    from ..recipe import load_config, prepare_config
+
+    cfg = load_config(config, template)
+    if prepared_dir is not None:
+        cfg = cfg.override({"data.prepared_dir": str(prepared_dir)})
+    out = prepare_config(cfg, num_proc=num_proc, overwrite=overwrite)
+    typer.echo(f"Prepared store written to {out}; `hf-cpt train` reads it when `data.prepared_dir` points there")
 
 
 @app.command()
@@ -164,6 +192,33 @@ def _relaunch_with_torchrun(nproc: int) -> None:
     code = subprocess.call(cmd, env=env)
     if code:
         raise typer.Exit(code=code)
+
+
+@app.command("eval")
+@_user_errors
+def eval_(
+    model: Annotated[str, typer.Argument(help="Directory written by `hf-cpt train`, a model directory or a Hub id.")],
+    base: Annotated[Optional[str], typer.Option(help="Model to compare with (default: the run's base model).")]
+    = None,
+    tasks: Annotated[Optional[str], typer.Option(help="lm-eval tasks, comma-separated (default: the run's "
+                                                      "`downstream.tasks`), e.g. hf_cpt_python_docs_mc,hf_cpt_kjv_mc.")]
+    = None,
+    limit: Annotated[Optional[int], typer.Option(help="At most N documents per task.")] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option(help="Few-shot examples (default: each task's).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Requests per forward pass (default 8).")] = None,
+    include_path: Annotated[Optional[str], typer.Option(help="A directory of your own task YAMLs.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="JSON to write (default: "
+                                                   "downstream_eval.json in MODEL when it is a directory).")] = None,
+) -> None:
+    """Score an adapted model and its base side by side on lm-eval tasks (task, metric, base, adapted, Δ)."""
+    from ..recipe import compare_models
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    result = compare_models(model, base, names, include_path=include_path, limit=limit, num_fewshot=num_fewshot,
+                            batch_size=batch_size, output=output)
+    typer.echo(f"base: {result.base or 'n/a'}\nadapted: {result.adapted}\n")
+    typer.echo(result.table())
+    typer.echo(f"\nwritten to {result.output}")
 
 
 @app.command()
@@ -246,7 +301,8 @@ def cmr_fit(
                            "rmse_domain": fit.rmse_domain}, indent=1))
     typer.echo(f"CMR at {budget_tokens:.3g} tokens: domain share {pred.cmr:.3f} "
                f"(90% interval {pred.interval[0]:.3f}-{pred.interval[1]:.3f}; paper's power law: "
-               + (f"{pred.power_law_cmr:.3f})" if pred.power_law_cmr is not None else "n/a)"))
+               + (f"{pred.power_law_cmr:.3f})" if pred.power_law_cmr is not None else
+                  f"not reported: {pred.power_law_note})"))
     typer.echo(f"  -> data.replay_ratio: {pred.replay_ratio:.3f}    plot: {plot}")
     if config is not None:
         from ..config import CPTConfig
@@ -254,6 +310,63 @@ def cmr_fit(
 
         write_cmr_config(CPTConfig.from_yaml(config), fit, pred, write_config, records=records)
         typer.echo(f"Wrote {write_config}: hf-cpt train {write_config}")
+
+
+def _floats(name: str, text: Optional[str]) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"`{name}` must be comma-separated numbers, got {text!r}") from None
+
+
+@app.command()
+@_user_errors
+def plan(
+    runs: Annotated[list[Path], typer.Argument(help="Pilot output directories of `hf-cpt train` (>= 2 schedules).")],
+    budget_steps: Annotated[int, typer.Option(help="Updates of the planned run (>= the longest pilot).")],
+    tolerance: Annotated[float, typer.Option(help="Allowed rise of the general held-out loss at the end.")] = 0.05,
+    tolerance_mode: Annotated[str, typer.Option(help="relative (0.05 = 5%) or absolute (nats).")] = "relative",
+    schedules: Annotated[str, typer.Option(help="Candidate schedules, comma-separated.")] = "constant,cosine,wsd",
+    peak_lrs: Annotated[Optional[str], typer.Option(help="Candidate peak LRs (default: the pilots').")] = None,
+    replay_ratios: Annotated[Optional[str], typer.Option(help="Candidate replay ratios (default: 0.05 steps "
+                                                               "within the pilots' range).")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Candidates' warmup (default min(10, 10%)).")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Refits on resampled pilot runs for the band.")] = 30,
+    plot: Annotated[Path, typer.Option(help="PNG: pilots measured vs fitted, the plan with its band.")] = Path(
+        "plan.png"),
+    output_json: Annotated[Optional[Path], typer.Option("--json", help="Write the whole plan as JSON.")] = None,
+) -> None:
+    """Fit the CPT learning-dynamics law to pilot runs and recommend a schedule, peak LR and replay ratio."""
+    from ..recipe.plan import plan_cpt, plot_plan, write_plan
+
+    result = plan_cpt(runs, budget_steps, tolerance, tolerance_mode,
+                      schedules=[s.strip() for s in schedules.split(",") if s.strip()],
+                      peak_lrs=_floats("--peak-lrs", peak_lrs), replay_ratios=_floats("--replay-ratios", replay_ratios),
+                      warmup_steps=warmup_steps, bootstrap=bootstrap)
+    plot_plan(result, plot)
+    if output_json is not None:
+        write_plan(result, output_json)
+    f = result.fit
+    typer.echo(f"fit on {len(f.pilots)} pilots ({', '.join(f.schedules)}; replay ratios "
+               f"{', '.join(f'{1 - s:g}' for s in f.shares)}): rmse general {f.rmse_general:.4f}, domain "
+               f"{f.rmse_domain:.4f} nats")
+    if f.at_bounds:
+        typer.echo(f"  warning: parameters at their bounds ({', '.join(f.at_bounds)}): the pilots pin them down "
+                   "poorly; treat extrapolations with care")
+    c = result.recommended
+    if c is None:
+        typer.echo(f"No candidate keeps the general loss within the tolerance (bound {result.general_bound:.4f}) at "
+                   f"{budget_steps} steps: raise `--tolerance`, allow more replay, or a lower peak LR.")
+    else:
+        tokens = f" ({budget_steps * result.tokens_per_step:.3g} tokens)" if result.tokens_per_step else ""
+        typer.echo(f"Plan for {budget_steps} steps{tokens}: schedule {c.schedule}, peak LR {c.peak_lr:g}, "
+                   f"replay_ratio {c.replay_ratio:g}")
+        typer.echo(f"  predicted general loss {c.general_end:.4f} (band top {c.general_hi:.4f}; bound "
+                   f"{result.general_bound:.4f}), domain loss {c.domain_end:.4f} (band top {c.domain_hi:.4f}); "
+                   f"{result.bootstrap_samples} bootstrap refits")
+    typer.echo(f"  plot: {plot}" + (f"  plan: {output_json}" if output_json else ""))
 
 
 def main() -> None:

@@ -8,12 +8,15 @@ import glob
 import json
 import logging
 import os
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ..config import SELF, SELF_EVAL_SET, DataConfig, SourceConfig
 from ..mixers.core import pack_blocks
+from ..mixers.prepared import (MANIFEST, STORE_VERSION, PreparedMixer, PreparedStore, files_fingerprint,
+                               tokenizer_fingerprint)
 from ..mixers.replay import ReplayMixer, ReplayMixerConfig
 
 logger = logging.getLogger(__name__)
@@ -163,8 +166,10 @@ def build_eval_sets(cfg: DataConfig, tokenizer, extra: dict[str, Any] | None = N
 
 
 def build_train_set(cfg: DataConfig, tokenizer, total_blocks: int | None = None,
-                    sources: dict[str, Any] | None = None, emit_sources: bool = False) -> ReplayMixer:
-    """The training stream: a [`ReplayMixer`] of `domain` and `general` (share `cfg.replay_ratio` of tokens).
+                    sources: dict[str, Any] | None = None, emit_sources: bool = False) -> ReplayMixer | PreparedMixer:
+    """The training stream: a [`ReplayMixer`] of `domain` and `general` (share `cfg.replay_ratio` of tokens), or
+    with `cfg.prepared_dir` a [`PreparedMixer`] giving the same blocks from the pretokenized store (checked
+    against this config's files and `tokenizer` first; refused when stale).
 
     Args:
         cfg: the data settings.
@@ -180,6 +185,8 @@ def build_train_set(cfg: DataConfig, tokenizer, total_blocks: int | None = None,
     r = cfg.replay_ratio if cfg.general is not None else 0.0
     names = ["domain"] + (["general"] if cfg.general is not None and (r > 0 or cfg.replay_stages) else [])
     given = sources or {}
+    if cfg.prepared_dir is not None and not given:
+        return _prepared_train_set(cfg, tokenizer, names, total_blocks, emit_sources)
     loaded: dict[str, Any] = {}
     for name in names:
         src: SourceConfig = getattr(cfg, name)
@@ -205,6 +212,24 @@ def build_train_set(cfg: DataConfig, tokenizer, total_blocks: int | None = None,
     return ReplayMixer(loaded, tokenizer, mixer_cfg)
 
 
+def _prepared_train_set(cfg: DataConfig, tokenizer, names: list[str], total_blocks: int | None,
+                        emit_sources: bool) -> PreparedMixer:
+    from accelerate import PartialState
+
+    if total_blocks is None:
+        raise ValueError("`data.prepared_dir` needs the run length (blocks in the whole run): pass `total_blocks`")
+    r = cfg.replay_ratio if len(names) == 2 else 0.0
+    mixer_cfg = ReplayMixerConfig(
+        ratios={"domain": 1.0 - r, "general": r} if len(names) == 2 else {"domain": 1.0},
+        block_size=cfg.block_size, granularity=cfg.granularity, on_exhausted=cfg.on_exhausted,
+        stages=list(cfg.replay_stages) if len(names) == 2 else [],
+        total_blocks=total_blocks if cfg.replay_stages and len(names) == 2 else None, seed=cfg.shuffle_seed,
+        emit_sources=emit_sources)
+    store = open_config_store(cfg, tokenizer)
+    with PartialState().main_process_first():  # the main process plans (and caches) the schedule, the others read it
+        return PreparedMixer(store, mixer_cfg, num_blocks=total_blocks)
+
+
 def check_data_paths(cfg: DataConfig) -> None:
     """Resolve every data path of `cfg` and check the held-out splits the monitor needs, without loading data.
 
@@ -223,6 +248,8 @@ def check_data_paths(cfg: DataConfig) -> None:
                     for i, path in enumerate(files):
                         check_data_file(path, builder, f"data.{name}.{split}", f"data.{name}.text_field",
                                         source.text_field, peek=i < _PEEKED_FILES)
+    if cfg.prepared_dir is not None and not (Path(cfg.prepared_dir).expanduser() / MANIFEST).is_file():
+        PreparedStore(cfg.prepared_dir, field="data.prepared_dir")  # raises: no store there, run `hf-cpt prepare`
 
 
 _PEEKED_FILES = 100  # files of a split whose first bytes are read up front (all are checked for emptiness)
@@ -319,3 +346,48 @@ def synthesize_general(cfg: DataConfig, model: Any, tokenizer: Any) -> dict[str,
             docs = load_or_synthesize(model, tokenizer, synth, n_tokens, seed)
             out[split] = datasets.Dataset.from_dict({"text": docs})
     return out
+
+
+def store_fingerprint(sources: Mapping[str, str], tokenizer: Any, text_field: str | Mapping[str, str] = "text",
+                      field: str = "sources", suffix: str = "") -> dict[str, Any]:
+    """What a store prepared from `sources` with `tokenizer` must match: tokenizer hash, per source its path
+    spec, text column and files (path, size, mtime), and the store format version.
+
+    Raises:
+        FileNotFoundError / ValueError: a source path that resolves to no readable files, naming
+        `<field>.<name><suffix>` (e.g. `data.domain.train`).
+    """
+    out: dict[str, Any] = {"version": STORE_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer), "sources": {}}
+    for name, spec in sources.items():
+        where = f"{field}.{name}{suffix}"
+        if not isinstance(spec, str):
+            raise TypeError(f"`{where}` must be a data path (file, directory, glob or embedded:NAME/SPLIT), "
+                            f"got {type(spec).__name__}")
+        if spec.startswith("hub:") or spec == SELF:
+            raise ValueError(f"`{where}`: {spec!r} cannot be prepared (only local files and embedded "
+                             "corpora); leave `data.prepared_dir` unset to read it on the fly")
+        _, files = resolve_data_files(spec, where)
+        tf = text_field.get(name, "text") if isinstance(text_field, Mapping) else text_field
+        out["sources"][name] = {"spec": spec, "text_field": tf, "files": files_fingerprint(files)}
+    return out
+
+
+def config_sources(data: DataConfig) -> tuple[dict[str, str], dict[str, str]]:
+    """The training sources of a config that a store holds (`domain`, and `general` when configured) and their
+    text columns."""
+    sources, fields = {"domain": data.domain.train}, {"domain": data.domain.text_field}
+    if data.general is not None:
+        sources["general"] = data.general.train
+        fields["general"] = data.general.text_field
+    return sources, fields
+
+
+def open_config_store(data: DataConfig, tokenizer: Any) -> PreparedStore:
+    """The store `data.prepared_dir` names, checked against the config's sources and `tokenizer`.
+
+    Raises:
+        FileNotFoundError: no store there (run `hf-cpt prepare CONFIG`). ValueError: stale, truncated or damaged.
+    """
+    sources, fields = config_sources(data)
+    expected = store_fingerprint(sources, tokenizer, fields, field="data", suffix=".train")
+    return PreparedStore(data.prepared_dir, expected, field="data.prepared_dir")

@@ -5,7 +5,8 @@ fly while held-out batches are masked once with a fixed seed (so the forgetting 
 Token-exact replay ([`ReplayMixer`]) packs documents into blocks, which would cut entity spans; masked runs mix
 *chunks* of up to `block_size` tokens instead, with `datasets.interleave_datasets` at per-chunk probabilities
 set from each corpus's mean chunk length so that the expected token share of general text is `replay_ratio`:
-right on average, not exact per window.
+right on average, not exact per window. The token-exact mixer's other settings (`data.replay_stages`,
+`granularity`, `on_exhausted`, `prepared_dir`) are therefore refused for masked runs by `CPTConfig`.
 """
 
 from __future__ import annotations

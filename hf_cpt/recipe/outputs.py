@@ -23,6 +23,7 @@ def write_outputs(cfg: CPTConfig, directory: Path, metrics: dict[str, Any]) -> N
         metrics["eval_history"], directory / PLOT_FILE, cfg.monitor.general, cfg.monitor.domain,
         tolerance=cfg.monitor.tolerance, tolerance_mode=cfg.monitor.tolerance_mode,
         title=f"hf-cpt: {cfg.model.name_or_path}",
+        downstream=(metrics.get("downstream") or {}).get("history"),
     )
     if metrics.get("vocab") is not None:
         (directory / VOCAB_FILE).write_text(json.dumps(metrics["vocab"], indent=2, ensure_ascii=False),

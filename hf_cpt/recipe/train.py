@@ -71,7 +71,9 @@ def build_training_args(cfg: CPTConfig, output_dir: str | Path):
         remove_unused_columns=cfg.masking is None and cfg.train.distill is None,
         prediction_loss_only=True,  # evaluation needs the loss only; the chunked loss returns no logits
         restore_callback_states_from_checkpoint=True,
-        dataloader_num_workers=0,
+        dataloader_num_workers=cfg.data.num_workers,
+        # a prepared store is a map-style dataset whose item i is block start + i: read it in order
+        **({"train_sampling_strategy": "sequential"} if cfg.data.prepared_dir and cfg.masking is None else {}),
         dataloader_pin_memory=torch.cuda.is_available(),
         # several processes and no GPU (torchrun on CPU): accelerate only sets up gloo DDP when told `cpu`
         use_cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
@@ -268,7 +270,8 @@ def _check_top_k(name: str, k: int, model: Any) -> None:
 def build_trainer(cfg: CPTConfig, args: Any, model: Any, tokenizer: Any, data: RunData,
                   vocab_summary: dict[str, Any] | None = None) -> Any:
     """A stock `transformers.Trainer` with the run's loss, optimizer/schedule and callbacks (the forgetting
-    monitor first; KL to the base on the general held-out sets, its targets taken from `model`, still the base)."""
+    monitor first; KL to the base on the general held-out sets, its targets taken from `model`, still the base;
+    lm-eval tasks on the live model when `downstream` is set)."""
     from transformers import Trainer
 
     from ..liger import choose_loss
@@ -309,6 +312,10 @@ def build_trainer(cfg: CPTConfig, args: Any, model: Any, tokenizer: Any, data: R
         from ..callbacks.kl_to_base import attach_kl_to_base
 
         attach_kl_to_base(trainer, kl)
+    if cfg.downstream is not None:
+        from ..callbacks.downstream import DownstreamEvalCallback, attach_downstream_eval
+
+        attach_downstream_eval(trainer, DownstreamEvalCallback(cfg.downstream))
     return trainer
 
 
@@ -339,8 +346,16 @@ def collect_metrics(cfg: CPTConfig, trainer: Any, train_out: Any, data: RunData,
         "distilled_tokens": getattr(data.collator, "tokens_distilled", None),
         "forgetting": monitor.summary(),
         "eval_history": monitor.history,
+        "downstream": _downstream_summary(live),
         "log_history": trainer.state.log_history,
     }
+
+
+def _downstream_summary(callbacks: list[Any]) -> dict[str, Any] | None:
+    from ..callbacks.downstream import DownstreamEvalCallback
+
+    found = next((c for c in callbacks if isinstance(c, DownstreamEvalCallback)), None)
+    return found.summary() if found is not None else None
 
 
 def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: bool = False,
@@ -381,6 +396,8 @@ def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: boo
 
     cfg.check_held_out_sets()  # the monitor's general and domain sets exist
     check_data_paths(cfg.data)  # a bad path or file fails here, before the output dir or the model
+    if cfg.downstream is not None:
+        cfg.downstream.check()  # lm-eval installed, task names and metrics known: before the model loads
     push_token = None
     if cfg.hub.push_to_hub and state.is_main_process:  # fail before training, not after it
         from ..hub import check_push_access

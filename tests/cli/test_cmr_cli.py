@@ -41,6 +41,8 @@ def test_fit_prints_the_ratio_writes_the_plot_and_updates_a_config(tmp_path, tin
                                  "--write-config", str(tmp_path / "planned.yaml")])
     assert result.exit_code == 0, result.output
     assert "CMR at 1e+09 tokens: domain share 0.15" in result.output
+    # the synthetic pilots' power-law fit is degenerate (s ~ 0): withheld, with the reason, not a wrong number
+    assert "paper's power law: not reported: the exponent s = " in result.output and "is ~0" in result.output
     assert (tmp_path / "cmr.png").stat().st_size > 10_000
     planned = CPTConfig.from_yaml(tmp_path / "planned.yaml")
     assert abs(planned.data.replay_ratio - 0.85) < 0.02

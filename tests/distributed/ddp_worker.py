@@ -1,4 +1,5 @@
-"""Run by torchrun from test_ddp.py: one Trainer step loop over a ReplayMixer, recording what each rank trains on."""
+"""Run by torchrun from test_ddp.py / test_multinode.py: one Trainer step loop over a ReplayMixer (or, given a
+prepared store as third argument, a PreparedMixer), recording what each rank trains on."""
 
 import json
 import sys
@@ -11,14 +12,17 @@ from hf_cpt.recipe.data import build_train_set
 from hf_cpt.testing import make_tiny_llama, make_tiny_tokenizer
 
 out, per_device = sys.argv[1], int(sys.argv[2])
+store = sys.argv[3] if len(sys.argv) > 3 else None
 seen = []
 
 
 tok = make_tiny_tokenizer()
-mixer = build_train_set(DataConfig(block_size=32, replay_ratio=0.25), tok)
+mixer = build_train_set(DataConfig(block_size=32, replay_ratio=0.25, prepared_dir=store), tok, total_blocks=16)
+# a PreparedMixer is map-style: each rank fetches only its own blocks, in order
+order = {"train_sampling_strategy": "sequential"} if store else {}
 args = TrainingArguments(out, max_steps=4, per_device_train_batch_size=per_device, learning_rate=1e-3,
                          report_to="none", save_strategy="no", disable_tqdm=True, lr_scheduler_type="constant",
-                         use_cpu=True, seed=0, ignore_data_skip=True)
+                         use_cpu=True, seed=0, ignore_data_skip=True, **order)
 model = make_tiny_llama(len(tok))
 
 
@@ -33,4 +37,5 @@ trainer = Trainer(model=model, args=args, train_dataset=mixer, data_collator=def
 trainer.train()
 losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
 with open(f"{out}/rank{args.process_index}.json", "w") as fh:
-    json.dump({"seen": seen, "losses": losses, "world": args.world_size}, fh)
+    json.dump({"seen": seen, "losses": losses, "world": args.world_size,
+               "blocks_built": getattr(mixer, "blocks_built", None)}, fh)

@@ -1,0 +1,182 @@
+"""`hf-cpt prepare` / [`prepare_sources`]: tokenize every training source once into a pretokenized store.
+
+The store is a directory holding one `datasets.save_to_disk` Arrow dataset per source (column `input_ids`, one row
+per document: its token ids followed by EOS, empty for a blank document) and `hf_cpt_prepared.json`, the manifest
+with the fingerprint (tokenizer, source files, text column) and the document/token counts. It is written into a
+staging directory and renamed into place with the manifest already inside, so an interrupted prepare leaves no
+store that looks complete. [`PreparedMixer`] reads it (memory-mapped) to build the training blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..config import CPTConfig
+from ..mixers.prepared import MANIFEST, PreparedStore, describe_difference, document_separator
+from ..utils import commit_staging_dir, make_staging_dir
+from .data import config_sources, load_split, store_fingerprint
+
+logger = logging.getLogger(__name__)
+
+
+def _check_num_proc(num_proc: object, field: str) -> int:
+    if isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1:
+        raise ValueError(f"`{field}` must be an integer >= 1 (processes that tokenize), got {num_proc!r}")
+    return num_proc
+
+
+def tokenize_documents(ds: Any, tokenizer: Any, text_field: str, num_proc: int = 1, desc: str = "",
+                       cache_file_name: str | None = None) -> Any:
+    """`ds` (a `datasets.Dataset` with a text column) as rows of `input_ids` (int32): each document's ids followed
+    by the EOS id, as the on-the-fly mixer joins documents; blank documents become empty rows (kept, so row `i`
+    is still document `i` when the documents are shuffled). `cache_file_name`: where `datasets` writes the result
+    (default: its cache, where an identical earlier result is reused)."""
+    import datasets
+
+    sep = document_separator(tokenizer)
+
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        texts = batch[text_field]
+        keep = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
+        ids: list[list[int]] = [[] for _ in texts]
+        if keep:
+            encoded = tokenizer([texts[i] for i in keep], add_special_tokens=False)["input_ids"]
+            for i, toks in zip(keep, encoded):
+                ids[i] = list(toks) + ([sep] if sep is not None else [])
+        return {"input_ids": ids}
+
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
+    return ds.map(tokenize, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
+                  remove_columns=ds.column_names, features=features, desc=f"Tokenizing {desc}".strip(),
+                  cache_file_name=cache_file_name)
+
+
+def prepare_sources(sources: Mapping[str, str], tokenizer: Any, output_dir: str | Path, *,
+                    text_field: str | Mapping[str, str] = "text", num_proc: int = 1, overwrite: bool = False,
+                    field: str = "prepared_dir") -> Path:
+    """Tokenize each source once and write a pretokenized store to `output_dir`.
+
+    Args:
+        sources: `{name: data path}` (file, directory, glob, or `embedded:NAME/SPLIT`), e.g.
+            `{"domain": "data/med/*.jsonl", "general": "embedded:kjv/train"}`.
+        tokenizer: the tokenizer training will use (its EOS ends every document).
+        output_dir: the store directory.
+        text_field: the text column (one name, or one per source).
+        num_proc: processes tokenizing in parallel (`datasets.Dataset.map(num_proc=...)`).
+        overwrite: replace a store prepared from other data or with another tokenizer (else it is refused).
+        field: how errors name `output_dir` (the CLI passes `data.prepared_dir`).
+
+    Returns:
+        `output_dir`. A store already prepared from the same tokenizer, files and settings is kept as it is.
+
+    Raises:
+        ValueError: `num_proc` < 1, a stale store without `overwrite`, a source that cannot be prepared.
+        FileExistsError: `output_dir` holds something that is not a store, and `overwrite` is False.
+    """
+    num_proc = _check_num_proc(num_proc, "num_proc")
+    if not sources:
+        raise ValueError("`sources` must name at least one source, e.g. {'domain': 'data/*.jsonl'}")
+    final = Path(output_dir).expanduser().resolve()
+    expected = store_fingerprint(sources, tokenizer, text_field, field="sources")
+    if (final / MANIFEST).is_file():
+        try:
+            stored = json.loads((final / MANIFEST).read_text(encoding="utf-8")).get("fingerprint", {})
+        except ValueError:
+            stored = {}
+        why = describe_difference(stored, expected)
+        if why is None and set(stored.get("sources", {})) == set(expected["sources"]):
+            try:
+                PreparedStore(final, expected, field)  # complete and readable: nothing to do
+                logger.info("prepared store %s is up to date", final)
+                return final
+            except (ValueError, FileNotFoundError) as e:
+                if not overwrite:
+                    raise ValueError(f"{e}") from None
+        elif not overwrite:
+            why = why or f"other sources ({sorted(stored.get('sources', {}))})"
+            raise ValueError(f"`{field}`: the store at {str(final)!r} was prepared with {why}; pass "
+                             "`overwrite=True` (CLI: --overwrite) to rebuild it, or choose another directory")
+    elif final.exists() and (not final.is_dir() or any(final.iterdir())) and not overwrite:
+        raise FileExistsError(f"`{field}`: {str(final)!r} exists and is not a prepared store; choose another "
+                              "directory or pass `overwrite=True` (CLI: --overwrite)")
+    staging = make_staging_dir(final, overwrite=True)
+    try:
+        manifest = _write_sources(staging, sources, tokenizer, text_field, num_proc, expected)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    commit_staging_dir(staging, final)
+    return final
+
+
+def _write_sources(staging: Path, sources: Mapping[str, str], tokenizer: Any, text_field: str | Mapping[str, str],
+                   num_proc: int, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    from ..config import SourceConfig
+
+    manifest: dict[str, Any] = {"fingerprint": fingerprint, "vocab_size": len(tokenizer), "sources": {}}
+    for name, spec in sources.items():
+        tf = fingerprint["sources"][name]["text_field"]
+        ds = load_split(spec, SourceConfig(train=spec, text_field=tf), f"sources.{name}")
+        if len(ds) == 0:
+            raise ValueError(f"`sources.{name}`: {spec!r} holds no documents; point it at your text")
+        # the map output goes to the staging directory (not the `datasets` cache: no second copy of 100 GB, and
+        # no stale reuse), then into the store's own layout; the intermediate files are deleted
+        work = staging / f".{name}-map"
+        work.mkdir()
+        tokens = tokenize_documents(ds, tokenizer, tf, num_proc, desc=name, cache_file_name=str(work / "map.arrow"))
+        tokens.save_to_disk(str(staging / name))
+        n_docs, n_tokens = len(tokens), _count_tokens(tokens)
+        del tokens
+        shutil.rmtree(work)
+        manifest["sources"][name] = {"dir": name, "documents": n_docs, "tokens": n_tokens}
+        logger.info("prepared %s: %d documents, %d tokens", name, n_docs, n_tokens)
+    return manifest
+
+
+def _count_tokens(tokens: Any) -> int:
+    column = tokens.data.column("input_ids")
+    return int(sum(int(c.offsets[-1].as_py()) - int(c.offsets[0].as_py()) for c in column.chunks))
+
+
+def load_tokenizer(cfg: CPTConfig) -> Any:
+    """The tokenizer a run of `cfg` trains with (extended first when the config has a `vocab:` block)."""
+    if cfg.vocab is not None:
+        from .train import build_model
+
+        return build_model(cfg)[1]
+    from transformers import AutoTokenizer
+
+    from .models import resolve_model_path
+
+    path = resolve_model_path(cfg.model.name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=cfg.model.revision,
+                                                  trust_remote_code=cfg.model.trust_remote_code)
+    except OSError as e:
+        raise FileNotFoundError(f"`model.name_or_path`: could not load a tokenizer from {cfg.model.name_or_path!r} "
+                                f"({type(e).__name__}); give an existing model directory") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def prepare_config(cfg: CPTConfig, tokenizer: Any = None, *, num_proc: int | None = None,
+                   overwrite: bool = False) -> Path:
+    """`hf-cpt prepare CONFIG`: prepare the store `data.prepared_dir` of `cfg` (its domain and general training
+    splits, with the run's tokenizer and `data.num_proc` processes unless `num_proc` is given)."""
+    data = cfg.data
+    if data.prepared_dir is None:
+        raise ValueError("`data.prepared_dir` is not set: add `prepared_dir: path/to/store` under `data:` (CLI: "
+                         "--prepared-dir PATH), where the pretokenized store goes")
+    sources, fields = config_sources(data)
+    n = _check_num_proc(num_proc, "num_proc") if num_proc is not None else data.num_proc
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
+    store_fingerprint(sources, tokenizer, fields, field="data", suffix=".train")  # name config fields in errors
+    return prepare_sources(sources, tokenizer, data.prepared_dir, text_field=fields, num_proc=n,
+                           overwrite=overwrite, field="data.prepared_dir")

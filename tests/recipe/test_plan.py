@@ -1,0 +1,85 @@
+"""`hf-cpt plan` on real pilot runs of a tiny model: the files `run_cpt` writes round-trip into the law's fit."""
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from hf_cpt.cli.main import app
+from hf_cpt.config import CPTConfig
+from hf_cpt.recipe.plan import read_pilot
+from hf_cpt.recipe.train import run_cpt
+
+from ..conftest import tiny_run_dict
+
+runner = CliRunner()
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def pilots(tmp_path_factory, tiny_model_dir):
+    """Four 10-step pilots evaluated every step: constant and cosine at replay 0.25 and 0.5."""
+    root = tmp_path_factory.mktemp("pilots")
+    out = {}
+    for name, sched, replay in (("const25", "constant", 0.25), ("cos25", "cosine", 0.25),
+                                ("const50", "constant", 0.5), ("cos50", "cosine", 0.5)):
+        d = tiny_run_dict(tiny_model_dir, max_steps=STEPS, eval_steps=1, lr_scheduler_type=sched,
+                          learning_rate=3e-3)
+        d["data"]["replay_ratio"] = replay
+        d["data"]["max_eval_blocks"] = 2
+        cfg = CPTConfig.from_dict(d)
+        out[name] = run_cpt(cfg, output_dir=root / name).output_dir
+    return out
+
+
+def test_read_pilot_gets_the_lrs_the_trainer_used_and_both_losses(pilots):
+    pilot, tokens = read_pilot(pilots["cos25"])
+    assert pilot.schedule == "cosine" and pilot.domain_share == 0.75 and tokens == 2 * 32
+    assert pilot.steps == tuple(range(STEPS + 1)) and len(pilot.lrs) == STEPS
+    metrics = json.loads((pilots["cos25"] / "metrics.json").read_text())
+    logged = {r["step"]: r["learning_rate"] for r in metrics["log_history"] if "learning_rate" in r}
+    # the Trainer logs, at step s, the LR it used for update s (1-based): lrs[s - 1]
+    for step, lr in logged.items():
+        assert lr == pytest.approx(pilot.lrs[step - 1], rel=1e-6), step
+    assert pilot.lrs[0] == pytest.approx(3e-3) and pilot.lrs[-1] < pilot.lrs[0] / 10
+    assert pilot.general[0] == pytest.approx(metrics["eval_history"][0]["general_loss"])
+
+
+def test_plan_round_trips_real_runs(pilots, tmp_path):
+    result = runner.invoke(app, ["plan", *map(str, pilots.values()), "--budget-steps", "20", "--tolerance", "0.5",
+                                 "--bootstrap", "4", "--plot", str(tmp_path / "plan.png"), "--json",
+                                 str(tmp_path / "plan.json")])
+    assert result.exit_code == 0, result.output
+    assert "fit on 4 pilots (constant, cosine; replay ratios 0.5, 0.25)" in result.output
+    assert "Plan for 20 steps (1.28e+03 tokens)" in result.output
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    rec = plan["recommended"]
+    assert rec["schedule"] in ("constant", "cosine", "wsd") and 0.25 <= rec["replay_ratio"] <= 0.5
+    assert rec["general_end"] <= plan["general_bound"] and len(plan["curves"]["general"]) == 21
+    # every candidate of the default grid: 3 schedules x the pilots' peak LR x replay 0.25..0.5 in 0.05 steps
+    assert len(plan["candidates"]) == 3 * 1 * 6
+    assert (tmp_path / "plan.png").stat().st_size > 10_000
+    # the fitted curves go through the measured points (tiny noisy runs: within a loose margin)
+    assert plan["fit"]["rmse_general"] < 0.1 and plan["fit"]["rmse_domain"] < 0.1
+
+
+def test_plan_refuses_bad_pilots_with_one_line(pilots, tmp_path):
+    one = runner.invoke(app, ["plan", str(pilots["const25"]), str(pilots["const50"]), "--budget-steps", "20"])
+    assert one.exit_code == 2 and "at replay ratio 0.5 use one LR schedule only (constant)" in one.output
+    short = runner.invoke(app, ["plan", *map(str, pilots.values()), "--budget-steps", "6"])
+    assert short.exit_code == 2 and "is below the pilots' longest run (10 steps)" in short.output
+    broken = tmp_path / "nogeneral"
+    shutil.copytree(pilots["cos25"], broken)
+    metrics = json.loads((broken / "metrics.json").read_text())
+    for row in metrics["eval_history"]:
+        row.pop("general_loss", None)
+    (broken / "metrics.json").write_text(json.dumps(metrics))
+    missing = runner.invoke(app, ["plan", str(pilots["const25"]), str(broken), "--budget-steps", "20"])
+    assert missing.exit_code == 2 and "has no `general_loss` and `domain_loss` together" in missing.output
+    assert len(missing.output.strip().splitlines()) == 1
+    outside = runner.invoke(app, ["plan", *map(str, pilots.values()), "--budget-steps", "20",
+                                  "--replay-ratios", "0.9"])
+    assert outside.exit_code == 2 and "outside the pilots' replay ratios" in outside.output
+    nothing = runner.invoke(app, ["plan", str(tmp_path / "nope"), "--budget-steps", "20"])
+    assert nothing.exit_code == 2 and "does not exist" in nothing.output
