@@ -456,10 +456,11 @@ def plot_lab(runs: list[dict], dyn: dict, cmr: dict, path: Path) -> None:
         for ax, measured, pred in ((axes[0], p.general, g), (axes[1], p.domain, d)):
             ax.plot(np.arange(len(pred)), pred, color=f"C{i}", lw=1.2, label=f"predicted, replay {1 - p.domain_share:g}")
             ax.scatter(p.steps, measured, color=f"C{i}", s=9)
-    axes[0].set(title=f"general (KJV) held-out loss, held-out WSD runs\nlaw fitted on {key}", fontsize=8,
-                xlabel="step",
-                ylabel="loss (nats)")
-    axes[1].set(title="domain (Python docs) held-out loss, held-out WSD runs\npoints: measured", xlabel="step")
+    axes[0].set_title(f"general (KJV) held-out loss of the held-out 400-step WSD runs\nlaw fitted on {key}",
+                      fontsize=8)
+    axes[0].set(xlabel="step", ylabel="loss (nats)")
+    axes[1].set_title("domain (Python docs) held-out loss, same runs\nlines: predicted, points: measured", fontsize=8)
+    axes[1].set(xlabel="step")
     const = sorted((r["spec"]["domain_share"], r["history"][-1]["general_loss"]) for r in runs
                    if r["spec"]["schedule"] == "constant")
     axes[2].plot([c[0] for c in const], [c[1] for c in const], "o-", label=f"general loss at {BUDGETS[-1]} steps")
@@ -469,6 +470,8 @@ def plot_lab(runs: list[dict], dyn: dict, cmr: dict, path: Path) -> None:
     axes[2].axvspan(lo, hi, color="C3", alpha=0.2)
     axes[2].axvline(cmr["predicted"], color="C3", ls=":", label=f"predicted from <= {cmr['pilot_steps']}-step "
                                                                f"pilots {cmr['predicted']:.3f} [{lo:.3f}, {hi:.3f}]")
+    axes[2].axvline(cmr["dynamics_cmr"], color="C4", ls="-.", label=f"learning-dynamics law from the same pilots "
+                                                                     f"{cmr['dynamics_cmr']:.3f}")
     axes[2].set(title="CMR at the full budget", xlabel="domain share", ylim=(min(c[1] for c in const) - 0.05,
                                                                              cmr["bound"] + 0.3))
     for ax in axes:
@@ -483,7 +486,6 @@ def analyse(lab: LabConfig, pt_info: dict, runs: list[dict], out: Path, wall: fl
     t0 = time.perf_counter()
     dyn = dynamics_checks(lab, pt_info, runs)
     cmr = cmr_checks(lab, runs, tolerance, dyn["pilots <= 40 steps (10%) | per ratio, S_pt known"]["fit"])
-    plot_lab(runs, dyn, cmr, out / "cpt_lab.png")
     plan = plan_check(lab, pt_info, runs, tolerance)
     print(f"\npretrained: general {pt_info['history'][-1]['general_loss']:.4f}, domain "
           f"{pt_info['history'][-1]['domain_loss']:.4f} nats after {lab.pt_steps} steps")
@@ -524,7 +526,9 @@ def analyse(lab: LabConfig, pt_info: dict, runs: list[dict], out: Path, wall: fl
                             for k, v in dyn.items()},
                "cmr": {k: v for k, v in cmr.items() if k not in ("fit", "prediction")}, "plan": plan,
                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"}
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=float))
+    plot_lab(runs, dyn, cmr, out / "cpt_lab.png")
     print(f"\nwrote {out / 'cpt_lab.png'} and {out / 'results.json'} (analysis {summary['analysis_seconds']:.0f} s)")
     return summary
 
