@@ -88,7 +88,15 @@ def plot_forgetting(
             ax.text(0.5, 0.5, "no evaluations", ha="center", va="center", transform=ax.transAxes)
     if title:
         fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write a matplotlib figure as a PNG at `path` (creating its folder) and close it."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -33,7 +33,7 @@ from transformers import TrainerCallback
 
 from ..utils import get_processing_class, is_sharded_model, unwrap_model
 from ..validation import check_choice, check_int, check_name, check_number
-from .forgetting import ACTIONS, TOLERANCE_MODES, tolerance_bound
+from .forgetting import ACTIONS, TOLERANCE_MODES, act_on_breach, tolerance_bound
 
 logger = logging.getLogger(__name__)
 
@@ -289,12 +289,7 @@ class DownstreamEvalCallback(TrainerCallback):
         baseline = next(r[key] for r in self.history if key in r)
         msg = (f"downstream {key} moved from {baseline:.4f} to {record[key]:.4f} at step {record['step']}, past the "
                f"{self.config.tolerance_mode} tolerance {self.config.tolerance}")
-        if self.config.action == "stop":
-            if state.is_world_process_zero:
-                logger.warning("%s: stopping training", msg)
-            control.should_training_stop = True
-        elif state.is_world_process_zero:
-            logger.warning(msg)
+        act_on_breach(self.config.action, msg, state, control)
 
     def summary(self) -> dict[str, Any]:
         """Before/after numbers for metrics.json and the model card: the settings, the history, start/end/delta

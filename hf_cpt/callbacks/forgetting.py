@@ -130,6 +130,17 @@ def exceeds_tolerance(baseline: float, current: float, tolerance: float, mode: s
     return current > tolerance_bound(baseline, tolerance, mode)
 
 
+def act_on_breach(action: str, message: str, state: Any, control: Any) -> None:
+    """What every tolerance guard does on a breach: `warn` logs `message` (main process), `stop` also ends
+    training (`control.should_training_stop`), `none` does nothing."""
+    if action == "stop":
+        if state.is_world_process_zero:
+            logger.warning("%s: stopping training", message)
+        control.should_training_stop = True
+    elif action == "warn" and state.is_world_process_zero:
+        logger.warning(message)
+
+
 class ForgettingMonitorCallback(TrainerCallback, ExportableState):
     """Records general vs domain held-out loss over training and guards the general loss (or KL to the base).
 
@@ -224,9 +235,4 @@ class ForgettingMonitorCallback(TrainerCallback, ExportableState):
             f"general held-out {what} rose from {baseline:.4f} to {record[key]:.4f} at step {record['step']}, past "
             f"the {self.config.tolerance_mode} tolerance {self.config.tolerance}"
         )
-        if self.config.action == "stop":
-            if state.is_world_process_zero:
-                logger.warning("%s: stopping training", msg)
-            control.should_training_stop = True
-        elif state.is_world_process_zero:
-            logger.warning(msg)
+        act_on_breach(self.config.action, msg, state, control)

@@ -495,8 +495,6 @@ def plot_cmr(fit: CMRFit, prediction: CMRPrediction | None, path: str | Path) ->
         ax.set_xscale("log")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    from ..plotting import save_figure
+
+    return save_figure(fig, path)

@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..config import SELF, SELF_EVAL_SET, DataConfig, SourceConfig
+from ..config import SELF, DataConfig, SourceConfig
 from ..mixers.core import pack_blocks
 from ..mixers.prepared import (MANIFEST, STORE_VERSION, PreparedMixer, PreparedStore, files_fingerprint,
                                tokenizer_fingerprint)

@@ -311,8 +311,6 @@ def plot_plan(plan: CPTPlan, path: str | Path) -> Path:
     for ax in axes:
         ax.legend(fontsize=6)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    from ..plotting import save_figure
+
+    return save_figure(fig, path)

@@ -22,7 +22,7 @@ from ..callbacks.active_forgetting import ActiveForgettingCallback, relearn_embe
 from ..callbacks.forgetting import ForgettingMonitorCallback
 from ..callbacks.replay_mixer import ReplayMixerCallback
 from ..callbacks.rewarm import RewarmCallback, make_rewarm_optimizer, make_rewarm_scheduler
-from ..config import CONFIG_FILE, CPTConfig
+from ..config import CONFIG_FILE, SELF_EVAL_SET, CPTConfig
 from ..utils import commit_staging_dir, make_staging_dir, requested_sharding
 from .outputs import write_outputs
 
@@ -225,7 +225,7 @@ def build_data(cfg: CPTConfig, model: Any, tokenizer: Any, args: Any) -> RunData
         return RunData(train_set, eval_sets, collator, callbacks)
     from transformers import default_data_collator
 
-    from .data import SELF_EVAL_SET, build_eval_sets, build_train_set, synthesize_general
+    from .data import build_eval_sets, build_train_set, synthesize_general
 
     synth = synthesize_general(cfg.data, model, tokenizer)
     sources = {"general": synth["train"]} if "train" in synth else None
