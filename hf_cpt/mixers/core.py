@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..validation import check_fraction
 
@@ -130,3 +131,17 @@ def pack_blocks(token_lists: list[list[int]], block_size: int, sep_id: int | Non
             stream.append(sep_id)
     usable = len(stream) - len(stream) % block_size
     return [stream[i : i + block_size] for i in range(0, usable, block_size)]
+
+
+def check_mixer_state(state: dict[str, Any], names: Sequence[str], fingerprint: dict[str, Any], strict: bool,
+                      how_to_switch: str) -> None:
+    """Refuse a saved mixer position for other sources, or (with `strict`) written with other mixing settings;
+    `how_to_switch` ends the second message (how to continue with the new settings anyway)."""
+    if set(state.get("sources", {})) != set(names):
+        raise ValueError(f"the mixer state is for sources {sorted(state.get('sources', {}))}, this mixer has "
+                         f"{sorted(names)}; resume with the same sources")
+    if strict and state.get("config") != fingerprint:
+        old = state.get("config", {})
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new!r}" for k, new in fingerprint.items() if old.get(k) != new)
+        raise ValueError(f"the checkpoint's mixer was configured differently ({diff}); resuming would not "
+                         f"continue the same stream. Restore the original settings, or {how_to_switch}")

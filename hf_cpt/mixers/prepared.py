@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .core import RatioStage, allocate_shares, ratios_at
+from .core import RatioStage, allocate_shares, check_mixer_state, ratios_at
 from .replay import ReplayMixerConfig
 
 logger = logging.getLogger(__name__)
@@ -441,15 +441,9 @@ class PreparedMixer(torch.utils.data.Dataset):
         if state is None:
             self.start = 0
             return
-        if set(state.get("sources", {})) != set(self.names):
-            raise ValueError(f"the mixer state is for sources {sorted(state.get('sources', {}))}, this mixer has "
-                             f"{sorted(self.names)}; resume with the same sources")
-        if strict and state.get("config") != self.fingerprint():
-            old, new = state.get("config", {}), self.fingerprint()
-            diff = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
-            raise ValueError(f"the checkpoint's mixer was configured differently ({diff}); resuming would not "
-                             "continue the same stream. Restore the original settings, or build the mixer with "
-                             "`strict_resume=False` to continue at the same block index with the new settings")
+        check_mixer_state(state, self.names, self.fingerprint(), strict,
+                          "build the mixer with `strict_resume=False` to continue at the same block index with the "
+                          "new settings")
         self.start = int(state["blocks"])
 
     def reset(self) -> None:

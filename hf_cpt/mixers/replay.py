@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..validation import check_choice, check_int
-from .core import RatioStage, allocate_shares, check_ratios, ratios_at
+from .core import RatioStage, allocate_shares, check_mixer_state, check_ratios, ratios_at
 
 logger = logging.getLogger(__name__)
 
@@ -308,15 +308,10 @@ class ReplayMixer(torch.utils.data.IterableDataset):
         if state is None:
             state = {"blocks": 0, "credits": {}, "mix_pass": 0,
                      "sources": {n: {"pass": 0, "doc": 0, "offset": 0, "tokens": 0} for n in self.names}}
-        elif set(state.get("sources", {})) != set(self.names):
-            raise ValueError(f"the mixer state is for sources {sorted(state.get('sources', {}))}, this mixer has "
-                             f"{sorted(self.names)}; resume with the same sources")
-        elif strict and state.get("config") != self.fingerprint():
-            old, new = state.get("config", {}), self.fingerprint()
-            diff = ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
-            raise ValueError(f"the checkpoint's mixer was configured differently ({diff}); resuming would not "
-                             "continue the same stream. Restore the original settings, or load with "
-                             "`strict=False` (`ReplayMixer(..., strict_resume=False)` under the Trainer) to switch settings at this point")
+        else:
+            check_mixer_state(state, self.names, self.fingerprint(), strict,
+                              "load with `strict=False` (`ReplayMixer(..., strict_resume=False)` under the Trainer) "
+                              "to switch settings at this point")
         same = strict or state.get("config") == self.fingerprint()
         self._start = {"blocks": int(state["blocks"]), "mix_pass": int(state["mix_pass"]),
                        "credits": {k: float(v) for k, v in state["credits"].items()} if same else {},
