@@ -15,6 +15,10 @@ first transformer layers, not stored in the embedding table; distilling the hidd
 Here, unlike the reference (one new phrase merged per snippet), every new token in a snippet is merged at once, so
 one forward/backward pass trains all the new tokens it contains: that is what makes 5,000 tokens CPU-feasible.
 Snippets are chunks of the domain corpus chosen greedily until each new token has `per_token` of them.
+
+Precision: the forward/backward passes run under bfloat16 autocast where the hardware has fast bfloat16 matrix
+products (CPUs with AVX512-BF16/AMX, CUDA GPUs with bf16), which is 2-3x faster on CPU; the new rows, the Adam state
+and the loss stay float32, and teacher and student share the precision. `precision="float32"` turns it off.
 """
 
 from __future__ import annotations
@@ -140,9 +144,36 @@ def _targets(contexts: Sequence[DistillContext], which: str) -> tuple[torch.Tens
     return rows, cols
 
 
+DISTILL_PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def resolve_precision(model: Any, precision: str = "auto") -> str:
+    """`auto` -> `bfloat16` when the model is float32 and its device multiplies bfloat16 fast, else `float32`.
+
+    Raises:
+        ValueError: an unknown precision, or `bfloat16` on a device without bfloat16 support.
+    """
+    if precision not in DISTILL_PRECISIONS:
+        raise ValueError(f"`distill_precision` must be one of {', '.join(DISTILL_PRECISIONS)}, got {precision!r}")
+    param = next(model.parameters())
+    if param.device.type == "cuda":
+        fast = torch.cuda.is_bf16_supported()
+    elif param.device.type == "cpu":
+        fast = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    else:
+        fast = False
+    if precision == "bfloat16" and param.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"`distill_precision: bfloat16` needs a CPU or CUDA model, this one is on {param.device}; "
+                         "use `float32` or `auto`")
+    if precision == "auto":
+        return "bfloat16" if fast and param.dtype == torch.float32 else "float32"
+    return precision
+
+
 def init_distill(model: Any, old: torch.Tensor, start: torch.Tensor, contexts: Sequence[DistillContext], *,
                  steps: int = 1, lr: float = 1e-3, batch_size: int = 16, layer: int = -1, seed: int = 0,
-                 progress: bool = True, evaluate: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+                 precision: str = "auto", progress: bool = True,
+                 evaluate: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """Token Distillation rows for new tokens `len(old)`, `len(old) + 1`, ... (see the module docstring).
 
     Args:
@@ -156,14 +187,19 @@ def init_distill(model: Any, old: torch.Tensor, start: torch.Tensor, contexts: S
         layer: the transformer block whose output is matched (1-based; -1: the final hidden states, after the last
             block and the final norm).
         seed: order of the contexts.
+        precision: `auto` (bfloat16 autocast where the device has fast bfloat16, see `resolve_precision`),
+            `float32` or `bfloat16`.
         progress: show a tqdm bar.
         evaluate: also measure the mismatch after training on every context (one more forward pass each).
 
     Returns:
         `(rows [N, d] in old's dtype, stats)`: `mse_first_pass` (mean loss during the first pass) and, with
-        `evaluate`, `mse_after`.
+        `evaluate`, `mse_after`; `bfloat16` is 1.0 when the passes ran under bfloat16 autocast.
     """
     from tqdm.auto import tqdm
+
+    use_bf16 = resolve_precision(model, precision) == "bfloat16"
+    device_type = next(model.parameters()).device.type
 
     # -1: the model's final hidden states (normalised, what the head reads), as the reference's default
     block = None if layer == -1 else _block_list(model)[layer if layer < 0 else layer - 1]
@@ -189,16 +225,17 @@ def init_distill(model: Any, old: torch.Tensor, start: torch.Tensor, contexts: S
 
     def mismatch(b: int) -> torch.Tensor:
         chunk = [contexts[k] for k in batches[b]]
-        if b not in teacher:
-            with torch.no_grad():
-                ids, mask = _batch(chunk, "old_ids", pad)
-                h = _hidden(model, block, table[ids], mask)
-                teacher[b] = h[_targets(chunk, "old_pos")].detach()
-        ids, mask = _batch(chunk, "new_ids", pad)
-        h = _hidden(model, block, embed(ids), mask)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=use_bf16):
+            if b not in teacher:
+                with torch.no_grad():
+                    ids, mask = _batch(chunk, "old_ids", pad)
+                    h = _hidden(model, block, table[ids], mask)
+                    teacher[b] = h[_targets(chunk, "old_pos")].detach()
+            ids, mask = _batch(chunk, "new_ids", pad)
+            h = _hidden(model, block, embed(ids), mask)
         return torch.nn.functional.mse_loss(h[_targets(chunk, "new_pos")].float(), teacher[b].float())
 
-    stats: dict[str, float] = {"contexts": float(len(contexts))}
+    stats: dict[str, float] = {"contexts": float(len(contexts)), "bfloat16": float(use_bf16)}
     try:
         rng = random.Random(seed)
         bar = tqdm(total=steps * len(batches), desc="token distillation", disable=not progress)
@@ -231,8 +268,8 @@ def init_distill(model: Any, old: torch.Tensor, start: torch.Tensor, contexts: S
 
 
 def distill_mismatch(model: Any, old: torch.Tensor, rows: torch.Tensor, contexts: Sequence[DistillContext], *,
-                     layer: int = -1, batch_size: int = 16) -> float:
+                     layer: int = -1, batch_size: int = 16, precision: str = "auto") -> float:
     """The mean hidden-state mismatch `init_distill` minimises, for given new rows (e.g. to compare inits)."""
     _, stats = init_distill(model, old, rows, contexts, steps=0, layer=layer, batch_size=batch_size,
-                            progress=False, evaluate=True)
+                            precision=precision, progress=False, evaluate=True)
     return stats["mse_after"]

@@ -187,6 +187,7 @@ def _distill_rows(x: InitInputs) -> torch.Tensor:
     rows, stats = init_distill(x.model, x.old, start, x.contexts, steps=o.get("distill_steps", 1),
                                lr=o.get("distill_lr", 1e-3), batch_size=o.get("distill_batch_size", 16),
                                layer=o.get("distill_layer", -1), seed=o.get("seed", 0),
+                               precision=o.get("distill_precision", "auto"),
                                progress=o.get("progress", True))
     x.stats.update({f"distill_{k}": v for k, v in stats.items()})
     return rows

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_cpt.testing import make_tiny_llama, make_tiny_tokenizer, read_embedded
-from hf_cpt.vocab.distill import distill_mismatch, init_distill, mine_distill_contexts
+from hf_cpt.vocab.distill import distill_mismatch, init_distill, mine_distill_contexts, resolve_precision
 from hf_cpt.vocab.extend import VocabConfig, extend_model, extend_vocabulary
 from hf_cpt.vocab.init import init_subword_mean
 from hf_cpt.vocab.tokens import learn_domain_tokens
@@ -69,8 +69,38 @@ def test_distill_lowers_the_mismatch_deterministically(setup):
     assert all(p.requires_grad for p in model.parameters())
     # the batched, early-exit loss equals a direct per-snippet computation (block 1's output)
     ref = torch.stack(naive_mismatch(model, old, rows, ctx[:4]))
-    one = distill_mismatch(model, old, rows, ctx[:4], batch_size=1, layer=1)
+    one = distill_mismatch(model, old, rows, ctx[:4], batch_size=1, layer=1, precision="float32")
     torch.testing.assert_close(torch.tensor(one), ref.mean(), rtol=1e-4, atol=1e-8)
+
+
+def test_precision_auto_float32_bfloat16(setup):
+    dom, base, ext = setup
+    torch.manual_seed(0)
+    model = make_tiny_llama(len(base))
+    fast = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert resolve_precision(model, "auto") == ("bfloat16" if fast else "float32")
+    assert resolve_precision(model, "float32") == "float32"
+    assert resolve_precision(model.to(torch.bfloat16), "auto") == "float32"  # already bfloat16: no autocast
+    model = model.float()
+    with pytest.raises(ValueError, match="`distill_precision` must be one of auto, float32, bfloat16"):
+        resolve_precision(model, "fp8")
+    with pytest.raises(ValueError, match="`distill_precision`"):
+        VocabConfig(distill_precision="half")
+    old = model.get_input_embeddings().weight.detach().clone()
+    ctx = mine_distill_contexts(dom, base, ext.tokenizer, len(base), per_token=2, length=24)
+    pieces = [base(ext.tokenizer.convert_tokens_to_string([t]), add_special_tokens=False)["input_ids"]
+              for t in ext.new_tokens]
+    start = init_subword_mean(old, pieces)
+    rows = {}
+    for precision in ("float32", "bfloat16"):
+        rows[precision], stats = init_distill(model, old, start, ctx, steps=3, lr=1e-2, batch_size=4,
+                                              precision=precision, progress=False)
+        assert stats["bfloat16"] == float(precision == "bfloat16") and rows[precision].dtype == old.dtype
+    # both precisions lower the float32 mismatch by about as much
+    before = distill_mismatch(model, old, start, ctx, batch_size=4, precision="float32")
+    after = {k: distill_mismatch(model, old, r, ctx, batch_size=4, precision="float32") for k, r in rows.items()}
+    assert after["float32"] < 0.8 * before and after["bfloat16"] < 0.8 * before
+    assert abs(after["bfloat16"] - after["float32"]) < 0.1 * (before - after["float32"])
 
 
 def test_extend_model_distill_keeps_old_rows_and_reloads(setup, tmp_path):
