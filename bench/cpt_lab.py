@@ -4,6 +4,7 @@ corpus across replay ratios, budgets (10x) and schedules, then test the learning
     python bench/cpt_lab.py                       # the whole lab (cached under --cache; reruns take seconds)
     python bench/cpt_lab.py --smollm2             # shorter grid on the embedded SmolLM2 via `run_cpt`
     python bench/cpt_lab.py --out docs/cpt_lab    # where the table (JSON) and the PNG go
+    python bench/cpt_lab.py --replicates 1        # skip the data-order replicates of the held-out WSD runs
 
 Lab (`--smollm2` off): a byte-level BPE tokenizer and a Llama built from config (random init, seed 0) are
 pretrained from scratch on the KJV (the general corpus shipped in hf_cpt/data/kjv, cosine schedule to 10% of its
@@ -21,6 +22,11 @@ Checks (the goals of issue 23):
 2. CMR (hf_cpt.mixers.cmr): fit on the constant runs' evaluations at <= 10% of the largest budget (40 of 400
    steps; a constant-LR run's prefix is exactly the shorter pilot run), predict the CMR at 400 steps; compare with
    the CMR measured by the sweep at 400 steps (interpolated between the swept domain shares); goal +-0.05.
+3. Data-order replicates (`--replicates N`, default 3): the 12 held-out WSD runs again with N - 1 other CPT data
+   orders (same pretrained model, same eval sets), so the run-to-run noise of a single data order is measured, not
+   assumed: the seed-to-seed spread, the law's error against each order and against the order-averaged curve.
+   Order 0's WSD runs share their stable phase (the first 80%) with the constant pilots exactly (same data, same
+   LRs), so only the other orders hold out that phase too.
 """
 
 from __future__ import annotations
@@ -70,6 +76,15 @@ class RunSpec:
     steps: int
     domain_share: float
     peak_lr: float
+    order_seed: int = 0  # 0: the lab's CPT data order; k > 0: both CPT sources re-permuted with seed k
+
+
+def _spec_key(spec: RunSpec) -> dict:
+    """The spec as cached: `order_seed` only when nonzero, so the order-0 runs keep their cache keys."""
+    out = asdict(spec)
+    if not spec.order_seed:
+        out.pop("order_seed")
+    return out
 
 
 # --- data and model ------------------------------------------------------------------------------------------
@@ -116,10 +131,20 @@ class LabData:
         order["domain_pt"] = order["domain"][:cut]
         order["domain"] = order["domain"][cut:]
         self.train["domain_pt"] = self.train["domain"]
-        self.order = order
+        self.base_order = order
+        self.order = dict(order)
         self.pos = {k: 0 for k in self.order}
 
-    def reset(self, offsets: dict[str, int] | None = None) -> None:
+    def reset(self, offsets: dict[str, int] | None = None, order_seed: int = 0) -> None:
+        """Rewind to `offsets`; `order_seed` k > 0 re-permutes the CPT sources (general, domain: the same blocks,
+        another order; the pretraining's `domain_pt` blocks stay held apart), 0 restores the lab's order."""
+        import torch
+
+        self.order = dict(self.base_order)
+        if order_seed:
+            g = torch.Generator().manual_seed(1_000_003 * order_seed)
+            for k in ("general", "domain"):
+                self.order[k] = self.base_order[k][torch.randperm(len(self.base_order[k]), generator=g)]
         self.pos = dict(offsets or {k: 0 for k in self.order})
 
     def take(self, source: str, n: int):
@@ -242,20 +267,21 @@ def run(spec: RunSpec, lab: LabConfig, data: LabData, base_state: dict, pt_info:
     """One CPT run (cached): its LRs and evaluation history."""
     import torch
 
-    path = cache / "runs" / f"{spec.schedule}-{spec.steps}-p{spec.domain_share:g}-lr{spec.peak_lr:g}-" \
-                            f"{_key([LAB_VERSION, asdict(lab), asdict(spec)])}.json"
+    order = f"-o{spec.order_seed}" if spec.order_seed else ""
+    path = cache / "runs" / f"{spec.schedule}-{spec.steps}-p{spec.domain_share:g}-lr{spec.peak_lr:g}{order}-" \
+                            f"{_key([LAB_VERSION, asdict(lab), _spec_key(spec)])}.json"
     if path.exists():
         return json.loads(path.read_text())
     model = _model(lab)
     model.load_state_dict(base_state)
     torch.manual_seed(lab.seed + 1)
     # CPT reads general text the pretraining has not reached yet (replay of the same distribution), domain from 0
-    data.reset({"general": pt_info["general_blocks_used"], "domain": 0, "domain_pt": 0})
+    data.reset({"general": pt_info["general_blocks_used"], "domain": 0, "domain_pt": 0}, spec.order_seed)
     lrs = lab_lrs(spec, lab)
     t0 = time.perf_counter()
     hist = _train(model, data, lab, lrs, {"domain": spec.domain_share, "general": 1.0 - spec.domain_share},
                   eval_steps(spec))
-    out = {"spec": asdict(spec), "lrs": lrs.tolist(), "history": hist, "seconds": time.perf_counter() - t0}
+    out = {"spec": _spec_key(spec), "lrs": lrs.tolist(), "history": hist, "seconds": time.perf_counter() - t0}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(out))
@@ -274,7 +300,13 @@ def grid(lab: LabConfig) -> list[RunSpec]:
     return specs
 
 
-def run_lab(lab: LabConfig, cache: Path) -> tuple[dict, list[dict]]:
+def replicate_grid(lab: LabConfig, replicates: int) -> list[RunSpec]:
+    """The held-out WSD runs with the CPT data orders 1 .. replicates - 1 (order 0 is in `grid`)."""
+    return [RunSpec("wsd", b, p, lab.cpt_lr, order_seed=k) for k in range(1, replicates)
+            for b in BUDGETS for p in SHARES]
+
+
+def run_lab(lab: LabConfig, cache: Path, replicates: int = 1) -> tuple[dict, list[dict], list[dict]]:
     import torch
 
     torch.set_num_threads(int(os.environ.get("LAB_THREADS", "1")))
@@ -282,12 +314,14 @@ def run_lab(lab: LabConfig, cache: Path) -> tuple[dict, list[dict]]:
     data = LabData(lab, cache)
     model, pt_info = pretrain(lab, data, cache)
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    runs = []
-    for i, spec in enumerate(grid(lab)):
+    specs = grid(lab) + replicate_grid(lab, replicates)
+    out = []
+    for i, spec in enumerate(specs):
         t0 = time.perf_counter()
-        runs.append(run(spec, lab, data, base, pt_info, cache))
-        print(f"[{i + 1}/{len(grid(lab))}] {spec} {time.perf_counter() - t0:.1f} s", flush=True)
-    return pt_info, runs
+        out.append(run(spec, lab, data, base, pt_info, cache))
+        print(f"[{i + 1}/{len(specs)}] {spec} {time.perf_counter() - t0:.1f} s", flush=True)
+    n = len(grid(lab))
+    return pt_info, out[:n], out[n:]
 
 
 # --- analysis ----------------------------------------------------------------------------------------------------
@@ -355,6 +389,136 @@ def dynamics_checks(lab: LabConfig, pt_info: dict, runs: list[dict]) -> dict:
             "max_general_replay": max(e["general_max_err"] for e in errs if e["domain_share"] < 1),
             "max_domain_replay": max(e["domain_max_err"] for e in errs if e["domain_share"] < 1), "fit": fit}
     return out
+
+
+def _order_groups(runs: list[dict]) -> dict[tuple[int, float], list[dict]]:
+    """The WSD runs at the main shares grouped by (steps, domain share), in data-order order (order 0 first)."""
+    groups: dict[tuple[int, float], list[dict]] = {}
+    for r in sorted(runs, key=lambda r: r["spec"].get("order_seed", 0)):
+        s = r["spec"]
+        if s["schedule"] == "wsd" and s["domain_share"] in SHARES:
+            groups.setdefault((s["steps"], s["domain_share"]), []).append(r)
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])))
+
+
+def _mean_run(group: list[dict], schedule: str, upto: int | None = None) -> dict:
+    """The order-averaged run: each eval step's losses averaged over the data orders of one spec."""
+    hist = [{"step": rows[0]["step"], "general_loss": float(np.mean([h["general_loss"] for h in rows])),
+             "domain_loss": float(np.mean([h["domain_loss"] for h in rows]))}
+            for rows in zip(*(r["history"] for r in group)) if upto is None or rows[0]["step"] <= upto]
+    return {"spec": dict(group[0]["spec"], schedule=schedule), "lrs": group[0]["lrs"], "history": hist}
+
+
+def _stable(lab: LabConfig, steps: int, at: list[int]) -> np.ndarray:
+    """Eval steps in a WSD run's stable phase (before its linear decay), where it is a constant-LR run."""
+    return np.array(at) <= steps - max(1, round(lab.wsd_decay * steps))
+
+
+def replicate_checks(lab: LabConfig, pt_info: dict, runs: list[dict], reps: list[dict], fit) -> dict:
+    """The held-out WSD runs over N data orders: seed-to-seed spread, the law's (fitted on the order-0 constant +
+    cosine pilots) max error against each order and against the order-averaged curve, split into the stable and
+    the decay phase; and a refit whose constant pilots are the order-averaged WSD-400 stable phases (what averaging
+    the pilots' own single-order noise buys)."""
+    from hf_cpt.dynamics import fit_dynamics
+
+    groups = _order_groups(runs + reps)
+    rows = []
+    for (steps, share), group in groups.items():
+        pilot = as_pilot(group[0])
+        pred = dict(zip(("general", "domain"), fit.predict(pilot.lrs, share, pilot.steps)))
+        stable = _stable(lab, steps, list(pilot.steps))
+        row: dict = {"run": pilot.name, "steps": steps, "domain_share": share,
+                     "orders": [r["spec"].get("order_seed", 0) for r in group]}
+        for k in ("general", "domain"):
+            c = np.array([[h[f"{k}_loss"] for h in r["history"]] for r in group])
+            err = np.abs(pred[k] - c.mean(0))
+            n = len(c)
+            # what a perfect law would score against the n-order mean: each order minus the mean of the others has
+            # the variance of n / (n - 1) runs' noise, the n-order mean 1 / n of it
+            floor = float(np.mean([np.abs(c[i] - np.delete(c, i, 0).mean(0)).max() for i in range(n)])
+                          * np.sqrt((n - 1) / n ** 2)) if n > 1 else float("nan")
+            row[k] = {"spread": float((c.max(0) - c.min(0)).max()),
+                      "sd": float(c.std(0, ddof=1).mean()) if len(c) > 1 else 0.0,
+                      "err_single": [float(np.abs(pred[k] - x).max()) for x in c], "err_mean": float(err.max()),
+                      "err_mean_step": int(pilot.steps[int(err.argmax())]),
+                      "err_mean_signed": float((pred[k] - c.mean(0))[int(err.argmax())]),
+                      "err_mean_stable": float(err[stable].max()), "err_mean_decay": float(err[~stable].max()),
+                      "order0_vs_mean_stable": float(np.abs(c[0] - c.mean(0))[stable].max()), "noise_floor": floor}
+        rows.append(row)
+    out: dict = {"orders": len(next(iter(groups.values()))), "runs": rows,
+                 "replicate_minutes": sum(r["seconds"] for r in reps) / 60}
+    replay = [r for r in rows if r["domain_share"] < 1]
+    for k in ("general", "domain"):
+        for m in ("spread", "sd", "err_mean", "err_mean_stable", "err_mean_decay", "order0_vs_mean_stable",
+                  "noise_floor"):
+            out[f"max_{k}_{m}"] = max(r[k][m] for r in replay)
+        out[f"max_{k}_err_single"] = [max(r[k]["err_single"][i] for r in replay) for i in range(out["orders"])]
+    if out["orders"] > 1:
+        known = {"pretrain_area": pt_info["forward_area"] / lab.cpt_lr, "lr_before": pt_info["final_lr"],
+                 "lr_unit": lab.cpt_lr}
+        cut = BUDGETS[-1] - max(1, round(lab.wsd_decay * BUDGETS[-1]))
+        pilots = ([as_pilot(_mean_run(g, "constant", cut), cut) for (b, _), g in groups.items() if b == BUDGETS[-1]]
+                  + [as_pilot(r) for r in runs if r["spec"]["schedule"] == "cosine"
+                     and r["spec"]["domain_share"] in SHARES])
+        refit = fit_dynamics(pilots, **known)
+        errs = {"general": [], "domain": []}
+        for (steps, share), group in groups.items():
+            if share < 1:
+                mean = as_pilot(_mean_run(group, "wsd"))
+                stable = _stable(lab, steps, list(mean.steps))
+                for k, pred in zip(("general", "domain"), refit.predict(mean.lrs, share, mean.steps)):
+                    err = np.abs(pred - np.array(getattr(mean, k)))
+                    errs[k].append((float(err.max()), float(err[~stable].max())))
+        out["refit_averaged_constant_pilots"] = {
+            "constant_pilots_upto": cut, "rmse_general": refit.rmse_general, "rmse_domain": refit.rmse_domain,
+            **{f"max_{k}_err_mean": max(e[0] for e in v) for k, v in errs.items()},
+            **{f"max_{k}_err_mean_decay": max(e[1] for e in v) for k, v in errs.items()}}
+    return out
+
+
+def print_replicates(rep: dict) -> None:
+    n = rep["orders"]
+    print(f"\n## data-order replicates: the 12 held-out WSD runs with {n} CPT data orders (law fitted on the order-0 "
+          f"constant + cosine pilots; the {n - 1} extra orders took {rep['replicate_minutes']:.1f} min)")
+    print("| WSD run | spread g / d | mean sd g / d | law vs each order: general | law vs each order: domain | law vs "
+          "order mean g / d (predicted - measured @ step) | same, stable / decay: general | domain | order 0 vs mean, stable g / d | perfect law vs "
+          "mean (noise floor) g / d |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rep["runs"]:
+        g, d = r["general"], r["domain"]
+        print(f"| {r['run']} | {g['spread']:.4f} / {d['spread']:.4f} | {g['sd']:.4f} / {d['sd']:.4f} | "
+              + " ".join(f"{e:.4f}" for e in g["err_single"]) + " | " + " ".join(f"{e:.4f}" for e in d["err_single"])
+              + f" | {g['err_mean_signed']:+.4f} @{g['err_mean_step']} / {d['err_mean_signed']:+.4f} "
+              f"@{d['err_mean_step']} | {g['err_mean_stable']:.4f} / "
+              f"{g['err_mean_decay']:.4f} | {d['err_mean_stable']:.4f} / {d['err_mean_decay']:.4f} | "
+              f"{g['order0_vs_mean_stable']:.4f} / {d['order0_vs_mean_stable']:.4f} | {g['noise_floor']:.4f} / "
+              f"{d['noise_floor']:.4f} |")
+    print("max over replay > 0: spread general {:.4f} domain {:.4f}; law vs each order: general {} domain {}; law vs "
+          "the {}-order mean: general {:.4f} (stable {:.4f}, decay {:.4f}) domain {:.4f} (stable {:.4f}, decay "
+          "{:.4f}); order 0 vs the mean in the stable phase (= the constant pilots' own noise): general {:.4f} "
+          "domain {:.4f}".format(
+              rep["max_general_spread"], rep["max_domain_spread"],
+              " ".join(f"{e:.4f}" for e in rep["max_general_err_single"]),
+              " ".join(f"{e:.4f}" for e in rep["max_domain_err_single"]), n, rep["max_general_err_mean"],
+              rep["max_general_err_mean_stable"], rep["max_general_err_mean_decay"], rep["max_domain_err_mean"],
+              rep["max_domain_err_mean_stable"], rep["max_domain_err_mean_decay"],
+              rep["max_general_order0_vs_mean_stable"], rep["max_domain_order0_vs_mean_stable"]))
+    worst = max(rep["max_general_err_mean"], rep["max_domain_err_mean"])
+    print(f"goal 0.02 against the {n}-order mean (replay > 0): " + ("met" if worst <= 0.02 else
+                                                                     f"missed by {worst - 0.02:.4f} nats")
+          + f"; a perfect law would score about {rep['max_general_noise_floor']:.4f} / "
+          f"{rep['max_domain_noise_floor']:.4f} (general / domain, the mean's own noise, estimated leave-one-out); "
+          "runs where the law's error exceeds that estimate: " + (", ".join(
+              f"{r['run']} {k} {r[k]['err_mean']:.4f} > {r[k]['noise_floor']:.4f}" for r in rep["runs"]
+              if r["domain_share"] < 1 for k in ("general", "domain") if r[k]["err_mean"] > r[k]["noise_floor"])
+              or "none"))
+    refit = rep.get("refit_averaged_constant_pilots")
+    if refit:
+        print(f"refit with the constant pilots averaged over the {n} orders (the WSD-400 stable phases, <= "
+              f"{refit['constant_pilots_upto']} steps) + the order-0 cosine pilots: rmse {refit['rmse_general']:.4f} "
+              f"/ {refit['rmse_domain']:.4f}; max error vs the mean (replay > 0): general "
+              f"{refit['max_general_err_mean']:.4f} (decay {refit['max_general_err_mean_decay']:.4f}), domain {refit['max_domain_err_mean']:.4f} (decay "
+              f"{refit['max_domain_err_mean_decay']:.4f}); its stable phase is in-sample, the decay phase is not")
 
 
 def dynamics_cmr(fit, lab: LabConfig, bound: float) -> float:
@@ -481,9 +645,11 @@ def plot_lab(runs: list[dict], dyn: dict, cmr: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def analyse(lab: LabConfig, pt_info: dict, runs: list[dict], out: Path, wall: float, tolerance: float) -> dict:
+def analyse(lab: LabConfig, pt_info: dict, runs: list[dict], reps: list[dict], out: Path, wall: float,
+            tolerance: float) -> dict:
     t0 = time.perf_counter()
     dyn = dynamics_checks(lab, pt_info, runs)
+    rep = replicate_checks(lab, pt_info, runs, reps, dyn["constant+cosine, all lengths | per ratio, S_pt known"]["fit"])
     cmr = cmr_checks(lab, runs, tolerance, dyn["pilots <= 40 steps (10%) | per ratio, S_pt known"]["fit"])
     plan = plan_check(lab, pt_info, runs, tolerance)
     print(f"\npretrained: general {pt_info['history'][-1]['general_loss']:.4f}, domain "
@@ -519,11 +685,13 @@ def analyse(lab: LabConfig, pt_info: dict, runs: list[dict], out: Path, wall: fl
           f"({'met' if abs(derr) <= 0.05 else 'missed'}, goal +-0.05)")
     power = cmr["power_law_cmr"]
     print("paper's power law: " + (f"{power:.3f}" if power is not None else f"not reported: {cmr['power_law_note']}"))
+    print_replicates(rep)
     summary = {"lab": asdict(lab), "grid_minutes": wall / 60, "analysis_seconds": time.perf_counter() - t0,
                "pretrain": {k: v for k, v in pt_info.items()},
                "dynamics": {k: {kk: vv for kk, vv in v.items() if kk != "fit"} | {"laws": v["fit"].to_dict()["laws"]}
                             for k, v in dyn.items()},
                "cmr": {k: v for k, v in cmr.items() if k not in ("fit", "prediction")}, "plan": plan,
+               "replicates": rep,
                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=float))
@@ -577,8 +745,18 @@ def run_smol(cache: Path, out: Path) -> None:
     print(f"SmolLM2: fit on {len(dirs) - 1} pilots (rmse general_self {plan.fit.rmse_general:.4f}, domain "
           f"{plan.fit.rmse_domain:.4f}); held-out WSD 48 steps: max |error| general_self {eg:.4f}, domain {ed:.4f} "
           f"nats ({'met' if max(eg, ed) <= 0.02 else 'missed'}, goal 0.02); grid {(time.perf_counter() - t0) / 60:.1f} min")
+    print(f"held-out WSD end (step {held.steps[-1]}): general_self predicted {g[-1]:.4f} measured "
+          f"{held.general[-1]:.4f}, domain predicted {d[-1]:.4f} measured {held.domain[-1]:.4f}; law momentum "
+          f"{[law.momentum for law in plan.fit.laws]}, at bounds {plan.fit.at_bounds}")
+    c = plan.recommended
+    print(f"plan for 48 steps, tolerance +5% (bound {plan.general_bound:.4f}): " + (
+        "no candidate meets the tolerance" if c is None else
+        f"{c.schedule}, peak LR {c.peak_lr:g}, replay {c.replay_ratio:g}: predicted general_self {c.general_end:.4f} "
+        f"(band top {c.general_hi:.4f}), domain {c.domain_end:.4f}"))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "smollm2.json").write_text(json.dumps({"max_err_general_self": eg, "max_err_domain": ed,
+    heldout = {"steps": held.steps, "general_self": held.general, "domain": held.domain,
+               "predicted_general_self": g.tolist(), "predicted_domain": d.tolist()}
+    (out / "smollm2.json").write_text(json.dumps({"max_err_general_self": eg, "max_err_domain": ed, "heldout": heldout,
                                                   "plan": plan.to_dict()}, indent=1, default=float))
 
 
@@ -590,19 +768,24 @@ def main() -> None:
     p.add_argument("--runs-only", action="store_true", help="run (or load) the grid, skip the analysis")
     p.add_argument("--smollm2", action="store_true", help="the shorter grid on the embedded SmolLM2 (run_cpt)")
     p.add_argument("--tolerance", type=float, default=0.05, help="CMR: allowed relative rise of the general loss")
+    p.add_argument("--replicates", type=int, default=3, help="CPT data orders of the held-out WSD runs (1: only "
+                   "the lab's order; N: N - 1 more orders, ~6 min each on 2 CPUs)")
     a = p.parse_args()
+    if a.replicates < 1:
+        p.error(f"`--replicates` must be >= 1, got {a.replicates}")
     if a.smollm2:
         run_smol(a.cache, a.out)
         return
     lab = LabConfig()
     t0 = time.perf_counter()
-    pt_info, runs = run_lab(lab, a.cache)
+    pt_info, runs, reps = run_lab(lab, a.cache, a.replicates)
     wall = time.perf_counter() - t0
-    print(f"lab grid: {len(runs)} runs in {wall / 60:.1f} min (pretraining {pt_info['seconds'] / 60:.1f} min "
+    print(f"lab grid: {len(runs)} runs + {len(reps)} data-order replicates in {wall / 60:.1f} min (pretraining "
+          f"{pt_info['seconds'] / 60:.1f} min "
           f"when not cached); {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
     if a.runs_only:
         return
-    analyse(lab, pt_info, runs, a.out, wall, a.tolerance)
+    analyse(lab, pt_info, runs, reps, a.out, wall, a.tolerance)
 
 
 if __name__ == "__main__":

@@ -136,7 +136,8 @@ def candidate_lrs(schedule: str, steps: int, peak_lr: float, warmup_steps: int =
 
 @dataclass
 class PlanCandidate:
-    """One candidate run and its predicted losses at the end of the budget (`*_hi`: top of the band)."""
+    """One candidate run and its predicted losses at the end of the budget (`*_hi`: top of the band, never below
+    the point prediction: a percentile band of refits on few pilots can sit beside the full fit)."""
 
     schedule: str
     peak_lr: float
@@ -223,11 +224,11 @@ def plan_from_pilots(pilots: Sequence[PilotCurve], budget_steps: int, tolerance:
             for r in ratios:
                 g, d = fit.predict(lrs, 1.0 - r, [budget_steps])
                 band = predict_band(laws, lrs, 1.0 - r, level, [budget_steps]) if laws else None
-                g_hi = float(band["general_hi"][0]) if band else float(g[0])
-                d_hi = float(band["domain_hi"][0]) if band else float(d[0])
+                g_hi = max(float(band["general_hi"][0]), float(g[0])) if band else float(g[0])
+                d_hi = max(float(band["domain_hi"][0]), float(d[0])) if band else float(d[0])
                 # feasible with the band: the top of the general band (the point estimate without a bootstrap)
                 candidates.append(PlanCandidate(sched, lr, float(r), float(g[0]), float(d[0]), g_hi, d_hi,
-                                                max(g_hi, float(g[0])) <= bound))
+                                                g_hi <= bound))
     feasible = [c for c in candidates if c.feasible]
     best = min(feasible, key=lambda c: (c.domain_end, c.replay_ratio)) if feasible else None
     curves: dict[str, list[float]] = {}
@@ -236,7 +237,11 @@ def plan_from_pilots(pilots: Sequence[PilotCurve], budget_steps: int, tolerance:
         g, d = fit.predict(lrs, 1.0 - best.replay_ratio)
         curves = {"lr": lrs, "general": g.tolist(), "domain": d.tolist()}
         if laws:
-            curves.update({k: v.tolist() for k, v in predict_band(laws, lrs, 1.0 - best.replay_ratio, level).items()})
+            band = predict_band(laws, lrs, 1.0 - best.replay_ratio, level)
+            for key, point in (("general", g), ("domain", d)):  # the band holds the point prediction
+                band[f"{key}_lo"] = np.minimum(band[f"{key}_lo"], point)
+                band[f"{key}_hi"] = np.maximum(band[f"{key}_hi"], point)
+            curves.update({k: v.tolist() for k, v in band.items()})
     settings = {"warmup_steps": warm, "min_lr_ratio": min_lr_ratio, "decay_fraction": decay_fraction}
     return CPTPlan(fit=fit, budget_steps=budget_steps, tokens_per_step=tokens_per_step, tolerance=tolerance,
                    tolerance_mode=tolerance_mode, general_bound=bound, level=level, bootstrap_samples=len(laws),

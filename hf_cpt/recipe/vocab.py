@@ -8,36 +8,37 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..config import CPTConfig, SourceConfig
+from ..config import SELF, CPTConfig, SourceConfig
 from ..utils import atomic_output_dir
 from ..vocab.extend import extend_vocabulary
 from .data import load_split
 from .models import load_model_and_tokenizer
 
 
-def vocab_corpora(cfg: CPTConfig, max_docs: int = 200_000) -> tuple[list[str], list[str], list[str] | None]:
-    """Domain texts to learn from (`vocab.corpus` or `data.domain.train`; also `distill`'s contexts), general texts
-    (`data.general.train` when OFA builds its word vectors from the corpora, else the held-out `data.general.eval`,
-    enough for the general-text fertility report) and held-out domain texts (fertility report) of a `CPTConfig`."""
+def vocab_corpora(cfg: CPTConfig, max_docs: int = 200_000
+                  ) -> tuple[list[str], list[str], list[str] | None, list[str] | None]:
+    """Texts of a `CPTConfig` for `extend_vocabulary`: domain texts to learn from (`vocab.corpus` or
+    `data.domain.train`; also `distill`'s contexts), general texts for OFA's corpus word vectors
+    (`data.general.train`, only when OFA builds them), held-out domain texts and held-out general texts
+    (`data.general.eval`, first 200 documents): the fertility reports, the same whatever the init."""
 
-    def texts(spec: str | None, source: SourceConfig | None, field: str) -> list[str]:
+    def texts(spec: str | None, source: SourceConfig | None, field: str, limit: int = max_docs) -> list[str]:
         if not spec or source is None:
             return []
         ds = load_split(spec, source, field, streaming=source.streaming)
-        return [r[source.text_field] for r in itertools.islice(ds, max_docs)]
+        return [r[source.text_field] for r in itertools.islice(ds, limit)]
 
     data = cfg.data
     corpus = cfg.vocab.corpus
     domain = texts(corpus or data.domain.train, data.domain, "vocab.corpus" if corpus else "data.domain.train")
     builds_vectors = cfg.vocab.init == "ofa" and not cfg.vocab.word_vectors
-    if data.general is None:
-        general = []
-    elif builds_vectors:
-        general = texts(data.general.train, data.general, "data.general.train")
-    else:
-        general = texts(data.general.eval, data.general, "data.general.eval")
+    gen = data.general
+    # `general.train: self` is written by the model during the run: OFA's vectors then come from the domain text
+    general = texts(gen.train, gen, "data.general.train") if builds_vectors and gen is not None \
+        and gen.train != SELF else []
+    general_heldout = (texts(gen.eval, gen, "data.general.eval", limit=200) if gen is not None else []) or None
     heldout = texts(data.domain.eval, data.domain, "data.domain.eval") or None
-    return domain, general, heldout
+    return domain, general, heldout, general_heldout
 
 
 def extend_checkpoint(cfg: CPTConfig, output_dir: str, overwrite: bool = False) -> dict[str, Any]:
@@ -48,8 +49,7 @@ def extend_checkpoint(cfg: CPTConfig, output_dir: str, overwrite: bool = False) 
     # refuses a non-empty output_dir before any work; removes the staging dir on failure
     with atomic_output_dir(Path(output_dir), overwrite) as tmp:
         model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.objective)
-        domain, general, heldout = vocab_corpora(cfg)
-        model, tokenizer, summary = extend_vocabulary(model, tokenizer, cfg.vocab, domain, general, heldout)
+        model, tokenizer, summary = extend_vocabulary(model, tokenizer, cfg.vocab, *vocab_corpora(cfg))
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "hf_cpt_vocab.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")

@@ -239,18 +239,20 @@ def word_vectors_for(cfg: VocabConfig, texts: Sequence[str]) -> WordVectors:
 
 
 def extend_vocabulary(model: Any, tokenizer: Any, cfg: VocabConfig, domain_texts: Sequence[str],
-                      general_texts: Sequence[str] = (), heldout: Sequence[str] | None = None
-                      ) -> tuple[Any, Any, dict[str, Any]]:
+                      general_texts: Sequence[str] = (), heldout: Sequence[str] | None = None,
+                      general_heldout: Sequence[str] | None = None) -> tuple[Any, Any, dict[str, Any]]:
     """The whole `vocab:` recipe: learn `cfg.n_new_tokens` domain subwords, merge them into `tokenizer`, grow and
     initialise `model`. Returns `(model, extended tokenizer, summary)`; `model` is modified in place.
 
     The summary (`hf_cpt_vocab.json`, model card) reports `added` rows, `used` tokens (those the domain
-    segmentation produces), BPE `intermediates`, and fertility before/after on held-out domain text and, when
-    `general_texts` are given, on general text."""
+    segmentation produces), BPE `intermediates`, and fertility before/after on held-out domain text and on general
+    text (`general_heldout`, else `general_texts`: their first 200 documents). `general_texts` also feed OFA's
+    word vectors when it builds them from the corpora."""
     from .tokens import learn_domain_tokens
 
     t0 = time.perf_counter()
-    general = list(general_texts)[:200] or None  # a sample is enough for the general fertility report
+    # a sample is enough for the general fertility report
+    general = list(general_heldout if general_heldout is not None else general_texts)[:200] or None
     ext = learn_domain_tokens(domain_texts, tokenizer, cfg.n_new_tokens, heldout=heldout, general=general,
                               min_frequency=cfg.min_frequency)
     learn_s = time.perf_counter() - t0

@@ -59,6 +59,13 @@ def test_plan_round_trips_real_runs(pilots, tmp_path):
     assert rec["general_end"] <= plan["general_bound"] and len(plan["curves"]["general"]) == 21
     # every candidate of the default grid: 3 schedules x the pilots' peak LR x replay 0.25..0.5 in 0.05 steps
     assert len(plan["candidates"]) == 3 * 1 * 6
+    # the band's top never sits below the point prediction it is reported with; feasibility reads the top
+    for c in plan["candidates"]:
+        assert c["general_hi"] >= c["general_end"] and c["domain_hi"] >= c["domain_end"]
+        assert c["feasible"] == (c["general_hi"] <= plan["general_bound"])
+    curves = plan["curves"]
+    if "general_hi" in curves:
+        assert all(lo <= p <= hi for lo, p, hi in zip(curves["general_lo"], curves["general"], curves["general_hi"]))
     assert (tmp_path / "plan.png").stat().st_size > 10_000
     # the fitted curves go through the measured points (tiny noisy runs: within a loose margin)
     assert plan["fit"]["rmse_general"] < 0.1 and plan["fit"]["rmse_domain"] < 0.1
