@@ -1,6 +1,5 @@
 import json
 
-import datasets
 import pytest
 
 from hf_cpt.config import DataConfig, SourceConfig

@@ -216,34 +216,26 @@ def _fit_surfaces(records: Sequence[CMRRecord], start: CMRLaw | None = None) -> 
     def general(p: np.ndarray) -> np.ndarray:
         return g0 + p[0] * (r * t) ** p[1] - p[2] * ((1 - r) * t) ** p[3] - lg
 
-    best = None
+    def best_fit(fun: Any, starts: list, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, float]:
+        """The lowest-cost bounded least-squares fit over `starts`: (parameters, rmse)."""
+        fits = [least_squares(fun, np.clip(x0, lo, hi), bounds=(lo, hi)) for x0 in starts]
+        best = min(fits, key=lambda res: res.cost)
+        return best.x, float(np.sqrt(np.mean(best.fun ** 2)))
+
     # a few starts (exponents interact with scales), or the given law's parameters (bootstrap refits)
     starts_g = ([(0.1, 0.5, 0.1, 0.5), (0.1, 1.0, 0.1, 0.3), (0.1, 0.3, 0.1, 1.0)] if start is None else
                 [(start.forget_scale * scale ** start.forget_exp, start.forget_exp,
                   start.replay_scale * scale ** start.replay_exp, start.replay_exp)])
-    lo_g, hi_g = np.array([0, 0.01, 0, 0.01]), np.array([np.inf, 3, np.inf, 3])
-    for x0 in starts_g:
-        res = least_squares(general, np.clip(x0, lo_g, hi_g), bounds=(lo_g, hi_g))
-        if best is None or res.cost < best.cost:
-            best = res
-    pg = best.x
-    rmse_g = float(np.sqrt(np.mean(best.fun ** 2)))
+    pg, rmse_g = best_fit(general, starts_g, np.array([0, 0.01, 0, 0.01]), np.array([np.inf, 3, np.inf, 3]))
 
     def domain(p: np.ndarray) -> np.ndarray:
         return p[0] + p[1] * ((r + p[3]) * t) ** (-p[2]) - ld
 
-    best = None
     floor_hi = float(ld.min())
     starts_d = ([(0.8 * floor_hi, max(float(ld.max() - ld.min()), 1e-3), a0, 0.1) for a0 in (0.3, 0.7, 1.5)]
                 if start is None else [(start.domain_floor, start.domain_scale * scale ** -start.domain_exp,
                                         start.domain_exp, start.domain_transfer)])
-    lo_d, hi_d = np.array([0, 0, 0.01, 0]), np.array([floor_hi, np.inf, 5, 10])
-    for x0 in starts_d:
-        res = least_squares(domain, np.clip(x0, lo_d, hi_d), bounds=(lo_d, hi_d))
-        if best is None or res.cost < best.cost:
-            best = res
-    pd = best.x
-    rmse_d = float(np.sqrt(np.mean(best.fun ** 2)))
+    pd, rmse_d = best_fit(domain, starts_d, np.array([0, 0, 0.01, 0]), np.array([floor_hi, np.inf, 5, 10]))
     law = CMRLaw(
         general_start=g0,
         forget_scale=float(pg[0] * scale ** -pg[1]), forget_exp=float(pg[1]),

@@ -18,7 +18,6 @@ from hf_cpt.collators.masking import (  # noqa: E402
 )
 from hf_cpt.callbacks.masking_stats import MaskingStatsCallback  # noqa: E402
 from hf_cpt.collators.spans import (  # noqa: E402
-    char_to_token_spans,
     load_spacy_pipeline,
     read_lexicon,
     tag_entities,
