@@ -97,28 +97,31 @@ def main() -> None:
           f"intermediates; English {ext.stats['general_fertility_before']:.3f} -> "
           f"{ext.stats['general_fertility_after']:.3f}); corpus vectors {len(corpus_vectors.words)} words in {vec_s:.1f} s; "
           f"+ FreeDict: {len(pairs)} pairs, {len(dict_vectors.words)} words in {dict_s:.1f} s\n")
-    runs = [(f"distill ({p})" if len(precisions) > 1 else "distill", "distill", p) for p in precisions]
-    runs += [("ofa (corpus vectors)", "ofa", corpus_vectors), ("ofa (corpus + FreeDict)", "ofa", dict_vectors),
-            ("subword_mean", "subword_mean", None), ("mean", "mean", None), ("random", "random", None)]
+    # (row name, init, extend_model options)
+    runs = [(f"distill ({p})" if len(precisions) > 1 else "distill", "distill",
+             {**distill_opts, "distill_precision": p}) for p in precisions]
+    runs += [("ofa (corpus vectors)", "ofa", {"word_vectors": corpus_vectors}),
+             ("ofa (corpus + FreeDict)", "ofa", {"word_vectors": dict_vectors}),
+             ("subword_mean", "subword_mean", {}), ("mean", "mean", {}), ("random", "random", {})]
     print(f"distill options: {distill_opts}; torch threads {torch.get_num_threads()}")
     print("| init | extend+init s | OFA coverage | German loss step 0 | English (KJV) loss step 0 |")
     print("|---|---:|---:|---:|---:|")
     distill_seconds = []
-    for name, init, vectors in [r for r in runs if r[1] in inits]:
+    for name, init, opts in [r for r in runs if r[1] in inits]:
         model = AutoModelForCausalLM.from_pretrained(path)
-        opts = {**distill_opts, "distill_precision": vectors} if init == "distill" else {}
-        s = extend_model(model, ext.tokenizer, ext.new_tokens, init, old_tokenizer=base,
-                         word_vectors=None if init == "distill" else vectors, texts=de_train, **opts)
+        s = extend_model(model, ext.tokenizer, ext.new_tokens, init, old_tokenizer=base, texts=de_train, **opts)
         cov = f"{s['ofa_coverage']:.0%}" if s["ofa_coverage"] is not None else ""
         if init == "distill":
             distill_seconds.append(s["seconds"])
             print(f"distill: {s.get('distill_contexts', 0):.0f} snippets, bfloat16 autocast "
-                  f"{bool(s.get('distill_bfloat16'))}, mean mismatch first pass {s.get('distill_mse_first_pass', 0):.4f}")
+                  f"{bool(s.get('distill_bfloat16'))}, mean mismatch first pass "
+                  f"{s.get('distill_mse_first_pass', 0):.4f}")
         print(f"| {name} | {s['seconds']:.1f} | {cov} | {loss(model, evals['german']):.4f} | "
               f"{loss(model, evals['english (KJV)']):.4f} |", flush=True)
     if len(distill_seconds) > 1:
         print(f"distill time ratio {precisions[0]} / {precisions[1]}: "
-              f"{distill_seconds[0] / distill_seconds[1]:.2f}x ({distill_seconds[0]:.1f} s vs {distill_seconds[1]:.1f} s)")
+              f"{distill_seconds[0] / distill_seconds[1]:.2f}x ({distill_seconds[0]:.1f} s vs "
+              f"{distill_seconds[1]:.1f} s)")
     model = AutoModelForCausalLM.from_pretrained(path)
     print(f"| (base tokenizer, no extension) | | | {loss(model, base_evals['german']):.4f} | "
           f"{loss(model, base_evals['english (KJV)']):.4f} |")

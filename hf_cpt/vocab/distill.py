@@ -148,26 +148,26 @@ DISTILL_PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 def resolve_precision(model: Any, precision: str = "auto") -> str:
-    """`auto` -> `bfloat16` when the model is float32 and its device multiplies bfloat16 fast, else `float32`.
+    """`auto` -> `bfloat16` when the model is float32 and its device multiplies bfloat16 fast, else `float32`;
+    `float32` and `bfloat16` as given (`bfloat16` is honoured even where it is slow).
 
     Raises:
-        ValueError: an unknown precision, or `bfloat16` on a device without bfloat16 support.
+        ValueError: an unknown precision, or `bfloat16` for a model on neither CPU nor CUDA (no autocast there).
     """
     if precision not in DISTILL_PRECISIONS:
         raise ValueError(f"`distill_precision` must be one of {', '.join(DISTILL_PRECISIONS)}, got {precision!r}")
     param = next(model.parameters())
-    if param.device.type == "cuda":
-        fast = torch.cuda.is_bf16_supported()
-    elif param.device.type == "cpu":
-        fast = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    else:
-        fast = False
-    if precision == "bfloat16" and param.device.type not in ("cpu", "cuda"):
+    device = param.device.type
+    if precision == "bfloat16" and device not in ("cpu", "cuda"):
         raise ValueError(f"`distill_precision: bfloat16` needs a CPU or CUDA model, this one is on {param.device}; "
                          "use `float32` or `auto`")
-    if precision == "auto":
-        return "bfloat16" if fast and param.dtype == torch.float32 else "float32"
-    return precision
+    if precision != "auto":
+        return precision
+    if device == "cuda":
+        fast = torch.cuda.is_bf16_supported()
+    else:
+        fast = device == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return "bfloat16" if fast and param.dtype == torch.float32 else "float32"
 
 
 def init_distill(model: Any, old: torch.Tensor, start: torch.Tensor, contexts: Sequence[DistillContext], *,

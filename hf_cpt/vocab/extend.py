@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..validation import check_choice, check_int, check_number
+from .distill import DISTILL_PRECISIONS
 from .init import EMBEDDING_INITS, InitInputs
 from .vectors import (
     WordVectors,
@@ -90,7 +91,7 @@ class VocabConfig:
         check_int("n_new_tokens", self.n_new_tokens)
         check_choice("init", self.init, EMBEDDING_INITS)
         check_choice("ofa_fallback", self.ofa_fallback, ("subword_mean", "random"))
-        check_choice("distill_precision", self.distill_precision, ("auto", "float32", "bfloat16"))
+        check_choice("distill_precision", self.distill_precision, DISTILL_PRECISIONS)
         check_number("temperature", self.temperature, 0, min_inclusive=False)
         for name in ("top_k", "vector_dim", "min_frequency", "distill_contexts", "distill_steps",
                      "distill_batch_size"):
