@@ -5,6 +5,7 @@ corpus across replay ratios, budgets (10x) and schedules, then test the learning
     python bench/cpt_lab.py --smollm2             # shorter grid on the embedded SmolLM2 via `run_cpt`
     python bench/cpt_lab.py --out docs/cpt_lab    # where the table (JSON) and the PNG go
     python bench/cpt_lab.py --replicates 1        # skip the data-order replicates of the held-out WSD runs
+    python bench/cpt_lab.py --packing concat      # the block layout before document packing (issue 29)
 
 Lab (`--smollm2` off): a byte-level BPE tokenizer and a Llama built from config (random init, seed 0) are
 pretrained from scratch on the KJV (the general corpus shipped in hf_cpt/data/kjv, cosine schedule to 10% of its
@@ -68,6 +69,15 @@ class LabConfig:
     wsd_decay: float = 0.2
     eval_blocks: int = 128
     seed: int = 0
+    packing: str = "documents"  # hf_cpt's block layout (`data.packing`); `concat`: the lab before issue 29
+
+
+def _lab_key(lab: LabConfig) -> dict:
+    """The lab settings as cached: `packing` only when not `concat`, so the concat-era caches keep their keys."""
+    out = asdict(lab)
+    if lab.packing == "concat":
+        out.pop("packing")
+    return out
 
 
 @dataclass(frozen=True)
@@ -101,16 +111,28 @@ def _tokenizer(lab: LabConfig, cache: Path):
     return PreTrainedTokenizerFast.from_pretrained(path)
 
 
-def _blocks(tok, name: str, split: str, block: int):
+def _blocks(tok, name: str, split: str, block: int, packing: str) -> dict:
+    """The split as `block`-token blocks in hf_cpt's layout (`hf_cpt.mixers.packing.pack_documents`): tensors
+    `input_ids`, `labels` and, for `documents`, `position_ids` restarting at every document."""
     import torch
 
+    from hf_cpt.mixers.packing import bos_for, pack_documents
     from hf_cpt.testing import read_embedded
 
-    ids: list[int] = []
-    for text in read_embedded(name, split):
-        ids.extend(tok(text)["input_ids"] + [tok.eos_token_id])
-    n = len(ids) // block
-    return torch.tensor(ids[: n * block]).view(n, block)
+    docs = [tok(text)["input_ids"] for text in read_embedded(name, split)]
+    blocks = pack_documents(docs, block, bos_for(tok), tok.eos_token_id, packing)
+    keys = ("input_ids", "labels") + (("position_ids",) if packing == "documents" else ())
+    return {k: torch.tensor([b[k] for b in blocks]) for k in keys}
+
+
+def _rows(blocks: dict, idx) -> dict:
+    return {k: v[idx] for k, v in blocks.items()}
+
+
+def _forward(model, batch: dict):
+    """Logits of a batch; document-packed batches go with their positions and no cache (per-document attention)."""
+    extra = {"position_ids": batch["position_ids"], "use_cache": False} if "position_ids" in batch else {}
+    return model(input_ids=batch["input_ids"], **extra).logits
 
 
 class LabData:
@@ -120,12 +142,14 @@ class LabData:
         import torch
 
         tok = self.tokenizer = _tokenizer(lab, cache)
-        self.train = {"general": _blocks(tok, "kjv", "train", lab.block),
-                      "domain": _blocks(tok, "python-docs", "train", lab.block)}
-        self.eval = {"general": _blocks(tok, "kjv", "validation", lab.block)[: lab.eval_blocks],
-                     "domain": _blocks(tok, "python-docs", "validation", lab.block)[: lab.eval_blocks]}
+        self.train = {"general": _blocks(tok, "kjv", "train", lab.block, lab.packing),
+                      "domain": _blocks(tok, "python-docs", "train", lab.block, lab.packing)}
+        self.eval = {"general": _rows(_blocks(tok, "kjv", "validation", lab.block, lab.packing),
+                                      slice(0, lab.eval_blocks)),
+                     "domain": _rows(_blocks(tok, "python-docs", "validation", lab.block, lab.packing),
+                                     slice(0, lab.eval_blocks))}
         g = torch.Generator().manual_seed(lab.seed)
-        order = {k: torch.randperm(len(v), generator=g) for k, v in self.train.items()}
+        order = {k: torch.randperm(len(v["input_ids"]), generator=g) for k, v in self.train.items()}
         # pretraining sees a little code (as web text does): a held-apart 10% of the domain blocks
         cut = len(order["domain"]) // 10
         order["domain_pt"] = order["domain"][:cut]
@@ -150,7 +174,7 @@ class LabData:
     def take(self, source: str, n: int):
         idx = [(self.pos[source] + i) % len(self.order[source]) for i in range(n)]
         self.pos[source] += n
-        return self.train[source][self.order[source][idx]]
+        return _rows(self.train[source], self.order[source][idx])
 
 
 def _model(lab: LabConfig):
@@ -171,13 +195,14 @@ def _eval(model, blocks, batch: int = 64) -> float:
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for i in range(0, len(blocks), batch):
-            x = blocks[i: i + batch]
-            logits = model(input_ids=x).logits[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1),
-                                                     reduction="sum")
+        for i in range(0, len(blocks["input_ids"]), batch):
+            x = _rows(blocks, slice(i, i + batch))
+            logits = _forward(model, x)[:, :-1].float()
+            target = x["labels"][:, 1:]
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+                                                     reduction="sum", ignore_index=-100)
             total += float(loss)
-            count += x[:, 1:].numel()
+            count += int((target != -100).sum())
     model.train()
     return total / count
 
@@ -223,10 +248,12 @@ def _train(model, data: LabData, lab: LabConfig, lrs: np.ndarray, mix: dict[str,
         if step == len(lrs):
             break
         counts, credits = allocate_shares(credits, mix, lab.batch)
-        x = torch.cat([data.take(s, n) for s, n in counts.items() if n])
+        parts = [data.take(s, n) for s, n in counts.items() if n]
+        x = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         for group in opt.param_groups:
             group["lr"] = float(lrs[step])
-        loss = model(input_ids=x, labels=x).loss
+        extra = {"position_ids": x["position_ids"], "use_cache": False} if "position_ids" in x else {}
+        loss = model(input_ids=x["input_ids"], labels=x["labels"], **extra).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -241,7 +268,7 @@ def _key(obj) -> str:
 def pretrain(lab: LabConfig, data: LabData, cache: Path):
     import torch
 
-    path = cache / f"pretrained-{_key([LAB_VERSION, asdict(lab)])}.pt"
+    path = cache / f"pretrained-{_key([LAB_VERSION, _lab_key(lab)])}.pt"
     model = _model(lab)
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
@@ -269,7 +296,7 @@ def run(spec: RunSpec, lab: LabConfig, data: LabData, base_state: dict, pt_info:
 
     order = f"-o{spec.order_seed}" if spec.order_seed else ""
     path = cache / "runs" / f"{spec.schedule}-{spec.steps}-p{spec.domain_share:g}-lr{spec.peak_lr:g}{order}-" \
-                            f"{_key([LAB_VERSION, asdict(lab), _spec_key(spec)])}.json"
+                            f"{_key([LAB_VERSION, _lab_key(lab), _spec_key(spec)])}.json"
     if path.exists():
         return json.loads(path.read_text())
     model = _model(lab)
@@ -770,13 +797,15 @@ def main() -> None:
     p.add_argument("--tolerance", type=float, default=0.05, help="CMR: allowed relative rise of the general loss")
     p.add_argument("--replicates", type=int, default=3, help="CPT data orders of the held-out WSD runs (1: only "
                    "the lab's order; N: N - 1 more orders, ~6 min each on 2 CPUs)")
+    p.add_argument("--packing", choices=("documents", "concat"), default="documents",
+                   help="block layout (hf_cpt's `data.packing`); `concat` reproduces the lab before issue 29")
     a = p.parse_args()
     if a.replicates < 1:
         p.error(f"`--replicates` must be >= 1, got {a.replicates}")
     if a.smollm2:
         run_smol(a.cache, a.out)
         return
-    lab = LabConfig()
+    lab = LabConfig(packing=a.packing)
     t0 = time.perf_counter()
     pt_info, runs, reps = run_lab(lab, a.cache, a.replicates)
     wall = time.perf_counter() - t0

@@ -21,7 +21,12 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainingArguments, default_data_collator
 
-from hf_cpt import ActiveForgettingCallback, DataConfig, SourceConfig, build_eval_sets, build_train_set
+import itertools
+
+import datasets
+
+from hf_cpt import (ActiveForgettingCallback, DataConfig, DocumentMaskingGuard, ReplayMixerCallback, SourceConfig,
+                    build_eval_sets, build_train_set)
 from hf_cpt.callbacks.active_forgetting import relearn_embeddings
 from hf_cpt.testing import make_tiny_llama, read_embedded, train_bpe_tokenizer
 
@@ -48,7 +53,7 @@ def args_for(out: Path, steps: int, lr: float, eval_steps: int | None = None) ->
 def pretrain(tok_a, k: int | None, steps: int, out: Path):
     model = make_tiny_llama(len(tok_a), seed=0, hidden_size=HIDDEN, num_layers=LAYERS)
     train, _ = data_for("kjv", tok_a, steps * 16)
-    callbacks = [ActiveForgettingCallback(every_k_updates=k)] if k else []
+    callbacks = [ReplayMixerCallback(train)] + ([ActiveForgettingCallback(every_k_updates=k)] if k else [])
     Trainer(model=model, args=args_for(out, steps, 1e-3), train_dataset=train,
             data_collator=default_data_collator, callbacks=callbacks).train()
     return model
@@ -64,7 +69,9 @@ def relearn(model, tok_b, steps: int, budget_blocks: int, out: Path) -> list[dic
     relearn_embeddings(model)
     train, held_out = data_for("python-docs", tok_b, budget_blocks)
     # low-data regime: cycle the same `budget_blocks` blocks for `steps` updates
-    train = train.select([i % len(train) for i in range(steps * 16)])
+    blocks = list(itertools.islice(iter(train), budget_blocks))
+    train = datasets.Dataset.from_list([blocks[i % len(blocks)] for i in range(steps * 16)])
+    DocumentMaskingGuard.attach(model)  # document-packed blocks outside a ReplayMixer: keep them per document
     trainer = Trainer(model=model, args=args_for(out, steps, 1e-3, eval_steps=max(steps // 12, 1)),
                       train_dataset=train, eval_dataset=held_out, data_collator=default_data_collator)
     trainer.train()

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 from hf_cpt import (
     DataConfig,
     ForgettingMonitorCallback,
+    ReplayMixerCallback,
     RewarmConfig,
     build_eval_sets,
     build_train_set,
@@ -49,7 +50,7 @@ def run_one(path: str, peak: float, schedule: RewarmConfig, train, evals, steps:
         dataloader_pin_memory=False,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=evals,
-                      data_collator=default_data_collator, callbacks=[monitor],
+                      data_collator=default_data_collator, callbacks=[monitor, ReplayMixerCallback(train)],
                       optimizers=(opt, make_rewarm_scheduler(opt, schedule, steps)))
     trainer.train()
     return monitor.history

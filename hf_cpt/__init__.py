@@ -20,11 +20,14 @@ _GROUPS: dict[str, dict[str, str]] = {
         "resolve_model_path": "recipe.models", "build_train_set": "recipe.data", "build_eval_sets": "recipe.data",
         "extend_checkpoint": "recipe.vocab", "run_cmr_pilot": "recipe.cmr_pilot",
         "write_cmr_config": "recipe.cmr_pilot", "load_template": "templates", "list_templates": "templates",
+        "OutputDirLock": "output_lock", "OutputDirBusyError": "output_lock",
     },
     "replay mixing": {
         "ReplayMixer": "mixers.replay", "ReplayMixerConfig": "mixers.replay", "RatioStage": "mixers.core",
         "ReplayMixerCallback": "callbacks.replay_mixer",
     },
+    "document packing": {n: "mixers.packing" for n in ("DocumentMaskingGuard", "check_document_masking",
+                                                       "probe_document_masking", "bos_for")},
     "data at scale": {"PreparedMixer": "mixers.prepared", "PreparedStore": "mixers.prepared",
                       "prepare_sources": "recipe.prepare", "prepare_config": "recipe.prepare"},
     "CMR": {n: "mixers.cmr" for n in ("fit_cmr_law", "predict_cmr", "read_records", "write_records", "plot_cmr",
@@ -126,6 +129,7 @@ if TYPE_CHECKING:  # pragma: no cover
         write_records,
     )
     from .mixers.core import RatioStage
+    from .mixers.packing import DocumentMaskingGuard, bos_for, check_document_masking, probe_document_masking
     from .mixers.prepared import PreparedMixer, PreparedStore
     from .mixers.replay import ReplayMixer, ReplayMixerConfig
     from .model_card import render_model_card

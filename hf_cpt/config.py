@@ -30,6 +30,7 @@ from .collators.distill import DistillConfig
 from .collators.masking import MASKING_KINDS, MaskingConfig
 from .hub import HubConfig
 from .mixers.core import RatioStage
+from .mixers.packing import ADD_BOS, PACKINGS
 from .mixers.replay import GRANULARITIES, ON_EXHAUSTED
 from .synth import SynthConfig
 from .validation import (check_bool, check_choice, check_flag, check_fraction, check_int, check_known_name, check_name,
@@ -106,6 +107,17 @@ class DataConfig:
     )
     replay_ratio: float = field(default=0.25, metadata={"help": "Share of training tokens from `general`, in [0, 1]."})
     block_size: int = field(default=256, metadata={"help": "Tokens per packed training/eval block."})
+    packing: str = field(
+        default="documents",
+        metadata={"help": "`documents`: blocks hold several documents that never attend to or predict each other "
+                          "(position_ids restart per document); `concat`: documents glued with EOS, attending across. "
+                          "Masked runs (`masking:`) always train one document chunk per sequence."},
+    )
+    add_bos: str = field(
+        default="auto",
+        metadata={"help": "With `packing: documents`, start each document with BOS: `auto` (when the tokenizer itself "
+                          "adds one, e.g. Llama), `always` (whenever it declares one), `never`."},
+    )
     max_eval_blocks: int = field(default=32, metadata={"help": "Held-out blocks per eval set (0: all)."})
     shuffle_seed: int = field(default=0, metadata={"help": "Seed for the order of documents within each corpus."})
     granularity: str = field(
@@ -142,6 +154,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_choice("granularity", self.granularity, GRANULARITIES)
         check_choice("on_exhausted", self.on_exhausted, ON_EXHAUSTED)
+        check_choice("packing", self.packing, PACKINGS)
+        check_choice("add_bos", self.add_bos, ADD_BOS)
         self.replay_stages = [s if isinstance(s, RatioStage) else RatioStage(**s) for s in self.replay_stages]
         for i, stage in enumerate(self.replay_stages):
             if stage.replay_ratio is None:
@@ -342,7 +356,10 @@ class CPTConfig:
             refused = [("replay_stages", [], "changes of the share during the run"),
                        ("granularity", "block", "token-level filling of blocks"),
                        ("on_exhausted", "cycle", "ending the mix when a corpus runs out"),
-                       ("prepared_dir", None, "a pretokenized store")]
+                       ("prepared_dir", None, "a pretokenized store"),
+                       # they already train one document chunk per sequence (padded): never concatenated
+                       ("packing", "documents", "concatenating documents into blocks"),
+                       ("add_bos", "auto", "a BOS setting of document packing")]
             for name, default, what in refused:
                 value = getattr(data, name)
                 if value != default:

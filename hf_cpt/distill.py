@@ -120,12 +120,14 @@ def _reduce(per: torch.Tensor, reduction: str, mask: torch.Tensor | None) -> tor
 
 # --- running a model ------------------------------------------------------------------------------------------------
 def _logit_chunks(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int,
-                  chunk_tokens: int) -> Iterator[tuple[slice, slice, torch.Tensor]]:
+                  chunk_tokens: int, position_ids: torch.Tensor | None = None
+                  ) -> Iterator[tuple[slice, slice, torch.Tensor]]:
     """(row slice, position slice, logits) pieces of the model's logits, `chunk_tokens` tokens of logits at a time.
 
     Through `get_decoder()` + the output head when the chunked loss can serve the model (also when
     `apply_chunked_loss` patched it): the full batch x seq x vocab tensor never exists. Other models (e.g. soft-
-    capped logits) run their own forward, one row batch at a time.
+    capped logits) run their own forward, one row batch at a time. `position_ids` (document-packed blocks) go
+    with `use_cache=False` and no mask, the layout transformers reads as packed documents.
     """
     device = next(model.parameters()).device
     direct = supports_chunked_loss(model) is None
@@ -133,10 +135,16 @@ def _logit_chunks(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
         rows = slice(r0, min(r0 + batch_size, input_ids.shape[0]))
         ids = input_ids[rows].to(device)
         mask = attention_mask[rows].to(device) if attention_mask is not None else None
+        extra: dict[str, Any] = {}
+        if position_ids is not None:
+            if mask is not None and not bool(mask.all()):
+                raise ValueError("`position_ids` (document-packed blocks) cannot go with a padding `attention_mask`")
+            mask = None  # an attention mask (even all ones) turns transformers' packed-document masking off
+            extra = {"position_ids": position_ids[rows].to(device), "use_cache": False}
         if not direct:
-            yield rows, slice(0, ids.shape[1]), model(input_ids=ids, attention_mask=mask).logits
+            yield rows, slice(0, ids.shape[1]), model(input_ids=ids, attention_mask=mask, **extra).logits
             continue
-        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask)[0]
+        hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, **extra)[0]
         head = model.get_output_embeddings()
         step = max(1, chunk_tokens // ids.shape[0])  # positions per piece
         for p0 in range(0, ids.shape[1], step):
@@ -163,6 +171,7 @@ def compute_base_targets(
     batch_size: int = 8,
     attention_mask: torch.Tensor | None = None,
     chunk_tokens: int = 1024,
+    position_ids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The base model's top-k at every position (predicting the next token), for distillation and the KL monitor.
 
@@ -177,6 +186,8 @@ def compute_base_targets(
         batch_size: rows per forward pass.
         attention_mask: optional `(N, T)` mask.
         chunk_tokens: tokens whose `V` logits exist at once.
+        position_ids: `(N, T)` positions of document-packed blocks (restarting per document), so the targets see
+            the same masking and positions as training.
 
     Returns:
         `{"ids": (N, T, k) int32, "logprobs": (N, T, k) float32}`, positions unshifted like `input_ids`.
@@ -184,7 +195,8 @@ def compute_base_targets(
     n, length = input_ids.shape
     ids = logprobs = None
     with _eval_no_grad(model):
-        for rows, pos, logits in _logit_chunks(model, input_ids, attention_mask, batch_size, chunk_tokens):
+        for rows, pos, logits in _logit_chunks(model, input_ids, attention_mask, batch_size, chunk_tokens,
+                                               position_ids):
             top_ids, top_lp = topk_targets(logits, k)
             if ids is None:
                 ids = torch.empty((n, length, k), dtype=top_ids.dtype)
@@ -202,6 +214,7 @@ def evaluate_kl(
     batch_size: int = 8,
     attention_mask: torch.Tensor | None = None,
     chunk_tokens: int = 1024,
+    position_ids: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Mean per-token KL_k(p_base || q_model) and top-1 agreement with the base on `input_ids`.
 
@@ -216,13 +229,15 @@ def evaluate_kl(
         batch_size: rows per forward pass.
         attention_mask: optional `(N, T)` mask.
         chunk_tokens: tokens whose `V` logits exist at once.
+        position_ids: `(N, T)` positions of document-packed blocks, as given to `compute_base_targets`.
 
     Returns:
         `{"kl": mean KL_k in nats per token, "top1_agree": fraction of tokens}`.
     """
     kl_sum = agree_sum = count = 0.0
     with _eval_no_grad(model):
-        for rows, pos, logits in _logit_chunks(model, input_ids, attention_mask, batch_size, chunk_tokens):
+        for rows, pos, logits in _logit_chunks(model, input_ids, attention_mask, batch_size, chunk_tokens,
+                                               position_ids):
             dev = logits.device
             t_ids, t_lp = ids[rows, pos].to(dev), logprobs[rows, pos].to(dev)
             mask = attention_mask[rows, pos].to(dev) if attention_mask is not None else None

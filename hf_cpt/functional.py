@@ -16,6 +16,7 @@ from .evaluation import flatten_results
 from .losses import chunked_linear_cross_entropy
 from .mixers.cmr import cmr_power_law, critical_ratio, fit_cmr_law, predict_cmr
 from .mixers.core import allocate_shares, assign_blocks, check_ratios, pack_blocks, ratios_at
+from .mixers.packing import pack_documents, segment_labels, segment_position_ids
 from .mixers.prepared import build_mix_schedule
 from .synth import dedup_lines, split_seeds
 from .vocab.init import factorize_embeddings, init_mean, init_ofa, init_random, init_subword_mean
@@ -59,6 +60,9 @@ __all__ = [
     "lr_multiplier",
     "lr_multiplier_cycles",
     "pack_blocks",
+    "pack_documents",
+    "segment_labels",
+    "segment_position_ids",
     "predict_cmr",
     "ratios_at",
     "reset_embeddings",

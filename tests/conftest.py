@@ -15,6 +15,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from hf_cpt.testing import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """`gpu`-marked tests are opt-in: they run only with HF_CPT_GPU_TESTS=1 on a machine with CUDA."""
+    gpu = [item for item in items if "gpu" in item.keywords]
+    if not gpu:
+        return
+    if os.environ.get("HF_CPT_GPU_TESTS") != "1":
+        reason = "GPU test: opt in with HF_CPT_GPU_TESTS=1 on a machine with CUDA (bench/gpu_run.sh does)"
+    else:
+        import torch
+
+        if torch.cuda.is_available():
+            return
+        reason = "HF_CPT_GPU_TESTS=1 but this machine has no CUDA device"
+    for item in gpu:
+        item.add_marker(pytest.mark.skip(reason=reason))
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tiny_tokenizer()

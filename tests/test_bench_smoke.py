@@ -1,5 +1,7 @@
-"""The data-at-scale and GPU-throughput benches run end to end at tiny, CPU-sized shapes, so they cannot rot."""
+"""The data-at-scale and GPU benches (and `bench/gpu_run.sh`, the one command a GPU session runs) run end to end at
+tiny, CPU-sized shapes, so they cannot rot."""
 
+import json
 import os
 import subprocess
 import sys
@@ -19,13 +21,41 @@ def _run(script: str, *args: str) -> str:
     return proc.stdout
 
 
-def test_gpu_throughput_tiny_shape_on_cpu():
-    out = _run("gpu_throughput.py", "--tiny", "--steps", "1", "--warmup", "1")
-    for vocab in ("1024", "2048"):
-        assert f"vocab {vocab:>6} Trainer          loss=standard" in out
-        assert f"vocab {vocab:>6} hf-cpt           loss=chunked" in out  # no CUDA: hf-cpt's chunked loss
-        assert f"vocab {vocab:>6} Trainer + Liger  skipped" in out
-        assert f"vocab {vocab:>6} hf-cpt vs Trainer: tokens/s x" in out
+def test_gpu_throughput_tiny_shape_on_cpu_one_process_per_variant():
+    out = _run("gpu_throughput.py", "--tiny", "--steps", "1", "--warmup", "1", "--variants", "hfcpt_chunked")
+    assert "isolation: process" in out and "FAILED" not in out
+    assert "seq    64 batch  2 (d) hf-cpt chunked  loss=chunked" in out
+
+
+GPU_VARIANTS = {"trainer", "trainer_liger", "hfcpt", "hfcpt_chunked", "hfcpt_distill", "hfcpt_packing"}
+
+
+@pytest.mark.slow  # ~40 s on 2 cores: nine Python processes importing torch + transformers
+def test_gpu_run_script_tiny_on_cpu_writes_the_results_a_gpu_session_reads(tmp_path):
+    out = tmp_path / "out"
+    env = dict(ENV, OUT=str(out), PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(BENCH / "gpu_run.sh"), "--tiny"], env=env, capture_output=True, text=True,
+                          timeout=280)
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stdout[-4000:]}{proc.stderr[-999:]}"
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_results.json", "gpu_run.log"]  # at most 8 files come back
+    log = (out / "gpu_run.log").read_text()
+    assert "=== [install_wheels] skipped: --tiny installs nothing" in log and "missing:" in log
+    r = json.loads((out / "gpu_results.json").read_text())
+    assert r["meta"]["tiny"] is True and r["env"]["found"]["torch"]
+    assert all(s["exit"] == 0 or str(s["exit"]).startswith("skipped") for s in r["steps"].values()), r["steps"]
+    assert {"env_before", "gpu_tests", "checks", "loss", "throughput_tiny_seq64", "profile"} <= set(r["steps"])
+    runs = r["throughput"]["tiny"]["seq64"]
+    assert set(runs) == GPU_VARIANTS
+    for name in GPU_VARIANTS - {"trainer_liger", "hfcpt_packing"}:
+        assert runs[name]["tokens_per_s"] > 0, runs[name]
+    assert "CUDA" in runs["trainer_liger"]["skipped"]
+    assert runs["hfcpt_packing"].get("tokens_per_s", 0) > 0 or "packing" in runs["hfcpt_packing"]["skipped"]
+    assert runs["hfcpt"]["loss"] == "chunked" and runs["hfcpt_distill"]["loss"] == "chunked"  # no CUDA: no Liger
+    assert r["checks"]["failed"] == [] and r["checks"]["checks"]["d_chunked"]["pass"]
+    assert "skipped" in r["checks"]["checks"]["b_liger"]
+    loss = r["loss"]["runs"]["vocab1024"]
+    assert loss["chunked"]["ms"] > 0 and loss["chunked"]["loss_diff_vs_hf"] < 1e-4 and "skipped" in loss["cce"]
+    assert r["profile"]["runs"]["seq64"]["hfcpt"]["top_ops"]
 
 
 def test_data_scale_tiny_stream():
@@ -35,3 +65,13 @@ def test_data_scale_tiny_stream():
     for world in (1, 2, 8, 64):
         assert any(line.split()[:1] == [str(world)] for line in out.splitlines())
     assert "per-rank cost at 64 ranks / 1 rank" in out and "resume at block 500" in out
+
+
+@pytest.mark.slow  # ~30 s on 2 cores: two tiny runs through run_cpt, scored per document
+def test_packing_bench_tiny_compares_both_layouts_on_the_same_tokens(tmp_path):
+    out = _run("packing.py", "--tiny", "--orders", "0", "--out", str(tmp_path / "packing.json"))
+    assert "same training tokens per source in both settings: True" in out
+    assert "verdict: held-out loss documents <= concat" in out
+    r = json.loads((tmp_path / "packing.json").read_text())
+    assert [row["packing"] for row in r["rows"]] == ["documents", "concat"]
+    assert {"domain_loss", "general_loss", "general_self_loss", "domain_kl", "step_s"} <= set(r["rows"][0])

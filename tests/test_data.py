@@ -69,12 +69,21 @@ def test_text_files_load_too(tmp_path):
 
 def test_tokenize_and_pack_gives_full_blocks_with_labels(tiny_tokenizer):
     ds = load_split("embedded:kjv/validation", SourceConfig("embedded:kjv/validation"), "x")
-    blocks = tokenize_and_pack(ds, tiny_tokenizer, "text", 48)
-    assert len(blocks) > 10
-    row = blocks[3]
+    concat = tokenize_and_pack(ds, tiny_tokenizer, "text", 48, packing="concat")
+    assert len(concat) > 10
+    row = concat[3]
     assert len(row["input_ids"]) == 48 and row["labels"] == row["input_ids"] and sum(row["attention_mask"]) == 48
     # documents are separated by EOS, as in pretraining
-    assert tiny_tokenizer.eos_token_id in sum(blocks["input_ids"], [])
+    assert tiny_tokenizer.eos_token_id in sum(concat["input_ids"], [])
+    # the default packs by document: the same tokens (no BOS in this tokenizer), positions restarting after EOS
+    blocks = tokenize_and_pack(ds, tiny_tokenizer, "text", 48)
+    assert blocks["input_ids"] == concat["input_ids"] and "attention_mask" not in blocks.column_names
+    eos = tiny_tokenizer.eos_token_id
+    for ids, pos, labels in zip(blocks["input_ids"], blocks["position_ids"], blocks["labels"]):
+        for t in range(1, 48):
+            restart = ids[t - 1] == eos
+            assert (pos[t] == 0) == restart and (labels[t] == -100) == restart
+            assert restart or pos[t] == pos[t - 1] + 1
 
 
 def test_build_train_set_is_a_token_exact_mixer(tiny_tokenizer):

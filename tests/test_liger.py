@@ -10,7 +10,7 @@ def test_auto_falls_back_with_a_reason_and_true_refuses_where_liger_cannot_run(t
     model = make_tiny_llama(len(tiny_tokenizer))
     assert resolve_liger("false", model) == (False, "Liger kernels off (`use_liger: false`)")
     if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA; the GPU path is checked by bench/loss_memory.py on the device")
+        pytest.skip("this machine has CUDA; the GPU path is checked by tests/test_gpu.py and bench/gpu_checks.py")
     on, note = resolve_liger("auto", model)
     assert not on and "no CUDA device" in note and "chunked loss" in note
     with pytest.raises(ValueError, match="`use_liger` is true but Liger cannot run here: no CUDA device"):

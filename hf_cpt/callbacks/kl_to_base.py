@@ -30,11 +30,24 @@ from ..validation import check_int
 logger = logging.getLogger(__name__)
 
 
+def _positions(data: Any) -> torch.Tensor | None:
+    """The `position_ids` column of document-packed blocks (a dataset or a list of block dicts), else None."""
+    if isinstance(data, list) and data and isinstance(data[0], Mapping) and "position_ids" in data[0]:
+        return torch.tensor([list(b["position_ids"]) for b in data], dtype=torch.long)
+    columns = getattr(data, "column_names", None)
+    if isinstance(columns, list) and "position_ids" in columns:
+        return torch.tensor([list(r) for r in data["position_ids"]], dtype=torch.long)
+    return None
+
+
 def _as_ids(data: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`(N, T)` token ids and an attention mask (None when every row is full length) from a tensor, a list of
-    rows, or a dataset with an `input_ids` column; ragged rows (e.g. masked-LM chunks) are right-padded."""
+    rows (or of block dicts), or a dataset with an `input_ids` column; ragged rows (e.g. masked-LM chunks) are
+    right-padded."""
     if isinstance(data, torch.Tensor):
         return data.long(), None
+    if isinstance(data, list) and data and isinstance(data[0], Mapping):
+        data = [b["input_ids"] for b in data]
     rows = [list(r) for r in (data["input_ids"] if not isinstance(data, list) else data)]
     width = max(len(r) for r in rows)
     if all(len(r) == width for r in rows):
@@ -53,6 +66,8 @@ class KLToBaseCallback(TrainerCallback):
     Args:
         eval_sets: `{name: blocks}`, the same held-out sets (or a subset) passed to the Trainer as
             `eval_dataset`; blocks are equal-length rows of `input_ids` (a tensor, rows, or a dataset column).
+            Document-packed blocks (a `position_ids` column) are run with those positions, so the KL sees the
+            same per-document attention as the Trainer's evaluation.
         top_k: base log-probs kept per token.
         targets: precomputed base targets `{name: {"ids", "logprobs"}}` (from `compute_base_targets` on the base
             model). Without them they are computed from the live model at the first evaluation at step 0 — so a
@@ -72,6 +87,7 @@ class KLToBaseCallback(TrainerCallback):
         converted = {name: _as_ids(data) for name, data in eval_sets.items()}
         self.inputs = {name: ids for name, (ids, _) in converted.items()}
         self.masks = {name: mask for name, (_, mask) in converted.items()}
+        self.positions = {name: _positions(data) for name, data in eval_sets.items()}
         self.top_k, self.batch_size = top_k, batch_size
         self.targets: dict[str, Mapping[str, torch.Tensor]] = dict(targets or {})
         unknown = set(self.targets) - set(self.inputs)
@@ -82,7 +98,8 @@ class KLToBaseCallback(TrainerCallback):
         """Store the base model's top-k on every set (call before training, on the base model)."""
         for name, ids in self.inputs.items():
             self.targets[name] = compute_base_targets(base_model, ids, self.top_k, batch_size=self.batch_size,
-                                                      attention_mask=self.masks[name])
+                                                      attention_mask=self.masks[name],
+                                                      position_ids=self.positions[name])
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if not logs or model is None:
@@ -98,10 +115,11 @@ class KLToBaseCallback(TrainerCallback):
                                      f"{state.global_step}: pass `targets` (compute them on the base model with "
                                      "`compute_targets`) when resuming")
                 self.targets[name] = compute_base_targets(model, self.inputs[name], self.top_k,
-                                                          batch_size=self.batch_size, attention_mask=self.masks[name])
+                                                          batch_size=self.batch_size, attention_mask=self.masks[name],
+                                                          position_ids=self.positions[name])
             t = self.targets[name]
             result = evaluate_kl(model, self.inputs[name], t["ids"], t["logprobs"], batch_size=self.batch_size,
-                                 attention_mask=self.masks[name])
+                                 attention_mask=self.masks[name], position_ids=self.positions[name])
             extra = {f"eval_{name}_kl": result["kl"], f"eval_{name}_top1_agree": result["top1_agree"]}
             logs.update(extra)  # the same dict the Trainer returns from evaluate() and the monitor reads
             # the Trainer appended a copy of `logs` to the history just before this hook

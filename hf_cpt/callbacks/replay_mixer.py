@@ -1,5 +1,8 @@
-"""Trainer glue for [`ReplayMixer`]: save its position with every checkpoint, restore it on resume, and log the
-tokens seen per source."""
+"""Trainer glue for [`ReplayMixer`]: save its position with every checkpoint, restore it on resume, log the
+tokens seen per source, and (with `packing="documents"`) keep the model's batches in the layout transformers
+masks per document ([`DocumentMaskingGuard`], installed at the start of training and left on the model, so a
+`trainer.evaluate()` after training still scores each document alone; `DocumentMaskingGuard.detach(model)`
+removes it)."""
 
 from __future__ import annotations
 
@@ -9,8 +12,10 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from ..mixers.packing import DocumentMaskingGuard
 from ..mixers.prepared import PreparedMixer
 from ..mixers.replay import ReplayMixer, register_mixer, registered_mixer
+from ..utils import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +88,13 @@ class ReplayMixerCallback(TrainerCallback, ExportableState):
         state = self._consumed_state()
         return {n: s["tokens"] for n, s in state["sources"].items()} if state else {}
 
-    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+    def on_train_begin(self, args, state, control, train_dataloader=None, model=None, **kwargs):
         self.mixer = find_mixer(train_dataloader) or self.mixer
         if self.mixer is None:
             raise ValueError("ReplayMixerCallback found no ReplayMixer: pass it (`ReplayMixerCallback(mixer)`), or "
                              "use one as `train_dataset`")
+        if self.mixer.config.packing == "documents" and model is not None:
+            DocumentMaskingGuard.attach(unwrap_model(model))
         register_mixer(self.mixer, f"callback:{self.slot}")  # a rebuild from this run's checkpoints finds it
         if isinstance(self.mixer, PreparedMixer):
             # blocks are fetched by index: any number of workers, but in order (item i is block start + i)
@@ -125,6 +132,7 @@ class ReplayMixerCallback(TrainerCallback, ExportableState):
     def on_step_end(self, args, state, control, **kwargs):
         self.global_step = state.global_step
         return control
+
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and self.mixer is not None and self.blocks_per_step is not None:

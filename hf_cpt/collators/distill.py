@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from ..distill import compute_base_targets
@@ -76,13 +77,15 @@ def precompute_distill_targets(blocks: Iterable[Mapping[str, Any]], base_model: 
                              "ReplayMixer with `emit_sources=True`")
         w = distill_token_weights(torch.tensor(block["source_ids"]), cfg.weight, cfg.on, distilled_sources)
         if w.any():
-            chosen.append((block["block_index"], block["input_ids"], w))
+            chosen.append((block["block_index"], block["input_ids"], w, block.get("position_ids")))
     out: dict[int, dict[str, torch.Tensor]] = {}
     for start in range(0, len(chosen), 64):
         part = chosen[start:start + 64]
-        t = compute_base_targets(base_model, torch.tensor([ids for _, ids, _ in part]), cfg.top_k,
-                                 batch_size=batch_size)
-        for j, (index, _, w) in enumerate(part):
+        # document-packed blocks: the base sees each document alone, with the positions training uses
+        positions = torch.tensor(np.stack([np.asarray(p) for *_, p in part])) if part[0][3] is not None else None
+        t = compute_base_targets(base_model, torch.tensor(np.stack([np.asarray(ids) for _, ids, _, _ in part])),
+                                 cfg.top_k, batch_size=batch_size, position_ids=positions)
+        for j, (index, _, w, _) in enumerate(part):
             out[index] = {"ids": t["ids"][j], "logprobs": t["logprobs"][j], "weights": w}
     return out
 
@@ -135,7 +138,8 @@ class DistillCollator:
                                                          self.distilled_sources) for _, src in meta])
             if not weights.any():
                 return batch
-            t = compute_base_targets(self.frozen_model, batch["input_ids"], k, batch_size=b)
+            t = compute_base_targets(self.frozen_model, batch["input_ids"], k, batch_size=b,
+                                     position_ids=batch.get("position_ids"))
             ids, logprobs = t["ids"], t["logprobs"]
         else:
             ids = torch.zeros((b, length, k), dtype=torch.int32)
@@ -147,6 +151,8 @@ class DistillCollator:
                     ids[row], logprobs[row], weights[row] = found["ids"], found["logprobs"], found["weights"]
             if not weights.any():
                 return batch
+        if "labels" in batch:  # no distillation where no token is a target (a document's first position)
+            weights = weights * (batch["labels"] != -100).to(weights.dtype)
         self.tokens_distilled += int((weights > 0).sum())
         batch.update(base_topk_ids=ids, base_topk_logprobs=logprobs, distill_weights=weights)
         return batch

@@ -1,8 +1,9 @@
 """Mixing from a pretokenized store: block *i* of the [`ReplayMixer`] stream computed from *i* alone.
 
 A prepared store (written by `hf_cpt.recipe.prepare_sources` / `hf-cpt prepare`) holds every source tokenized
-once, one Arrow row per document (its token ids followed by EOS, empty for a blank document, so row numbers stay
-the document numbers the on-the-fly mixer shuffles). [`PreparedMixer`] reads it through Arrow's own list layout
+once, one Arrow row per document (its token ids followed by EOS, after BOS when the store is prepared for
+`packing: documents` with a tokenizer that starts documents with one; empty for a blank document, so row numbers
+stay the document numbers the on-the-fly mixer shuffles). [`PreparedMixer`] reads it through Arrow's own list layout
 (the flat `int32` value buffer and the row offsets, memory-mapped, zero-copy), so no tokenizer runs while training.
 
 Why the blocks are the on-the-fly mixer's blocks: a source read in passes is one endless token stream (pass *p*
@@ -35,12 +36,13 @@ import numpy as np
 import torch
 
 from .core import RatioStage, allocate_shares, check_mixer_state, ratios_at
+from .packing import make_block
 from .replay import ReplayMixerConfig
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "hf_cpt_prepared.json"  # written last into the staging directory: its presence marks a complete store
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: rows start with the document-start token (BOS) when prepared for `packing: documents`
 _SCHEDULES = "schedules"
 _PASS_CACHE = 4  # per-pass document orders kept per source (a block touches at most two consecutive passes)
 
@@ -161,6 +163,11 @@ class PreparedStore:
                 raise ValueError(f"`{field}`: the store at {str(self.path)!r} was prepared with {why}; prepare it "
                                  "again (`hf-cpt prepare CONFIG --overwrite`) or point `prepared_dir` elsewhere")
         self.fingerprint = fingerprint
+        if fingerprint.get("version") != STORE_VERSION:
+            raise ValueError(f"`{field}`: the store at {str(self.path)!r} has format {fingerprint.get('version')!r}, "
+                             f"this hf-cpt reads format {STORE_VERSION} (document-aware packing); prepare it again "
+                             "(`hf-cpt prepare CONFIG --overwrite`)")
+        self.bos = fingerprint.get("bos")
         self.vocab_size = int(self.manifest.get("vocab_size", 0))
         self.sources: dict[str, PreparedSource] = {}
         for name, info in sources.items():
@@ -299,7 +306,7 @@ class PreparedMixer(torch.utils.data.Dataset):
     >>> mixer = PreparedMixer("prepared/", ratios={"domain": 0.75, "general": 0.25}, block_size=256,
     ...                       num_blocks=1000)
     >>> sorted(mixer[0])
-    ['attention_mask', 'input_ids', 'labels']
+    ['input_ids', 'labels', 'position_ids']
     ```
     """
 
@@ -317,6 +324,10 @@ class PreparedMixer(torch.utils.data.Dataset):
             raise ValueError(f"`ratios` names {missing}, which the store at {str(self.store.path)!r} does not hold "
                              f"(it holds {sorted(self.store.sources)}); prepare it with those sources")
         self.sources = [self.store.sources[n] for n in self.names]
+        if self.config.packing == "concat" and self.store.bos is not None:
+            raise ValueError(f"the store at {str(self.store.path)!r} was prepared for `packing: documents` (each "
+                             f"document starts with BOS id {self.store.bos}); prepare it again for `concat`, or "
+                             "mix with `packing='documents'`")
         for i, (name, src) in enumerate(zip(self.names, self.sources)):
             used = self.config.ratios[name] > 0 or any(s.ratios[name] > 0 for s in self.config.stages)
             if used and src.pass_tokens == 0:
@@ -334,7 +345,7 @@ class PreparedMixer(torch.utils.data.Dataset):
         self._fingerprint = {
             "ratios": c.ratios, "stages": [asdict(s) for s in c.stages], "total_blocks": c.total_blocks,
             "block_size": c.block_size, "granularity": c.granularity, "seed": c.seed, "shuffle": c.shuffle,
-            "vocab_size": self.store.vocab_size}
+            "vocab_size": self.store.vocab_size, "packing": c.packing, "bos": self.store.bos}
         self.start = 0
         self.blocks_built = 0  # blocks this process copied out of the store (tests assert each rank builds 1/N)
 
@@ -348,21 +359,23 @@ class PreparedMixer(torch.utils.data.Dataset):
         return self.block(self.start + int(i))
 
     def block(self, index: int) -> dict[str, Any]:
-        """Global block `index` of the stream (independent of `start`): `input_ids`, `attention_mask`, `labels`
-        (and `block_index`, `source_ids` with `emit_sources`)."""
+        """Global block `index` of the stream (independent of `start`): `input_ids`, `labels` and `position_ids`
+        (`packing="documents"`) or `attention_mask` (`concat`); `block_index`, `source_ids` with `emit_sources`."""
         self._ensure(index + 1)
         ids = np.empty(self.config.block_size, np.int64)
         source_ids = np.empty(self.config.block_size, np.int64) if self.config.emit_sources else None
+        starts: list[int] = []
         at = 0
         for k, src in enumerate(self.sources):
             n = int(self._taken[index + 1, k] - self._taken[index, k])
             if n:
-                self._read(k, int(self._starts[index, k]), ids[at:at + n])
+                starts.append(at)
+                self._read(k, int(self._starts[index, k]), ids[at:at + n], starts, at)
                 if source_ids is not None:
                     source_ids[at:at + n] = k
                 at += n
         self.blocks_built += 1
-        out: dict[str, Any] = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids.copy()}
+        out: dict[str, Any] = make_block(ids, starts, self.config.packing, as_numpy=True)
         if source_ids is not None:
             out.update(block_index=index, source_ids=source_ids)
         return out
@@ -403,8 +416,9 @@ class PreparedMixer(torch.utils.data.Dataset):
             cache.popitem(last=False)
         return order, cum
 
-    def _read(self, k: int, pos: int, out: np.ndarray) -> None:
-        """Fill `out` with source `k`'s stream from position `pos` (crossing documents and passes)."""
+    def _read(self, k: int, pos: int, out: np.ndarray, starts: list[int] | None = None, base: int = 0) -> None:
+        """Fill `out` with source `k`'s stream from position `pos` (crossing documents and passes); the positions
+        (`base` + offset in `out`) where a document starts go into `starts`."""
         src = self.sources[k]
         length = src.pass_tokens
         at, n = 0, len(out)
@@ -416,6 +430,8 @@ class PreparedMixer(torch.utils.data.Dataset):
                 a = u - int(cum[j])
                 take = min(int(cum[j + 1]) - u, n - at)
                 if take > 0:
+                    if starts is not None and a == 0 and at:
+                        starts.append(base + at)
                     out[at:at + take] = src.doc_tokens(int(order[j]), a, a + take)
                     at, u, pos = at + take, u + take, pos + take
                 j += 1

@@ -25,6 +25,7 @@ import torch
 
 from ..validation import check_choice, check_int
 from .core import RatioStage, allocate_shares, check_mixer_state, check_ratios, ratios_at
+from .packing import ADD_BOS, PACKINGS, bos_for, document_tokens, make_block
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,12 @@ class ReplayMixerConfig:
 
     Args:
         ratios: share of training tokens per source name, summing to 1, e.g. `{"domain": 0.75, "general": 0.25}`.
-        block_size: tokens per packed block (documents are joined with the EOS token, as in pretraining).
+        block_size: tokens per packed block (each document ends with the EOS token, as in pretraining).
+        packing: `documents` (each block carries `position_ids` restarting at every document, no attention
+            across documents, no target predicted from another document; see `hf_cpt.mixers.packing`) or
+            `concat` (an all-ones `attention_mask`: documents attend to the ones before them in the block).
+        add_bos: with `documents`, start each document with BOS: `auto` (when the tokenizer itself adds one),
+            `always` (whenever it declares one) or `never`.
         granularity: `block` (each block comes from one source; share error < 1 block over any prefix) or
             `token` (each block is filled from every source by token credit; error < 1 token per source).
         on_exhausted: `cycle` (a source that runs out starts another pass, reshuffled) or `stop` (the mix ends
@@ -60,6 +66,8 @@ class ReplayMixerConfig:
 
     ratios: dict[str, float]
     block_size: int = 2048
+    packing: str = "documents"
+    add_bos: str = "auto"
     granularity: str = "block"
     on_exhausted: str = "cycle"
     stages: list[RatioStage] = field(default_factory=list)
@@ -72,6 +80,8 @@ class ReplayMixerConfig:
     def __post_init__(self) -> None:
         self.ratios = check_ratios(self.ratios, "ratios")
         check_int("block_size", self.block_size)
+        check_choice("packing", self.packing, PACKINGS)
+        check_choice("add_bos", self.add_bos, ADD_BOS)
         check_choice("granularity", self.granularity, GRANULARITIES)
         check_choice("on_exhausted", self.on_exhausted, ON_EXHAUSTED)
         self.stages = [s if isinstance(s, RatioStage) else RatioStage(**s) for s in self.stages]
@@ -92,10 +102,12 @@ class _SourceReader:
     """Reads one source document by document, tokenizes in batches, and hands out tokens; its position
     (pass, document, offset) is all that is needed to resume it exactly."""
 
-    def __init__(self, name: str, index: int, data: Any, tokenizer, cfg: ReplayMixerConfig, batch: int = 64):
+    def __init__(self, name: str, index: int, data: Any, tokenizer, cfg: ReplayMixerConfig, bos: int | None,
+                 batch: int = 64):
         self.name, self.index, self.data, self.tokenizer, self.cfg, self.batch = name, index, data, tokenizer, cfg, batch
         self.text_field = cfg.text_field_for(name)
         self.eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        self.bos = bos
         self.map_style = hasattr(data, "__len__") and hasattr(data, "__getitem__") and not isinstance(
             data, torch.utils.data.IterableDataset)
         columns = getattr(data, "column_names", None)
@@ -176,18 +188,20 @@ class _SourceReader:
             if keep:
                 ids = self.tokenizer([t for _, t in keep], add_special_tokens=False)["input_ids"]
                 for (doc, _), toks in zip(keep, ids):
-                    if self.eos is not None:
-                        toks = toks + [self.eos]
+                    toks = document_tokens(toks, self.bos, self.eos)
                     if toks:
                         self.buf.append((doc, toks))
                         self._pass_tokens += len(toks)
 
-    def take(self, n: int) -> list[int]:
+    def take(self, n: int, starts: list[int] | None = None) -> list[int]:
+        """The next `n` tokens; positions (in the returned list) where a document starts go into `starts`."""
         out: list[int] = []
         while len(out) < n:
             if not self.buf:
                 self._fill()
             _, toks = self.buf[0]
+            if starts is not None and self.offset == 0:
+                starts.append(len(out))
             k = min(n - len(out), len(toks) - self.offset)
             out.extend(toks[self.offset:self.offset + k])
             self.offset += k
@@ -199,8 +213,9 @@ class _SourceReader:
 
 
 class ReplayMixer(torch.utils.data.IterableDataset):
-    """An `IterableDataset` of packed blocks (`input_ids`, `attention_mask`, `labels`) mixing named sources
-    at exact token shares.
+    """An `IterableDataset` of packed blocks mixing named sources at exact token shares: `input_ids`,
+    `position_ids` (restarting at every document) and `labels` (-100 where a document starts) with the default
+    `packing="documents"`; `input_ids`, `attention_mask`, `labels` with `packing="concat"`.
 
     Args:
         sources: `{name: data}`; data is a `datasets.Dataset`, a `datasets.IterableDataset` (streaming), or any
@@ -220,7 +235,7 @@ class ReplayMixer(torch.utils.data.IterableDataset):
     >>> mixer = ReplayMixer({"domain": ["a b c"] * 9, "general": ["x y"] * 9}, tok,
     ...                     ratios={"domain": 0.75, "general": 0.25}, block_size=4)
     >>> sorted(next(iter(mixer)))
-    ['attention_mask', 'input_ids', 'labels']
+    ['input_ids', 'labels', 'position_ids']
     ```
     """
 
@@ -238,13 +253,14 @@ class ReplayMixer(torch.utils.data.IterableDataset):
             raise ValueError(f"`rank` must be in [0, world_size={world_size}), got {rank}")
         self.tokenizer, self.rank, self.world_size, self.strict_resume = tokenizer, rank, world_size, strict_resume
         self.names = list(self.config.ratios)
-        self.readers = {n: _SourceReader(n, i, sources[n], tokenizer, self.config) for i, n in enumerate(self.names)}
-        self._history: deque[tuple[int, dict]] = deque(maxlen=_HISTORY)
         c = self.config
+        self.bos = bos_for(tokenizer, c.add_bos) if c.packing == "documents" else None
+        self.readers = {n: _SourceReader(n, i, sources[n], tokenizer, c, self.bos) for i, n in enumerate(self.names)}
+        self._history: deque[tuple[int, dict]] = deque(maxlen=_HISTORY)
         self._fingerprint = {
             "ratios": c.ratios, "stages": [asdict(s) for s in c.stages], "total_blocks": c.total_blocks,
             "block_size": c.block_size, "granularity": c.granularity, "seed": c.seed, "shuffle": c.shuffle,
-            "vocab_size": len(tokenizer)}
+            "vocab_size": len(tokenizer), "packing": c.packing, "bos": self.bos}
         self.reset()
 
     # --- datasets / TRL ---------------------------------------------------------------------------------------
@@ -259,8 +275,9 @@ class ReplayMixer(torch.utils.data.IterableDataset):
 
         import datasets
 
-        features = datasets.Features({k: datasets.Sequence(datasets.Value("int64"))
-                                      for k in ("input_ids", "attention_mask", "labels")})
+        keys = ("input_ids", "position_ids", "labels") if self.config.packing == "documents" else (
+            "input_ids", "attention_mask", "labels")
+        features = datasets.Features({k: datasets.Sequence(datasets.Value("int64")) for k in keys})
         if self.config.emit_sources:
             features["block_index"] = datasets.Value("int64")
             features["source_ids"] = datasets.Sequence(datasets.Value("int64"))
@@ -332,21 +349,26 @@ class ReplayMixer(torch.utils.data.IterableDataset):
         return {n: r.tokens for n, r in self.readers.items()}
 
     # --- iteration ----------------------------------------------------------------------------------------------
-    def _next_block(self) -> tuple[list[int], list[int]]:
-        """The next block's token ids, and per token the index of its source."""
+    def _next_block(self) -> tuple[list[int], list[int], list[int]]:
+        """The next block's token ids, per token the index of its source, and where segments start (a document,
+        or a piece from another source)."""
         cfg = self.config
         ratios = ratios_at(self._blocks, cfg.ratios, cfg.stages, cfg.total_blocks)
         amount = 1 if cfg.granularity == "block" else cfg.block_size
         alloc, credits = allocate_shares(self._credits, ratios, amount)
         ids: list[int] = []
         sources: list[int] = []
+        starts: list[int] = []
         for i, name in enumerate(self.names):
             n = alloc[name] * (cfg.block_size if cfg.granularity == "block" else 1)
             if n:
-                ids.extend(self.readers[name].take(n))
+                piece: list[int] = []
+                at = len(ids)
+                ids.extend(self.readers[name].take(n, piece))
+                starts.extend([at] + [at + s for s in piece if s])
                 sources.extend([i] * n)
         self._credits = credits
-        return ids, sources
+        return ids, sources, starts
 
     def __iter__(self) -> Iterator[dict[str, list[int]]]:
         worker = torch.utils.data.get_worker_info()
@@ -359,7 +381,7 @@ class ReplayMixer(torch.utils.data.IterableDataset):
         while True:
             self._history.append((self._blocks, self._state()))
             try:
-                ids, sources = self._next_block()
+                ids, sources, starts = self._next_block()
             except _Exhausted as e:
                 # `stop` mode: the next iteration (the Trainer's next epoch) is another pass over the whole mix,
                 # numbered on from here so checkpoints stay addressable
@@ -372,7 +394,7 @@ class ReplayMixer(torch.utils.data.IterableDataset):
             index = self._blocks
             self._blocks += 1
             if index % self.world_size == self.rank:
-                block: dict[str, Any] = {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
+                block: dict[str, Any] = make_block(ids, starts, self.config.packing)
                 if self.config.emit_sources:
                     block.update(block_index=index, source_ids=sources)
                 yield block

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..config import SELF, DataConfig, SourceConfig
 from ..mixers.core import pack_blocks
+from ..mixers.packing import bos_for, pack_documents
 from ..mixers.prepared import (MANIFEST, STORE_VERSION, PreparedMixer, PreparedStore, files_fingerprint,
                                tokenizer_fingerprint)
 from ..mixers.replay import ReplayMixer, ReplayMixerConfig
@@ -111,15 +112,19 @@ def load_split(spec: str, source: SourceConfig, field: str, streaming: bool = Fa
     return ds
 
 
-def tokenize_and_pack(ds, tokenizer, text_field: str, block_size: int, desc: str = ""):
-    """Tokenize a text dataset and pack it into `block_size` blocks with `input_ids`, `attention_mask`, `labels`.
+def tokenize_and_pack(ds, tokenizer, text_field: str, block_size: int, desc: str = "", packing: str = "documents",
+                      add_bos: str = "auto"):
+    """Tokenize a text dataset and pack it into `block_size` blocks.
 
-    Works on map-style and streaming datasets alike (lazily on the latter). Documents are separated by the
-    tokenizer's EOS token, the usual pretraining layout.
+    `packing="documents"`: `input_ids`, `position_ids` (restarting at every document, which starts with BOS when
+    [`bos_for`] says so) and `labels` (-100 where a document starts), the layout the mixers train on;
+    `packing="concat"`: `input_ids`, an all-ones `attention_mask`, `labels`. Works on map-style and streaming
+    datasets alike (lazily on the latter). Each document ends with the tokenizer's EOS token.
     """
     import datasets
 
     sep = tokenizer.eos_token_id
+    bos = bos_for(tokenizer, add_bos) if packing == "documents" else None
     is_map = isinstance(ds, datasets.Dataset)
     columns = ds.column_names
 
@@ -128,6 +133,9 @@ def tokenize_and_pack(ds, tokenizer, text_field: str, block_size: int, desc: str
         return {"input_ids": tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []}
 
     def group(batch: dict[str, list]) -> dict[str, list]:
+        if packing == "documents":
+            packed = pack_documents(batch["input_ids"], block_size, bos, sep)
+            return {k: [b[k] for b in packed] for k in ("input_ids", "position_ids", "labels")}
         blocks = pack_blocks(batch["input_ids"], block_size, sep)
         return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks],
                 "labels": [list(b) for b in blocks]}
@@ -154,7 +162,8 @@ def build_eval_sets(cfg: DataConfig, tokenizer, extra: dict[str, Any] | None = N
         texts[name] = (ds, "text")
     out = {}
     for name, (ds, text_field) in texts.items():
-        blocks = tokenize_and_pack(ds, tokenizer, text_field, cfg.block_size, f"{name} held-out")
+        blocks = tokenize_and_pack(ds, tokenizer, text_field, cfg.block_size, f"{name} held-out", cfg.packing,
+                                   cfg.add_bos)
         if len(blocks) == 0:
             where = f"data.{name}.eval" if name in ("general", "domain") else "data.synth.eval_tokens"
             raise ValueError(f"`{where}`: the held-out text is shorter than one block "
@@ -204,8 +213,9 @@ def build_train_set(cfg: DataConfig, tokenizer, total_blocks: int | None = None,
     if stages and total_blocks is None:
         raise ValueError("`data.replay_stages` needs the run length: pass `total_blocks`")
     mixer_cfg = ReplayMixerConfig(
-        ratios=ratios, block_size=cfg.block_size, granularity=cfg.granularity, on_exhausted=cfg.on_exhausted,
-        stages=stages, total_blocks=total_blocks if stages else None, seed=cfg.shuffle_seed,
+        ratios=ratios, block_size=cfg.block_size, packing=cfg.packing, add_bos=cfg.add_bos,
+        granularity=cfg.granularity, on_exhausted=cfg.on_exhausted, stages=stages,
+        total_blocks=total_blocks if stages else None, seed=cfg.shuffle_seed,
         text_field={n: "text" if n in given else getattr(cfg, n).text_field for n in names},
         emit_sources=emit_sources,
     )
@@ -221,8 +231,8 @@ def _prepared_train_set(cfg: DataConfig, tokenizer, names: list[str], total_bloc
     r = cfg.replay_ratio if len(names) == 2 else 0.0
     mixer_cfg = ReplayMixerConfig(
         ratios={"domain": 1.0 - r, "general": r} if len(names) == 2 else {"domain": 1.0},
-        block_size=cfg.block_size, granularity=cfg.granularity, on_exhausted=cfg.on_exhausted,
-        stages=list(cfg.replay_stages) if len(names) == 2 else [],
+        block_size=cfg.block_size, packing=cfg.packing, add_bos=cfg.add_bos, granularity=cfg.granularity,
+        on_exhausted=cfg.on_exhausted, stages=list(cfg.replay_stages) if len(names) == 2 else [],
         total_blocks=total_blocks if cfg.replay_stages and len(names) == 2 else None, seed=cfg.shuffle_seed,
         emit_sources=emit_sources)
     store = open_config_store(cfg, tokenizer)
@@ -349,15 +359,19 @@ def synthesize_general(cfg: DataConfig, model: Any, tokenizer: Any) -> dict[str,
 
 
 def store_fingerprint(sources: Mapping[str, str], tokenizer: Any, text_field: str | Mapping[str, str] = "text",
-                      field: str = "sources", suffix: str = "") -> dict[str, Any]:
+                      field: str = "sources", suffix: str = "", packing: str = "documents",
+                      add_bos: str = "auto") -> dict[str, Any]:
     """What a store prepared from `sources` with `tokenizer` must match: tokenizer hash, per source its path
-    spec, text column and files (path, size, mtime), and the store format version.
+    spec, text column and files (path, size, mtime), the store format version and the document-start token
+    (`bos`: [`bos_for`] under `packing="documents"`, else None).
 
     Raises:
         FileNotFoundError / ValueError: a source path that resolves to no readable files, naming
         `<field>.<name><suffix>` (e.g. `data.domain.train`).
     """
-    out: dict[str, Any] = {"version": STORE_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer), "sources": {}}
+    bos = bos_for(tokenizer, add_bos) if packing == "documents" else None
+    out: dict[str, Any] = {"version": STORE_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer), "bos": bos,
+                           "sources": {}}
     for name, spec in sources.items():
         where = f"{field}.{name}{suffix}"
         if not isinstance(spec, str):
@@ -389,5 +403,6 @@ def open_config_store(data: DataConfig, tokenizer: Any) -> PreparedStore:
         FileNotFoundError: no store there (run `hf-cpt prepare CONFIG`). ValueError: stale, truncated or damaged.
     """
     sources, fields = config_sources(data)
-    expected = store_fingerprint(sources, tokenizer, fields, field="data", suffix=".train")
+    expected = store_fingerprint(sources, tokenizer, fields, field="data", suffix=".train", packing=data.packing,
+                                 add_bos=data.add_bos)
     return PreparedStore(data.prepared_dir, expected, field="data.prepared_dir")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import CPTConfig
+from ..mixers.packing import document_tokens
 from ..mixers.prepared import MANIFEST, PreparedStore, describe_difference, document_separator
 from ..utils import commit_staging_dir, make_staging_dir
 from .data import config_sources, load_split, store_fingerprint
@@ -31,10 +32,10 @@ def _check_num_proc(num_proc: object, field: str) -> int:
 
 
 def tokenize_documents(ds: Any, tokenizer: Any, text_field: str, num_proc: int = 1, desc: str = "",
-                       cache_file_name: str | None = None) -> Any:
-    """`ds` (a `datasets.Dataset` with a text column) as rows of `input_ids` (int32): each document's ids followed
-    by the EOS id, as the on-the-fly mixer joins documents; blank documents become empty rows (kept, so row `i`
-    is still document `i` when the documents are shuffled). `cache_file_name`: where `datasets` writes the result
+                       cache_file_name: str | None = None, bos_id: int | None = None) -> Any:
+    """`ds` (a `datasets.Dataset` with a text column) as rows of `input_ids` (int32): each document's ids after
+    `bos_id` (when set) and followed by the EOS id, as the on-the-fly mixer reads documents; blank documents
+    become empty rows (kept, so row `i` is still document `i` when the documents are shuffled). `cache_file_name`: where `datasets` writes the result
     (default: its cache, where an identical earlier result is reused)."""
     import datasets
 
@@ -47,7 +48,7 @@ def tokenize_documents(ds: Any, tokenizer: Any, text_field: str, num_proc: int =
         if keep:
             encoded = tokenizer([texts[i] for i in keep], add_special_tokens=False)["input_ids"]
             for i, toks in zip(keep, encoded):
-                ids[i] = list(toks) + ([sep] if sep is not None else [])
+                ids[i] = document_tokens(toks, bos_id, sep)
         return {"input_ids": ids}
 
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
@@ -58,7 +59,7 @@ def tokenize_documents(ds: Any, tokenizer: Any, text_field: str, num_proc: int =
 
 def prepare_sources(sources: Mapping[str, str], tokenizer: Any, output_dir: str | Path, *,
                     text_field: str | Mapping[str, str] = "text", num_proc: int = 1, overwrite: bool = False,
-                    field: str = "prepared_dir") -> Path:
+                    field: str = "prepared_dir", packing: str = "documents", add_bos: str = "auto") -> Path:
     """Tokenize each source once and write a pretokenized store to `output_dir`.
 
     Args:
@@ -70,6 +71,8 @@ def prepare_sources(sources: Mapping[str, str], tokenizer: Any, output_dir: str 
         num_proc: processes tokenizing in parallel (`datasets.Dataset.map(num_proc=...)`).
         overwrite: replace a store prepared from other data or with another tokenizer (else it is refused).
         field: how errors name `output_dir` (the CLI passes `data.prepared_dir`).
+        packing / add_bos: the packing the store is read with (`documents` starts each document with the
+            tokenizer's BOS as [`bos_for`] decides; recorded in the fingerprint, a mismatch is refused).
 
     Returns:
         `output_dir`. A store already prepared from the same tokenizer, files and settings is kept as it is.
@@ -82,7 +85,7 @@ def prepare_sources(sources: Mapping[str, str], tokenizer: Any, output_dir: str 
     if not sources:
         raise ValueError("`sources` must name at least one source, e.g. {'domain': 'data/*.jsonl'}")
     final = Path(output_dir).expanduser().resolve()
-    expected = store_fingerprint(sources, tokenizer, text_field, field="sources")
+    expected = store_fingerprint(sources, tokenizer, text_field, field="sources", packing=packing, add_bos=add_bos)
     if (final / MANIFEST).is_file():
         try:
             stored = json.loads((final / MANIFEST).read_text(encoding="utf-8")).get("fingerprint", {})
@@ -129,7 +132,8 @@ def _write_sources(staging: Path, sources: Mapping[str, str], tokenizer: Any, te
         # no stale reuse), then into the store's own layout; the intermediate files are deleted
         work = staging / f".{name}-map"
         work.mkdir()
-        tokens = tokenize_documents(ds, tokenizer, tf, num_proc, desc=name, cache_file_name=str(work / "map.arrow"))
+        tokens = tokenize_documents(ds, tokenizer, tf, num_proc, desc=name, cache_file_name=str(work / "map.arrow"),
+                                    bos_id=fingerprint["bos"])
         tokens.save_to_disk(str(staging / name))
         n_docs, n_tokens = len(tokens), _count_tokens(tokens)
         del tokens
@@ -179,4 +183,5 @@ def prepare_config(cfg: CPTConfig, tokenizer: Any = None, *, num_proc: int | Non
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
     store_fingerprint(sources, tokenizer, fields, field="data", suffix=".train")  # name config fields in errors
     return prepare_sources(sources, tokenizer, data.prepared_dir, text_field=fields, num_proc=n,
-                           overwrite=overwrite, field="data.prepared_dir")
+                           overwrite=overwrite, field="data.prepared_dir", packing=data.packing,
+                           add_bos=data.add_bos)

@@ -284,6 +284,11 @@ def build_trainer(cfg: CPTConfig, args: Any, model: Any, tokenizer: Any, data: R
         general = {n: s for n, s in data.eval_sets.items() if n != cfg.monitor.domain}
         kl = KLToBaseCallback(general, top_k=cfg.monitor.kl_top_k, batch_size=cfg.train.per_device_eval_batch_size)
         kl.compute_targets(model)  # before any update: a resumed run recomputes them from the reloaded base
+    if cfg.objective == "clm" and cfg.masking is None and cfg.data.packing == "documents":
+        from ..mixers.packing import DocumentMaskingGuard, probe_document_masking
+
+        probe_document_masking(model)  # this model keeps packed documents apart (two 24-token forwards)
+        DocumentMaskingGuard.attach(model)  # use_cache=False, no all-ones mask in packed batches
     if cfg.objective == "clm":
         mode = choose_loss(model, cfg.train.use_liger, cfg.train.chunked_loss, cfg.train.loss_chunk_size or None,
                            require_chunked=cfg.needs_chunked_loss)

@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from transformers import default_data_collator
+
 from hf_cpt.callbacks.replay_mixer import ReplayMixerCallback
 from hf_cpt.config import DataConfig
 from hf_cpt.recipe.data import build_train_set
@@ -31,10 +33,25 @@ def _sft(tmp_path, tok, max_steps=6):
         report_to="none", use_cpu=True, seed=0, disable_tqdm=True, save_strategy="steps", save_steps=3,
         logging_steps=1, lr_scheduler_type="constant", ignore_data_skip=True,
         restore_callback_states_from_checkpoint=True, dataloader_num_workers=0, packing=False,
+        remove_unused_columns=False,  # keep the blocks' position_ids (document packing)
     )
     trainer = trl.SFTTrainer(model=make_tiny_llama(len(tok)), args=args, train_dataset=mixer.to_iterable_dataset(),
-                             processing_class=tok, callbacks=[ReplayMixerCallback(mixer)])
+                             processing_class=tok, callbacks=[ReplayMixerCallback(mixer)],
+                             data_collator=default_data_collator)
     return trainer, mixer
+
+
+def test_trl_own_collator_is_refused_with_the_fix(tmp_path, tiny_tokenizer):
+    """TRL's collator rebuilds the batch (an attention mask, positions 0..T-1): documents would attend to each other,
+    so the first step stops with the fix instead of training silently on the wrong masks."""
+    mixer = build_train_set(DataConfig(block_size=32, replay_ratio=0.25), tiny_tokenizer)
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to="none",
+                         use_cpu=True, disable_tqdm=True, save_strategy="no", packing=False)
+    trainer = trl.SFTTrainer(model=make_tiny_llama(len(tiny_tokenizer)), args=args,
+                             train_dataset=mixer.to_iterable_dataset(), processing_class=tiny_tokenizer,
+                             callbacks=[ReplayMixerCallback(mixer)])
+    with pytest.raises(ValueError, match="data_collator=default_data_collator"):
+        trainer.train()
 
 
 def _mixer_callback(trainer):

@@ -13,6 +13,8 @@ import torch
 import trl
 from safetensors.torch import save_file
 
+from transformers import default_data_collator
+
 from hf_cpt.callbacks.replay_mixer import ReplayMixerCallback
 from hf_cpt.config import DataConfig
 from hf_cpt.recipe.data import build_train_set
@@ -29,6 +31,7 @@ def build(out: Path, mode: str):
         report_to="none", use_cpu=True, seed=0, disable_tqdm=True, save_strategy="steps", save_steps=SAVE_STEPS,
         logging_steps=1, lr_scheduler_type="constant", ignore_data_skip=True,
         restore_callback_states_from_checkpoint=True, dataloader_num_workers=0, packing=False,
+        remove_unused_columns=False,  # keep the blocks' position_ids (document packing)
     )
     peft_config = None
     if mode == "lora":
@@ -37,7 +40,8 @@ def build(out: Path, mode: str):
         peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     torch.manual_seed(0)
     return trl.SFTTrainer(model=make_tiny_llama(len(tok)), args=args, train_dataset=mixer.to_iterable_dataset(),
-                          processing_class=tok, callbacks=[ReplayMixerCallback(mixer)], peft_config=peft_config)
+                          processing_class=tok, callbacks=[ReplayMixerCallback(mixer)],
+                          data_collator=default_data_collator, peft_config=peft_config)
 
 
 def main(out: str, mode: str, how: str) -> None:

@@ -38,11 +38,12 @@ def corpus(tmp_path_factory, tiny_tokenizer):
     return {"dir": d, "files": files, "store": store, "texts": texts}
 
 
-def reference_blocks(corpus, tok, cfg, n):
+def reference_blocks(corpus, tok, cfg, n, keys=("input_ids",)):
     mixer = ReplayMixer(corpus["texts"], tok, cfg)
-    blocks = [b["input_ids"] for b in itertools.islice(iter(mixer), n)]
+    pick = (lambda b: b["input_ids"]) if keys == ("input_ids",) else (lambda b: {k: b[k] for k in keys})
+    blocks = [pick(b) for b in itertools.islice(iter(mixer), n)]
     while cfg.on_exhausted == "stop" and len(blocks) < n:  # the next mix pass (the Trainer's next epoch)
-        blocks += [b["input_ids"] for b in itertools.islice(iter(mixer), n - len(blocks))]
+        blocks += [pick(b) for b in itertools.islice(iter(mixer), n - len(blocks))]
     return blocks
 
 
@@ -54,6 +55,8 @@ CONFIGS = {
     "stages": {"stages": [RatioStage(0.4, replay_ratio=0.6), RatioStage(0.7, replay_ratio=0.0)], "total_blocks": 120},
     "no-shuffle-10pct": {"shuffle": False, "ratios": {"domain": 0.9, "general": 0.1}},
     "three-passes": {"ratios": {"domain": 0.2, "general": 0.8}, "seed": 7},
+    "concat": {"packing": "concat"},
+    "concat-token": {"packing": "concat", "granularity": "token"},
 }
 
 
@@ -61,10 +64,12 @@ CONFIGS = {
 def test_prepared_blocks_equal_on_the_fly_blocks(corpus, tiny_tokenizer, name):
     cfg = ReplayMixerConfig(**{"ratios": {"domain": 0.75, "general": 0.25}, "block_size": 32, **CONFIGS[name]})
     n = 120 if name != "stop" else 1300  # `stop`: past the end of the first mix pass
-    want = reference_blocks(corpus, tiny_tokenizer, cfg, n)
+    keys = ("input_ids", "labels", "attention_mask" if cfg.packing == "concat" else "position_ids")
+    want = reference_blocks(corpus, tiny_tokenizer, cfg, n, keys)
     mixer = PreparedMixer(corpus["store"], cfg, num_blocks=n, cache_schedule=False)
-    got = [mixer[i]["input_ids"].tolist() for i in range(n)]
+    got = [{k: mixer[i][k].tolist() for k in keys} for i in range(n)]
     assert got == want
+    assert set(mixer[0]) == set(keys)  # no attention_mask with `documents`, no position_ids with `concat`
 
 
 def test_token_sources_and_block_index_match_the_on_the_fly_mixer(corpus, tiny_tokenizer):
@@ -76,7 +81,8 @@ def test_token_sources_and_block_index_match_the_on_the_fly_mixer(corpus, tiny_t
         got = mixer[i]
         assert got["block_index"] == want["block_index"] == i
         assert got["source_ids"].tolist() == want["source_ids"]
-        assert got["labels"].tolist() == got["input_ids"].tolist() and got["attention_mask"].all()
+        assert got["labels"].tolist() == want["labels"] and got["position_ids"].tolist() == want["position_ids"]
+        assert "attention_mask" not in got
 
 
 @pytest.mark.parametrize("world_size", [2, 3, 8])
