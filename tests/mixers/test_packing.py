@@ -187,7 +187,8 @@ def test_without_restarting_positions_documents_would_leak(tiny_tokenizer):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_each_document_gets_its_logits_alone_on_smollm2(attn):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_each_document_gets_its_logits_alone_on_smollm2(attn, checkpointing):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_cpt import resolve_model_path
@@ -199,7 +200,10 @@ def test_each_document_gets_its_logits_alone_on_smollm2(attn):
     docs = [t[:n] for t, n in zip(texts[:12], itertools.cycle((120, 300, 60, 200)))]
     mixer = ReplayMixer({"domain": docs}, tok, ratios={"domain": 1.0}, block_size=256, shuffle=False)
     blocks = list(itertools.islice(iter(mixer), 2))
-    with torch.no_grad():
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+        model.train()  # SmolLM2 has no dropout: training mode changes nothing but the checkpointing
+    with torch.set_grad_enabled(checkpointing):
         assert _max_doc_diff(model, blocks) <= 1e-4
     assert probe_document_masking(model) <= 1e-4
 
