@@ -1,0 +1,162 @@
+"""Run by test_fsdp_equal.py: one `transformers.Trainer` run of the tiny Llama on a `ReplayMixer`, with one
+hf-cpt technique, either sharded (torchrun, 2 gloo ranks, FSDP2 through accelerate via the test-only
+`fsdp_cpu` shim) or in one plain process. Every rank writes `rank<i>.pt` with what the test compares.
+
+    python fsdp_worker.py OUT MODE PER_DEVICE [fsdp]
+
+MODE: plain | chunked | rewarm (RewarmCallback on the Trainer's scheduler) | rewarm_groups (make_rewarm_optimizer +
+make_rewarm_scheduler, embeddings in their own param group) | mixer | packing.
+"""
+
+import re
+import sys
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+
+import fsdp_cpu
+from hf_cpt.callbacks.replay_mixer import ReplayMixerCallback
+from hf_cpt.callbacks.rewarm import RewarmCallback, RewarmConfig, make_rewarm_optimizer, make_rewarm_scheduler
+from hf_cpt.config import DataConfig
+from hf_cpt.losses import apply_chunked_loss
+from hf_cpt.mixers.packing import DocumentMaskingGuard, probe_document_masking
+from hf_cpt.recipe.data import build_train_set
+from hf_cpt.testing import make_tiny_llama, make_tiny_tokenizer, read_embedded
+from hf_cpt.utils import is_sharded_model
+
+out, mode, per_device = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sharded = len(sys.argv) > 4 and sys.argv[4] == "fsdp"
+MAX_STEPS = 6 if mode.startswith("rewarm") else 4
+REWARM = RewarmConfig(schedule="rewarm", warmup_steps=2, min_lr_ratio=0.1,
+                      embedding_lr_ratio=0.5 if mode == "rewarm_groups" else 1.0)
+
+
+def full(t):
+    """The whole tensor behind a (possibly sharded) parameter or gradient; a collective under FSDP2."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+class Record(TrainerCallback):
+    """What each update saw: the LR of every param group, the gradients of the first update, the batch keys."""
+
+    def __init__(self):
+        self.lrs, self.grads, self.keys, self.starts, self.sharded = [], None, set(), [], None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        model.register_forward_pre_hook(self._batch, with_kwargs=True)
+
+    def _batch(self, module, args, kwargs):
+        if module.training and "labels" in kwargs:
+            self.keys |= {k for k, v in kwargs.items() if v is not None}
+            if kwargs.get("position_ids") is not None:  # documents starting inside a block (position 0 after 0)
+                self.starts.append(int((kwargs["position_ids"][:, 1:] == 0).sum()))
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.lrs.append([g["lr"] for g in optimizer.param_groups])
+        self.sharded = is_sharded_model(model)
+        if state.global_step == 0:  # after clipping, before the first update: the gradient of the first loss
+            self.grads = {n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+
+
+class LoggedTokens(TrainerCallback):
+    """The `mixer/tokens_<source>` that `ReplayMixerCallback` (placed before this one) adds to each log."""
+
+    def __init__(self):
+        self.logged = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if "loss" in logs:
+            self.logged.append({k: v for k, v in logs.items() if k.startswith("mixer/")})
+
+
+def short_documents(name):
+    """Sentences of an embedded corpus: documents of a few tokens, so every 32-token block holds several."""
+    from datasets import Dataset
+
+    pieces = (p.strip() for doc in read_embedded(name, limit=20) for p in re.split(r"(?<=[.;:,])\s+|\n+", doc))
+    texts = [p for p in pieces if 10 <= len(p) < 40]
+    return Dataset.from_dict({"text": texts})
+
+
+class RewarmTrainer(Trainer):
+    """The Trainer's documented way to bring its own optimizer under FSDP (`optimizers=` is refused there):
+    build hf-cpt's rewarm optimizer/scheduler from the model the Trainer hands over (before `fully_shard`;
+    accelerate swaps the optimizer's parameters for the sharded ones)."""
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            self.optimizer = make_rewarm_optimizer(self.model if model is None else model, REWARM, 1e-3,
+                                                   weight_decay=0.1)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        if self.lr_scheduler is None:
+            self.lr_scheduler = make_rewarm_scheduler(self.optimizer if optimizer is None else optimizer, REWARM,
+                                                      num_training_steps)
+        return self.lr_scheduler
+
+
+def main():
+    tok = make_tiny_tokenizer()
+    packing = "documents" if mode in ("mixer", "packing") else "concat"
+    sources = {"domain": short_documents("python-docs"), "general": short_documents("kjv")} if packing == "documents" else None
+    mixer = build_train_set(DataConfig(block_size=32, replay_ratio=0.25, packing=packing), tok, sources=sources)
+    model = make_tiny_llama(len(tok))
+    if mode == "chunked":
+        apply_chunked_loss(model, chunk_size=16)  # 2 x 31 tokens per rank: several chunks, one of them partial
+    kw = dict(max_steps=MAX_STEPS, per_device_train_batch_size=per_device, learning_rate=1e-3, report_to="none",
+              save_strategy="no", disable_tqdm=True, lr_scheduler_type="constant", logging_steps=1, seed=0,
+              ignore_data_skip=True, use_cpu=True)
+    if mode == "mixer":
+        kw.update(save_strategy="steps", save_steps=2, save_only_model=True)
+    if sharded:
+        fsdp_cpu.install()
+        kw.update(fsdp_cpu.fsdp_args())
+    args = TrainingArguments(f"{out}/trainer", **kw)
+    record = Record()
+    logged_tokens = LoggedTokens()
+    callbacks = [record, ReplayMixerCallback(mixer), logged_tokens]
+    result = {}
+    trainer_cls, optimizers = Trainer, (None, None)
+    if mode.startswith("rewarm"):
+        callbacks.append(RewarmCallback(REWARM))
+    if mode == "rewarm_groups":
+        opt = make_rewarm_optimizer(model, REWARM, 1e-3, weight_decay=0.1)
+        optimizers = (opt, make_rewarm_scheduler(opt, REWARM, MAX_STEPS))  # the documented one-process way
+        if sharded:
+            try:  # what hf_cpt.recipe.train does with `schedule:`; transformers refuses it under FSDP
+                Trainer(model=model, args=args, train_dataset=mixer, callbacks=callbacks, optimizers=optimizers)
+            except RuntimeError as err:
+                result["optimizers_refused"] = str(err)
+            trainer_cls, optimizers = RewarmTrainer, (None, None)
+    trainer = trainer_cls(model=model, args=args, train_dataset=mixer, data_collator=default_data_collator,
+                          callbacks=callbacks, optimizers=optimizers)
+    trainer.train()
+    result |= {
+        "world": args.world_size, "distributed_type": str(trainer.accelerator.distributed_type),
+        "sharded": record.sharded, "log_history": trainer.state.log_history, "lrs": record.lrs, "batch_keys": sorted(record.keys), "starts": record.starts,
+        "grads": record.grads, "mixer_state": callbacks[1].state(),
+        "tokens_per_source": callbacks[1].tokens_per_source,
+        "logged_tokens": logged_tokens.logged,
+        "weights": trainer.accelerator.get_state_dict(trainer.model_wrapped),  # full on rank 0 under FSDP2
+    }
+    if mode == "chunked":
+        result["chunked"] = hasattr(model, "_hf_cpt_original_forward")
+    if mode == "packing":
+        guard = getattr(model, DocumentMaskingGuard.ATTRIBUTE, None)
+        result["dropped_masks"] = None if guard is None else guard.dropped_masks
+        result["probe"] = probe_document_masking(trainer.model_wrapped, vocab_size=len(tok))  # every rank runs it
+    if mode == "mixer":
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        ckpt = Path(args.output_dir) / "checkpoint-2" / "trainer_state.json"
+        if args.process_index == 0:
+            result["checkpoint_state"] = json.loads(ckpt.read_text())["stateful_callbacks"]["ReplayMixerCallback"]
+            result["checkpoint_weights"] = load_file(ckpt.with_name("model.safetensors"))
+    torch.save(result, f"{out}/rank{args.process_index}.pt")
+
+
+main()
