@@ -20,6 +20,7 @@ _GROUPS: dict[str, dict[str, str]] = {
         "resolve_model_path": "recipe.models", "build_train_set": "recipe.data", "build_eval_sets": "recipe.data",
         "extend_checkpoint": "recipe.vocab", "run_cmr_pilot": "recipe.cmr_pilot",
         "write_cmr_config": "recipe.cmr_pilot", "load_template": "templates", "list_templates": "templates",
+        "OutputDirLock": "output_lock", "OutputDirBusyError": "output_lock",
     },
     "replay mixing": {
         "ReplayMixer": "mixers.replay", "ReplayMixerConfig": "mixers.replay", "RatioStage": "mixers.core",

@@ -36,6 +36,7 @@ from .synth import SynthConfig
 from .validation import (check_bool, check_choice, check_flag, check_fraction, check_int, check_known_name, check_name,
                          check_number)
 from .vocab.extend import VocabConfig
+from .yaml_loader import load_yaml
 
 EMBEDDED_MODEL = "embedded:smollm2-135m"
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -442,7 +443,7 @@ class CPTConfig:
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+            data = load_yaml(path.read_text(encoding="utf-8"), source=f"config file {str(path)!r}")
         except UnicodeDecodeError as e:
             raise ValueError(f"config file {str(path)!r} is not UTF-8 text (byte {e.start}): save it as UTF-8 "
                              "YAML") from None

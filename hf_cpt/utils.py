@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .output_lock import pid_alive as _pid_alive
+
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """Return the bare model under DDP/FSDP/`torch.compile`/accelerate wrappers."""
@@ -114,16 +116,6 @@ def remove_stale_staging_dirs(final: str | os.PathLike) -> list[Path]:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 def commit_staging_dir(tmp: Path, final: str | os.PathLike) -> None:

@@ -13,8 +13,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
+import os
+import shlex
+import signal
 import sys
+import threading
+import time
+import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -64,13 +72,16 @@ def train(
         _relaunch_with_torchrun(nproc)
         return
 
-    from ..recipe import default_output_dir, load_config, run_cpt
+    run: dict = {}  # what the interruption line reports: filled in as the run takes shape
+    with _interruption_reported(run):
+        from ..recipe import default_output_dir, load_config, run_cpt
 
-    cfg = load_config(config, template)
-    if max_steps is not None:
-        cfg = cfg.override({"train.max_steps": max_steps})
-    out = output_dir or default_output_dir(cfg, config, template)
-    result = run_cpt(cfg, output_dir=out, overwrite=overwrite, resume=resume)
+        cfg = load_config(config, template)
+        if max_steps is not None:
+            cfg = cfg.override({"train.max_steps": max_steps})
+        out = output_dir or default_output_dir(cfg, config, template)
+        run.update(cfg=cfg, output_dir=out)
+        result = run_cpt(cfg, output_dir=out, overwrite=overwrite, resume=resume)
     from accelerate import PartialState
 
     if not PartialState().is_main_process:
@@ -168,7 +179,6 @@ def push(
 
 def _relaunch_with_torchrun(nproc: int) -> None:
     """Run this same `hf-cpt train` command in `nproc` processes with torchrun (the engine the Trainer expects)."""
-    import os
     import socket
     import subprocess
 
@@ -186,12 +196,105 @@ def _relaunch_with_torchrun(nproc: int) -> None:
     with socket.socket() as s:  # a free port, so parallel runs on one machine do not collide
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}",
+    cmd = [sys.executable, "-c", _TORCHRUN, f"--nproc_per_node={nproc}", f"--master_port={port}",
            "-m", "hf_cpt.cli.main", *argv]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    code = subprocess.call(cmd, env=env)
+    # in its own session, so a Ctrl-C reaches torchrun once, relayed from here (see `_wait_relaying_signals`)
+    code = _wait_relaying_signals(subprocess.Popen(cmd, env=env, start_new_session=True))
     if code:
         raise typer.Exit(code=code)
+
+
+_RELAYED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# torchrun (`python -m torch.distributed.run`), except that once it has stopped its workers on a signal it exits
+# 128 + the signal instead of printing a traceback after the main worker's line about what was kept
+_TORCHRUN = ("import sys\nfrom torch.distributed.elastic.multiprocessing.api import SignalException\n"
+             "from torch.distributed.run import main\ntry:\n    main()\n"
+             "except SignalException as e:\n    sys.exit(128 + int(e.sigval))\n")
+
+
+def _wait_relaying_signals(proc) -> int:
+    """Wait for torchrun, passing on each SIGINT/SIGTERM/SIGHUP this process gets. torchrun stops its workers with
+    the same signal and waits for them, so each cleans up and the main one says what was kept; killing torchrun
+    instead (what `subprocess.call` does on Ctrl-C) would leave the workers training. Returns torchrun's exit
+    status, or 128 + the first signal."""
+    received: list[int] = []
+
+    def relay(signum, frame):
+        received.append(signum)
+        proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, relay) for s in _RELAYED_SIGNALS}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 128 + received[0] if received else code
+
+
+@contextlib.contextmanager
+def _interruption_reported(run: dict):
+    """Turn SIGINT/SIGTERM into an exception for the duration, and when one stopped the run print one line: what
+    was kept and the exact command to resume; then exit 128 + the signal (130, 143). Any exception after a
+    signal counts as the interruption (a library may turn a KeyboardInterrupt into its own error)."""
+    received: list[int] = []
+
+    def interrupt(signum, frame):  # raised where the run is, so its cleanup runs (staging dir, lock, partial save)
+        received.append(signum)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    wanted = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not signal.SIG_IGN]
+    installed = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, interrupt) for s in wanted} if installed else {}
+    started = time.time()
+    try:
+        yield
+    except BaseException as e:
+        signum = received[0] if received else signal.SIGINT if isinstance(e, KeyboardInterrupt) else None
+        if signum is None:
+            raise
+        # free the Trainer the finished frames hold: its progress bars close now, so the line below comes last
+        traceback.clear_frames(e.__traceback__)
+    else:
+        return
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    gc.collect()
+    if os.environ.get("RANK", "0") == "0":  # one line, from the main process
+        typer.echo(_interruption_line(signal.Signals(signum).name, run, started), err=True)
+    raise typer.Exit(code=128 + signum)
+
+
+def _interruption_line(name: str, run: dict, started: float) -> str:
+    """`Interrupted (SIGINT): kept ...; resume with: hf-cpt train ... --resume`, or why nothing was kept."""
+    if "cfg" not in run:
+        return f"Interrupted ({name}) before the run started: nothing was written"
+    from ..recipe.train import checkpoint_dir, last_complete_checkpoint
+
+    cfg, out = run["cfg"], Path(run["output_dir"])
+    metrics = out / "metrics.json"
+    if metrics.is_file() and metrics.stat().st_mtime >= started:
+        return f"Interrupted ({name}) after the adapted model was written to {out}: nothing to resume"
+    last = last_complete_checkpoint(checkpoint_dir(out)) if cfg.train.save_steps else None
+    if last is not None:
+        step = Path(last).name.rpartition("-")[2]
+        return (f"Interrupted ({name}): kept checkpoint {last} (step {step} of {cfg.train.max_steps}); resume "
+                f"with: {_train_command(resume=True)}")
+    why = ("`train.save_steps` is 0, so the run writes no checkpoints" if not cfg.train.save_steps else
+           f"stopped before the first checkpoint, at step {cfg.train.save_steps}")
+    return f"Interrupted ({name}): nothing was kept ({why}); start again with: {_train_command(resume=False)}"
+
+
+def _train_command(resume: bool) -> str:
+    """This `hf-cpt train` command as the user typed it, with `--resume` added (or removed) and, under torchrun,
+    `--nproc` (which the relaunch strips)."""
+    args = [a for a in sys.argv[1:] if a not in ("--resume", "--no-resume")]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not any(a == "--nproc" or a.startswith("--nproc=") for a in args):
+        args += ["--nproc", str(world)]
+    return shlex.join(["hf-cpt", *args, *(["--resume"] if resume else [])])
 
 
 @app.command("eval")

@@ -23,6 +23,7 @@ from ..callbacks.forgetting import ForgettingMonitorCallback
 from ..callbacks.replay_mixer import ReplayMixerCallback
 from ..callbacks.rewarm import RewarmCallback, make_rewarm_optimizer, make_rewarm_scheduler
 from ..config import CONFIG_FILE, SELF_EVAL_SET, CPTConfig
+from ..output_lock import OutputDirLock
 from ..utils import commit_staging_dir, make_staging_dir, requested_sharding
 from .outputs import write_outputs
 
@@ -384,7 +385,8 @@ def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: boo
     fails leaves no output directory behind. With
     `train.save_steps` > 0, checkpoints go to `<output_dir>.checkpoints` and are deleted after success unless
     `train.keep_checkpoints`. Under `torchrun`/`accelerate launch` every process calls this; only the main one
-    writes files.
+    writes files. While it runs, the main process holds `<output_dir>.lock` (see [`OutputDirLock`]): a second run
+    into the same `output_dir` raises `OutputDirBusyError`, naming this one, before it reads or writes anything.
     """
     from accelerate import PartialState
 
@@ -395,6 +397,14 @@ def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: boo
     args = build_training_args(cfg, output_dir)  # also sets up the process group under torchrun
     state = PartialState()
     final = Path(output_dir).expanduser().resolve()
+    # from here to the end one run owns `final` and its checkpoints: a second one stops, naming this one
+    with OutputDirLock(final) if state.is_main_process else contextlib.nullcontext():
+        return _run_owned(cfg, args, state, final, overwrite, resume, hub_token, start)
+
+
+def _run_owned(cfg: CPTConfig, args: Any, state: Any, final: Path, overwrite: bool, resume: bool,
+               hub_token: str | None, start: float) -> CPTResult:
+    """[`run_cpt`] once its output directory is locked: checks, staging directory, training, commit, push."""
     ckpt = checkpoint_dir(final)
     last = find_resume_checkpoint(cfg, ckpt, resume)
     from .data import check_data_paths
@@ -418,8 +428,9 @@ def run_cpt(cfg: CPTConfig, output_dir: str | Path | None = None, overwrite: boo
     except BaseException:
         if state.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-            if cfg.train.save_steps and not any(ckpt.glob("checkpoint-*")):
-                shutil.rmtree(ckpt, ignore_errors=True)  # only the recipe copy: nothing to resume
+            # a save cut short (e.g. by Ctrl-C) is no checkpoint; with no complete one left, nothing to resume
+            if cfg.train.save_steps and last_complete_checkpoint(ckpt, remove_partial=True) is None:
+                shutil.rmtree(ckpt, ignore_errors=True)
         raise
     if state.is_main_process:
         shutil.rmtree(tmp / "checkpoints", ignore_errors=True)

@@ -47,9 +47,9 @@ def write_template(name: str, path: str | Path, force: bool = False) -> Path:
 
 def load_template(name: str) -> CPTConfig:
     """Parse template `name` into the same [`CPTConfig`] the Python API uses."""
-    import yaml
+    from ..yaml_loader import load_yaml
 
-    return CPTConfig.from_dict(yaml.safe_load(template_text(name)))
+    return CPTConfig.from_dict(load_yaml(template_text(name), source=f"template {name!r}"))
 
 
 ACCELERATE_CONFIGS = ("fsdp", "deepspeed_zero2", "deepspeed_zero3")

@@ -75,12 +75,14 @@ def test_sigkill_then_rerun_matches_the_uninterrupted_run(tmp_path, run, point):
     proc.stderr.close()
     assert not out.exists()
     assert list(tmp_path.glob(".crash.tmp-*")), "the kill should leave a staging dir for the rerun to clean"
+    assert (tmp_path / "crash.lock").exists()  # left behind, but the kernel released it: the rerun takes it over
 
     resumable = any((p / "trainer_state.json").exists() for p in ckpts.glob("checkpoint-*"))
     again = _ok(_cli(["train", str(path), "-o", str(out), *(["--resume"] if resumable else [])]))
 
     assert not list(tmp_path.glob(".crash.tmp-*")), "stale staging dirs of the killed run remain"
     assert not ckpts.exists()
+    assert not list(tmp_path.glob("crash.lock*")), "the lock the killed run left was not taken over and removed"
     w_ref, w_out = load_file(ref / "model.safetensors"), load_file(out / "model.safetensors")
     assert w_ref.keys() == w_out.keys()
     for key in w_ref:
