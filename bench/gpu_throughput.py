@@ -8,7 +8,7 @@ Variants (issue 31):
     hfcpt           (c) hf-cpt's default path: `PreparedMixer` + `ReplayMixerCallback`, the rewarming schedule and
                         its optimizer (`build_rewarm_optimizers`), the loss `choose_loss` picks (Liger on CUDA)
     hfcpt_chunked   (d) (c) with hf-cpt's chunked loss forced (`use_liger: false, chunked_loss: true`)
-    hfcpt_distill   (e) (c) + distillation replay (`train.distill` defaults: weight 1, `on: replay`, top-64,
+    hfcpt_distill   (e) (c) + distillation replay (`train.distill` defaults: weight 1, `tokens: replay`, top-64,
                         precomputed targets): 25 % of the blocks come from a second random "general" source and are
                         distilled, so the chunked loss carries the KL term (distillation needs it)
     hfcpt_packing   (f) (c) with `data.packing: documents` (issue 29; skipped until that field exists): the same

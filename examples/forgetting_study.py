@@ -45,7 +45,7 @@ def runs(steps: int, lr: float) -> dict[str, dict]:
         "b rewarm + re-decay": {**no_replay, "schedule": rewarm},
         "c b + KJV replay 25%": kjv,
         "d b + self-synth replay 25%": self_replay,
-        "e d + distillation replay": {**self_replay, "train.distill": {"weight": 1.0, "on": "replay", "top_k": 64}},
+        "e d + distillation replay": {**self_replay, "train.distill": {"weight": 1.0, "tokens": "replay", "top_k": 64}},
     }
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import re
 import types
 import typing
@@ -37,6 +38,8 @@ from .validation import (check_bool, check_choice, check_flag, check_fraction, c
                          check_number)
 from .vocab.extend import VocabConfig
 from .yaml_loader import load_yaml
+
+logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "embedded:smollm2-135m"
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -237,7 +240,7 @@ class TrainConfig:
         default=0, metadata={"help": "Tokens per chunk of the chunked loss (0: auto, logits ~ hidden-state size)."}
     )
     distill: DistillConfig | None = field(
-        default=None, metadata={"help": "Distillation replay: `{weight, on: replay|all, top_k}` adds "
+        default=None, metadata={"help": "Distillation replay: `{weight, tokens: replay|all, top_k}` adds "
                                         "weight * KL(base || model) to the loss (needs the chunked loss)."})
     report_to: list[str] = field(default_factory=list, metadata={"help": "Integrations, e.g. [tensorboard]."})
     training_args: dict[str, Any] = field(
@@ -396,9 +399,9 @@ class CPTConfig:
                              "to auto/true and `train.use_liger` to auto/false")
         replays = self.data.general is not None and (self.data.replay_ratio > 0 or any(
             s.replay_ratio for s in self.data.replay_stages))
-        if distill.on == "replay" and not replays:
-            raise ValueError("`train.distill.on` is `replay` but the run replays no general text: set "
-                             "`data.general` and `data.replay_ratio` > 0, or `train.distill.on: all`")
+        if distill.tokens == "replay" and not replays:
+            raise ValueError("`train.distill.tokens` is `replay` but the run replays no general text: set "
+                             "`data.general` and `data.replay_ratio` > 0, or `train.distill.tokens: all`")
 
     def held_out_sets(self) -> list[str]:
         """Names of the held-out sets the run evaluates: `general` (its `eval` split), `general_self`
@@ -553,6 +556,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
+        key = _renamed_key(cls, key, prefix)
         if key not in fields:
             hint = difflib.get_close_matches(str(key), list(fields), n=1)
             raise ValueError(
@@ -570,6 +574,26 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
         raise e
     except ValueError as e:
         raise ValueError(_prefix_fields(str(e), fields, prefix)) from None
+
+
+_YAML_BOOLEAN_KEYS = "`on`, `off`, `yes` or `no`"  # what PyYAML (YAML 1.1) resolves to a boolean
+
+
+def _renamed_key(cls: type, key: Any, prefix: str) -> Any:
+    """`key` as a field name: an old spelling listed in `cls.RENAMED_KEYS` becomes its field (with a deprecation
+    line); a key YAML 1.1 read as a boolean and no field was ever called is refused, naming the cause."""
+    # matched by type too: the key 1 is not `True`
+    new = next((f for old, f in getattr(cls, "RENAMED_KEYS", {}).items() if type(old) is type(key) and old == key), None)
+    if new is not None:
+        old = "on" if key is True else key
+        logger.warning("`%s%s` is deprecated: write `%s%s` (YAML 1.1 reads the key `%s` as a boolean)", prefix, old,
+                       prefix, new, old)
+        return new
+    if isinstance(key, bool):
+        raise ValueError(f"`{prefix.rstrip('.') or 'config'}` has the key `{key}`: YAML 1.1 reads an unquoted "
+                         f"{_YAML_BOOLEAN_KEYS} key as a boolean, and no hf-cpt field has such a name; check the "
+                         "key's spelling")
+    return key
 
 
 def _prefix_fields(msg: str, fields: Any, prefix: str) -> str:

@@ -94,7 +94,7 @@ def recipe_lines(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
                      f"{synth.get('temperature')}, top-p {synth.get('top_p')}): " + "; ".join(parts))
     distill = train.get("distill")
     if distill:
-        lines.append(f"distillation replay: {distill.get('weight')} x KL(base || model) on {distill.get('on')} "
+        lines.append(f"distillation replay: {distill.get('weight')} x KL(base || model) on {distill.get('tokens')} "
                      f"tokens (base top-{distill.get('top_k')}, {distill.get('targets')} targets; "
                      f"{metrics.get('distilled_tokens') or 0:,} tokens distilled)")
     tokens = metrics.get("train_tokens") or {}

@@ -50,10 +50,10 @@ def test_nested_dicts_build_dataclasses_and_yaml_floats_are_coerced():
         ({"data": {"domain": {"train": "self", "eval": "x"}}}, "`data.domain.train` / `data.domain.eval`"),
         ({"train": {"distill": {"weight": -0.5}}}, "`train.distill.weight` must be >= 0"),
         ({"train": {"distill": {"top_k": 0}}}, "`train.distill.top_k` must be an integer >= 1"),
-        ({"train": {"distill": {"on": "domain"}}}, "`train.distill.on` must be one of"),
-        ({"data": {"replay_ratio": 0}, "train": {"distill": {}}}, "`train.distill.on` is `replay` but the run replays"),
+        ({"train": {"distill": {"tokens": "domain"}}}, "`train.distill.tokens` must be one of"),
+        ({"data": {"replay_ratio": 0}, "train": {"distill": {}}}, "`train.distill.tokens` is `replay` but the run replays"),
         ({"data": {"general": None, "replay_ratio": 0}, "monitor": {"general": "general_self"},
-          "train": {"distill": {}}}, "`train.distill.on` is `replay`"),
+          "train": {"distill": {}}}, "`train.distill.tokens` is `replay`"),
         ({"train": {"distill": {}, "chunked_loss": False}}, "`train.distill` is computed inside hf-cpt's chunked loss"),
         ({"monitor": {"tolerance_metric": "kl"}}, "`monitor.tolerance_metric` kl"),
         ({"monitor": {"kl_top_k": 0}}, "`monitor.kl_top_k` must be an integer >= 1"),
@@ -109,3 +109,32 @@ def test_replay_stages_are_parsed_and_validated_by_path():
                                                         {"start": 0.2, "replay_ratio": 0.1}]}})
     with pytest.raises(ValueError, match=r"`data.granularity` must be one of"):
         CPTConfig.from_dict({"data": {"granularity": "document"}})
+
+
+def test_distill_on_is_a_deprecated_spelling_of_tokens(tmp_path, caplog):
+    """YAML 1.1 reads the key `on` as the boolean true: the documented `on: replay` of earlier versions still
+    works (as `tokens`), with a line naming the new key; a quoted 'on' too."""
+    base = "model: {name_or_path: embedded:smollm2-135m}\ndata: {general: {train: embedded:kjv/train}}\n"
+    for spelling in ("on", "'on'", "tokens"):
+        path = tmp_path / "run.yaml"
+        path.write_text(base + f"train:\n  distill: {{weight: 1.0, {spelling}: all}}\n")
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="hf_cpt.config"):
+            cfg = CPTConfig.from_yaml(path)
+        assert cfg.train.distill.tokens == "all"
+        deprecated = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+        if spelling == "tokens":
+            assert not deprecated
+        else:
+            assert deprecated == ["`train.distill.on` is deprecated: write `train.distill.tokens` (YAML 1.1 reads "
+                                  "the key `on` as a boolean)"]
+    dumped = yaml.safe_load(yaml.safe_dump(cfg.to_dict()))
+    assert dumped["train"]["distill"]["tokens"] == "all" and "on" not in dumped["train"]["distill"]
+
+
+@pytest.mark.parametrize("key", ["yes", "off", "no"])
+def test_a_key_yaml_reads_as_a_boolean_is_named(tmp_path, key):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: {{name_or_path: embedded:smollm2-135m}}\ntrain:\n  {key}: 1\n")
+    with pytest.raises(ValueError, match=r"`train` has the key `(True|False)`: YAML 1.1 reads an unquoted `on`"):
+        CPTConfig.from_yaml(path)

@@ -93,6 +93,7 @@ class ReplayMixerCallback(TrainerCallback, ExportableState):
         if self.mixer is None:
             raise ValueError("ReplayMixerCallback found no ReplayMixer: pass it (`ReplayMixerCallback(mixer)`), or "
                              "use one as `train_dataset`")
+        _check_trl_args(args, self.mixer.config.block_size)
         if self.mixer.config.packing == "documents" and model is not None:
             DocumentMaskingGuard.attach(unwrap_model(model))
         register_mixer(self.mixer, f"callback:{self.slot}")  # a rebuild from this run's checkpoints finds it
@@ -139,3 +140,22 @@ class ReplayMixerCallback(TrainerCallback, ExportableState):
             for name, n in self.tokens_per_source.items():
                 logs[f"mixer/tokens_{name}"] = n
         return control
+
+
+def _check_trl_args(args: Any, block_size: int) -> None:
+    """Refuse the `trl.SFTConfig` settings under which TRL would rebuild hf-cpt's blocks instead of training on them.
+
+    TRL's `packing=True` re-packs the (already packed) blocks with its own boundaries and positions, and its
+    dataset preparation truncates `input_ids` and `labels`, but not `position_ids`, to `max_length`. Read by
+    attribute, so `trl` is not imported; plain `TrainingArguments` have neither field."""
+    if getattr(args, "packing", False):
+        raise ValueError("trl.SFTConfig(packing=True) would re-pack hf-cpt's blocks, which are packed already "
+                         "(documents kept apart): set `packing=False` in SFTConfig")
+    max_length = getattr(args, "max_length", None)
+    prepared = not (getattr(args, "dataset_kwargs", None) or {}).get("skip_prepare_dataset", False)
+    if hasattr(args, "packing") and prepared and max_length is not None and max_length < block_size:
+        raise ValueError(f"trl.SFTConfig(max_length={max_length}) is shorter than the mixer's `block_size` "
+                         f"({block_size}): TRL would cut `input_ids` and `labels` but not `position_ids`. Pass "
+                         "`dataset_kwargs={'skip_prepare_dataset': True}` to SFTConfig (hf-cpt's blocks need no "
+                         f"preparation), or set `max_length >= {block_size}`")
+

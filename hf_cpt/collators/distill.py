@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -34,26 +34,30 @@ class DistillConfig:
     """Distillation replay (`train.distill:`): ``weight * KL(base || model)`` added to the loss on the chosen tokens."""
 
     weight: float = field(default=1.0, metadata={"help": "Weight of the KL term next to the next-token loss (>= 0)."})
-    on: Literal["replay", "all"] = field(
-        default="replay", metadata={"help": "Distil on `replay` tokens (the general source) or on `all` tokens."})
+    tokens: Literal["replay", "all"] = field(
+        default="replay", metadata={"help": "Distil on `replay` tokens (the general source) or on `all` tokens. "
+                                            "Formerly `on`, which YAML 1.1 reads as the boolean true."})
     top_k: int = field(default=64, metadata={"help": "Base log-probs kept per token (>= 1, <= vocabulary size)."})
     targets: Literal["precomputed", "frozen_copy"] = field(
         default="precomputed",
         metadata={"help": "`precomputed`: base top-k for every block before training (no second model while "
                           "training); `frozen_copy`: a frozen copy of the base computes them per batch."})
 
+    # old spelling -> field, read by the YAML/dict builder (`hf_cpt.config`); `True` is how YAML 1.1 reads `on:`
+    RENAMED_KEYS: ClassVar[dict[Any, str]] = {"on": "tokens", True: "tokens"}
+
     def __post_init__(self) -> None:
         self.weight = check_number("weight", self.weight, 0.0)
-        check_choice("on", self.on, DISTILL_ON)
+        check_choice("tokens", self.tokens, DISTILL_ON)
         check_int("top_k", self.top_k)
         check_choice("targets", self.targets, DISTILL_TARGETS)
 
 
-def distill_token_weights(source_ids: torch.Tensor, weight: float, on: str, distilled_sources: Sequence[int]
+def distill_token_weights(source_ids: torch.Tensor, weight: float, tokens: str, distilled_sources: Sequence[int]
                           ) -> torch.Tensor:
-    """Per-token distillation weights: `weight` on tokens of `distilled_sources` (`on="replay"`) or on every token
-    (`on="all"`), 0 elsewhere."""
-    if on == "all":
+    """Per-token distillation weights: `weight` on tokens of `distilled_sources` (`tokens="replay"`) or on every
+    token (`tokens="all"`), 0 elsewhere."""
+    if tokens == "all":
         return torch.full(source_ids.shape, float(weight))
     chosen = torch.zeros(source_ids.shape, dtype=torch.bool)
     for s in distilled_sources:
@@ -75,7 +79,7 @@ def precompute_distill_targets(blocks: Iterable[Mapping[str, Any]], base_model: 
         if "block_index" not in block or "source_ids" not in block:
             raise ValueError("distillation targets need blocks tagged with `block_index` and `source_ids`: build the "
                              "ReplayMixer with `emit_sources=True`")
-        w = distill_token_weights(torch.tensor(block["source_ids"]), cfg.weight, cfg.on, distilled_sources)
+        w = distill_token_weights(torch.tensor(block["source_ids"]), cfg.weight, cfg.tokens, distilled_sources)
         if w.any():
             chosen.append((block["block_index"], block["input_ids"], w, block.get("position_ids")))
     out: dict[int, dict[str, torch.Tensor]] = {}
@@ -105,8 +109,8 @@ class DistillCollator:
     Args:
         targets: precomputed `{block_index: {"ids", "logprobs", "weights"}}` ([`precompute_distill_targets`]).
         frozen_model: or a frozen base model computing targets per batch ([`hf_cpt.distill.make_frozen_copy`]).
-        config: the [`DistillConfig`] (weight, `on`, top_k).
-        distilled_sources: source indices distilled when `config.on == "replay"`.
+        config: the [`DistillConfig`] (weight, `tokens`, top_k).
+        distilled_sources: source indices distilled when `config.tokens == "replay"`.
         base_collator: collates the plain keys; default `transformers.default_data_collator`.
     """
 
@@ -134,7 +138,7 @@ class DistillCollator:
         b, length = batch["input_ids"].shape
         k = self.config.top_k
         if self.frozen_model is not None:
-            weights = torch.stack([distill_token_weights(torch.tensor(src), self.config.weight, self.config.on,
+            weights = torch.stack([distill_token_weights(torch.tensor(src), self.config.weight, self.config.tokens,
                                                          self.distilled_sources) for _, src in meta])
             if not weights.any():
                 return batch

@@ -6,6 +6,7 @@ preferences or on the student's own generations, not on a token stream, so `SFTT
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -52,6 +53,51 @@ def test_trl_own_collator_is_refused_with_the_fix(tmp_path, tiny_tokenizer):
                              callbacks=[ReplayMixerCallback(mixer)])
     with pytest.raises(ValueError, match="data_collator=default_data_collator"):
         trainer.train()
+
+
+_WRONG_USES = {  # each setting the docs' SFTTrainer example needs, left out: the run stops with the fix
+    # TRL itself refuses `data_collator=` with its packing (padding-free); without one, hf-cpt refuses
+    "trl_packing": ({"packing": True, "collator": None}, "packing=False"),
+    "truncating_max_length": ({"max_length": 16}, "skip_prepare_dataset"),
+    "trl_collator": ({"collator": None}, "data_collator=default_data_collator"),
+    "unused_columns_removed": ({"remove_unused_columns": True}, "remove_unused_columns=False"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_WRONG_USES))
+def test_each_setting_of_the_documented_sft_example_is_needed(tmp_path, tiny_tokenizer, case):
+    change, fix = _WRONG_USES[case]
+    mixer = build_train_set(DataConfig(block_size=32, replay_ratio=0.25), tiny_tokenizer)
+    settings = dict(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to="none",
+                    use_cpu=True, disable_tqdm=True, save_strategy="no", packing=False,
+                    remove_unused_columns=False)
+    settings.update({k: v for k, v in change.items() if k != "collator"})
+    collator = change.get("collator", default_data_collator)
+    trainer = trl.SFTTrainer(model=make_tiny_llama(len(tiny_tokenizer)), args=trl.SFTConfig(**settings),
+                             train_dataset=mixer.to_iterable_dataset(), processing_class=tiny_tokenizer,
+                             callbacks=[ReplayMixerCallback(mixer)], data_collator=collator)
+    with pytest.raises(ValueError, match=re.escape(fix)):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+
+def test_skip_prepare_dataset_trains_blocks_longer_than_max_length(tmp_path, tiny_tokenizer):
+    """With TRL's preparation skipped, a `max_length` below the block size is not applied: whole blocks, with
+    their positions, reach the model."""
+    mixer = build_train_set(DataConfig(block_size=32, replay_ratio=0.25), tiny_tokenizer)
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, report_to="none",
+                         use_cpu=True, disable_tqdm=True, save_strategy="no", packing=False, max_length=16,
+                         dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False)
+    model = make_tiny_llama(len(tiny_tokenizer))
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append((kw["input_ids"].shape, "position_ids" in kw)),
+                                    with_kwargs=True)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=mixer.to_iterable_dataset(),
+                             processing_class=tiny_tokenizer, callbacks=[ReplayMixerCallback(mixer)],
+                             data_collator=default_data_collator)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert seen and all(shape == (2, 32) and has_positions for shape, has_positions in seen)
 
 
 def _mixer_callback(trainer):

@@ -57,7 +57,7 @@ def test_no_path_emits_an_all_ones_mask_or_drops_positions(tmp_path, tiny_model_
     seen = _spy(monkeypatch)
     cfg = _run_dict(tiny_model_dir)
     cfg["data"]["synth"] = {"eval_tokens": 96, "max_new_tokens": 24, "batch_size": 8}
-    cfg["train"]["distill"] = {"weight": 1.0, "on": "replay", "top_k": 8}
+    cfg["train"]["distill"] = {"weight": 1.0, "tokens": "replay", "top_k": 8}
     result = run_cpt(CPTConfig.from_dict(cfg), output_dir=tmp_path / "out")
     assert result.metrics["distilled_tokens"] > 0
     assert len(seen["forward"]) >= 3 + 2  # 3 training steps, evaluations at step 0 and 3

@@ -87,7 +87,7 @@ def test_kl_guard_stops_on_kl(tmp_path, tiny_model_dir, monkeypatch):
 
 def test_distillation_replay_resumes_bitwise_after_a_kill(tmp_path, tiny_model_dir):
     cfg = _synth_cfg(tiny_model_dir, max_steps=8, save_steps=2, eval_steps=4)
-    cfg["train"]["distill"] = {"weight": 1.0, "on": "replay", "top_k": 8}
+    cfg["train"]["distill"] = {"weight": 1.0, "tokens": "replay", "top_k": 8}
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = _env(tmp_path / "cache")
@@ -118,7 +118,7 @@ def test_distillation_lowers_kl_to_the_base_on_replay_text(tmp_path, tiny_model_
     monkeypatch.setenv("HF_CPT_CACHE", str(tmp_path / "cache"))
     base = _synth_cfg(tiny_model_dir, max_steps=6, eval_steps=6, learning_rate=3e-3)
     plain = run_cpt(CPTConfig.from_dict(base), output_dir=tmp_path / "plain")
-    base["train"]["distill"] = {"weight": 5.0, "on": "replay", "top_k": 16}
+    base["train"]["distill"] = {"weight": 5.0, "tokens": "replay", "top_k": 16}
     distilled = run_cpt(CPTConfig.from_dict(base), output_dir=tmp_path / "distilled")
     kl = lambda r: r.metrics["forgetting"]["general_self_kl_end"]  # noqa: E731
     assert kl(distilled) < kl(plain)
