@@ -327,15 +327,64 @@ def eval_(
 @app.command()
 @_user_errors
 def init(
-    domain: Annotated[str, typer.Option("--domain", "-d", help="Template to start from (see `hf-cpt templates`).")],
+    domain: Annotated[Optional[str], typer.Option(
+        "--domain", "-d", help="A preset (see `hf-cpt templates`), or any name with --train and --eval.")] = None,
+    train_path: Annotated[Optional[str], typer.Option(
+        "--train", help="Your domain's training text: a file, directory, glob, `embedded:` or `hub:` name.")] = None,
+    eval_path: Annotated[Optional[str], typer.Option(
+        "--eval", help="Held-out text of the same domain, not in --train (a few hundred documents).")] = None,
+    model: Annotated[str, typer.Option(help="Base model for a custom domain: local directory or Hub id.")]
+        = "embedded:smollm2-135m",
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where to write the YAML.")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
 ) -> None:
-    """Write a commented YAML template for DOMAIN to edit, then run it with `hf-cpt train FILE`."""
-    from ..templates import write_template
+    """Write a commented YAML config to edit, then run it with `hf-cpt train FILE`: a preset (`--domain medical`),
+    or any domain from your own text (`--domain chemistry --train data/chem/*.jsonl --eval data/chem/val.jsonl`).
+    With no option, list the presets."""
+    from ..templates import custom_template_text, list_templates, write_template, write_text
 
-    path = write_template(domain, output or Path(f"hf-cpt-{domain}.yaml"), force=force)
+    presets = list_templates()
+    if domain is None:
+        if train_path or eval_path:
+            raise ValueError("`--domain` is required with --train/--eval: it names the run (e.g. --domain chemistry)")
+        width = max(map(len, presets))
+        typer.echo("Presets (hf-cpt init --domain NAME):")
+        for name, description in presets.items():
+            typer.echo(f"  {name:<{width}}  {description}")
+        typer.echo("Any other domain: hf-cpt init --domain NAME --train PATH --eval PATH [--model ID]")
+        return
+    if train_path is None and eval_path is None and domain in presets:
+        path = write_template(domain, output or Path(f"hf-cpt-{domain}.yaml"), force=force)
+    else:
+        if train_path is None:
+            import difflib
+
+            hint = difflib.get_close_matches(domain, list(presets), n=1)
+            raise ValueError(f"`--domain` {domain!r} is not a preset" + (f" (did you mean {hint[0]!r}?)" if hint else
+                             f" ({', '.join(presets)})") + ": for your own domain pass `--train PATH` (your text) "
+                             "and `--eval PATH` (held-out text of it)")
+        if eval_path is None:
+            raise ValueError("`--eval` is needed with --train: a held-out file of your domain that is not in "
+                             "--train (a few hundred documents; e.g. split off the last 5 % of your data). The "
+                             "forgetting monitor measures the domain gain on it")
+        for flag, value in (("--train", train_path), ("--eval", eval_path)):
+            _check_local_data(flag, value)
+        slug = "".join(c if c.isalnum() else "-" for c in domain.lower()).strip("-")
+        path = output or Path(f"hf-cpt-{slug}.yaml")
+        text = custom_template_text(domain, train_path, eval_path, model=model, file=str(path))
+        path = write_text(text, path, force=force)
     typer.echo(f"Wrote {path}. Edit it, then run: hf-cpt train {path}")
+
+
+def _check_local_data(flag: str, value: str) -> None:
+    """A local path or glob given to `hf-cpt init` must match something now, not at training time."""
+    import glob
+
+    if value.startswith(("embedded:", "hub:")):
+        return
+    if not glob.glob(str(Path(value).expanduser())):
+        raise ValueError(f"`{flag}` {value!r} matches no file or directory: give an existing path or glob (or an "
+                         "`embedded:NAME/SPLIT` / `hub:ORG/NAME:SPLIT` name)")
 
 
 @app.command()

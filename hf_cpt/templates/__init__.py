@@ -35,7 +35,34 @@ def template_text(name: str) -> str:
 def write_template(name: str, path: str | Path, force: bool = False) -> Path:
     """Write the commented YAML of template `name` to `path` (`hf-cpt init`), refusing to replace a file unless
     `force`; written to a temp file and renamed."""
-    text = template_text(name)
+    return write_text(template_text(name), path, force)
+
+
+def custom_template_text(domain: str, train: str, eval: str, model: str = "embedded:smollm2-135m",
+                         file: str = "CONFIG.yaml") -> str:
+    """The commented YAML of a run on any domain (`hf-cpt init --domain NAME --train ... --eval ...`): the
+    forgetting study's recipe with `domain` as the tag, `train` / `eval` as the domain's splits and `model` as the
+    base; checked to parse into a valid [`CPTConfig`] before it is returned."""
+    import re
+    from string import Template
+
+    from ..yaml_loader import load_yaml
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.\- ]*", domain):
+        raise ValueError(f"`--domain` {domain!r}: use letters, digits, '-', '_', '.' or spaces (it names the run)")
+    for flag, value in (("--train", train), ("--eval", eval), ("--model", model)):
+        if not value or any(c in value for c in "\n#'\"") or value.strip() != value:
+            raise ValueError(f"`{flag}` {value!r}: give one path, glob, `embedded:` or `hub:` name, without quotes, "
+                             "'#' or surrounding spaces")
+    slug = re.sub(r"[^a-z0-9]+", "-", domain.lower()).strip("-")
+    text = Template((resources.files(__name__) / "custom.yaml.in").read_text(encoding="utf-8")).substitute(
+        domain=domain, train=train, eval=eval, model=model, file=file, slug=slug)
+    CPTConfig.from_dict(load_yaml(text, source="the custom template")).check_held_out_sets()
+    return text
+
+
+def write_text(text: str, path: str | Path, force: bool = False) -> Path:
+    """Write `text` to `path`, refusing to replace a file unless `force`; written to a temp file and renamed."""
     path = Path(path)
     if path.exists() and not force:
         raise FileExistsError(f"`--output` {str(path)!r} exists; choose another path or pass --force")

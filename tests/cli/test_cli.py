@@ -34,7 +34,62 @@ def test_init_writes_an_editable_template_that_parses(tmp_path):
     again = runner.invoke(app, ["init", "--domain", "medical", "--output", str(out)])
     assert again.exit_code == 2 and "--force" in again.output
     unknown = runner.invoke(app, ["init", "--domain", "astrology", "--output", str(tmp_path / "x.yaml")])
-    assert unknown.exit_code == 2 and "unknown template 'astrology'" in unknown.output
+    assert unknown.exit_code == 2 and "`--domain` 'astrology' is not a preset (code, " in unknown.output
+    typo = runner.invoke(app, ["init", "--domain", "medial", "--output", str(tmp_path / "x.yaml")])
+    assert typo.exit_code == 2 and "(did you mean 'medical'?)" in typo.output
+
+
+def test_init_without_a_domain_lists_the_presets_and_the_custom_form():
+    result = runner.invoke(app, ["init"])
+    assert result.exit_code == 0, result.output
+    assert "medical" in result.output and "quickstart" in result.output
+    assert "hf-cpt init --domain NAME --train PATH --eval PATH" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--domain", "chemistry"], "`--domain` 'chemistry' is not a preset"),
+    (["--domain", "chemistry", "--train", "embedded:python-docs/train"], "`--eval` is needed with --train"),
+    (["--domain", "chemistry", "--train", "nope/*.jsonl", "--eval", "embedded:kjv/validation"],
+     "`--train` 'nope/*.jsonl' matches no file or directory"),
+    (["--train", "embedded:python-docs/train"], "`--domain` is required with --train/--eval"),
+    (["--domain", "chem: organic", "--train", "embedded:python-docs/train", "--eval", "embedded:kjv/validation"],
+     "`--domain` 'chem: organic': use letters"),
+])
+def test_init_for_a_custom_domain_refuses_with_the_fix(tmp_path, args, message):
+    result = runner.invoke(app, ["init", *args, "--output", str(tmp_path / "x.yaml")])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "x.yaml").exists()
+
+
+def test_init_for_any_domain_writes_a_config_that_trains(tmp_path, tiny_model_dir):
+    """`hf-cpt init --domain NAME --train --eval` fills the domain into the generic template (the forgetting
+    study's recipe: self-synthesised replay with distillation, a guard on `general_self`); it trains as written,
+    shrunk only in size."""
+    (tmp_path / "chem").mkdir()
+    docs = [f"Compound {i} reacts with water to give a salt and hydrogen gas at room temperature." for i in range(60)]
+    (tmp_path / "chem" / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:50]))
+    (tmp_path / "chem" / "val.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[50:]))
+    out = tmp_path / "chem.yaml"
+    result = runner.invoke(app, ["init", "--domain", "organic chemistry", "--train", str(tmp_path / "chem/*.jsonl"),
+                                 "--eval", str(tmp_path / "chem" / "val.jsonl"), "--model", str(tiny_model_dir),
+                                 "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert text.startswith("# hf-cpt config for the domain `organic chemistry`") and "$" not in text
+    cfg = CPTConfig.from_yaml(out)
+    assert cfg.domain == "organic chemistry" and cfg.model.name_or_path == str(tiny_model_dir)
+    assert cfg.data.domain.eval == str(tmp_path / "chem" / "val.jsonl") and cfg.monitor.general == "general_self"
+    assert cfg.train.distill is not None and cfg.data.general.train == "self" and cfg.output_dir == "runs/organic-chemistry"
+    from hf_cpt.recipe import run_cpt
+
+    small = cfg.override({"train.max_steps": 2, "train.eval_steps": 1, "train.save_steps": 0,
+                          "data.block_size": 32, "data.max_eval_blocks": 2, "data.synth.train_tokens": 256,
+                          "data.synth.eval_tokens": 128, "data.synth.max_new_tokens": 32,
+                          "schedule.warmup_steps": 1})
+    result = run_cpt(small, output_dir=tmp_path / "run")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert result.metrics["global_step"] == metrics["global_step"] == 2 and metrics["distilled_tokens"] > 0
+    assert [h["step"] for h in metrics["eval_history"]][0] == 0 and "general_self_kl" in metrics["eval_history"][-1]
 
 
 def test_train_runs_end_to_end_and_writes_every_output(tmp_path, tiny_model_dir):
