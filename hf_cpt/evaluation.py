@@ -215,6 +215,42 @@ def flatten_results(results: dict[str, Any], metrics: Sequence[str] = ()) -> dic
     return flat
 
 
+# a change is told apart from noise at this many standard errors of the difference (two-sided 95 %)
+NOISE_Z = 1.96
+
+
+def stderr_key(key: str) -> str:
+    """The key of the standard error of score `key` in [`flatten_results`]'s dict: ``task/acc`` ->
+    ``task/acc_stderr``, ``gsm8k/exact_match/strict-match`` -> ``gsm8k/exact_match_stderr/strict-match``."""
+    task, metric, *rest = key.split("/")
+    return "/".join([task, f"{metric}_stderr", *rest])
+
+
+def change_stderr(err_before: float | None, err_after: float | None) -> float | None:
+    """Standard error of ``after - before`` for two scores with standard errors `err_before`, `err_after`, taken as
+    independent: ``sqrt(a**2 + b**2)``. Both are measured on the same documents, so the true error of the change
+    is usually smaller (the items' difficulty cancels); this errs on the side of calling a change noise. None when
+    either is missing or not finite."""
+    import math
+
+    if err_before is None or err_after is None or not (math.isfinite(err_before) and math.isfinite(err_after)):
+        return None
+    return math.hypot(err_before, err_after)
+
+
+def beyond_noise(change: float, err: float | None) -> bool | None:
+    """Whether `change` lies outside ``±NOISE_Z * err`` (None: no error bar to judge by)."""
+    return None if err is None else abs(change) > NOISE_Z * err
+
+
+def format_change(change: float, err: float | None) -> str:
+    """``+0.0400 ± 0.1300 (within noise)``: the change with its 95 % half-width and whether it is told apart from
+    noise; just ``+0.0400`` without an error bar."""
+    if err is None:
+        return f"{change:+.4f}"
+    return f"{change:+.4f} ± {NOISE_Z * err:.4f}" + ("" if beyond_noise(change, err) else " (within noise)")
+
+
 def higher_is_better(results: dict[str, Any]) -> dict[str, bool]:
     """``{"<task>/<metric>": True/False}`` from lm-eval's `higher_is_better` block (perplexities are lower-is-
     better); the keys match [`flatten_results`] without the filter part."""

@@ -45,11 +45,19 @@ def forgetting_table(f: dict[str, Any]) -> str:
 
 
 def downstream_table(d: dict[str, Any]) -> str:
-    """Markdown table of the downstream (lm-eval) scores: before (step 0), after, change."""
-    rows = ["| task / metric | before | after | change |", "|---|---:|---:|---:|"]
+    """Markdown table of the downstream (lm-eval) scores: before (step 0), after, change, each ± its standard
+    error where lm-eval computed one; a change inside its 95 % interval is marked as noise."""
+    from .evaluation import format_change
+
+    def score(value: Any, err: Any) -> str:
+        return _fmt(value) + (f" ± {err:.4f}" if isinstance(err, (int, float)) else "")
+
+    rows = ["| task / metric | before | after | change (95 % interval) |", "|---|---:|---:|---:|"]
     for key, end in (d.get("end") or {}).items():
         start = (d.get("start") or {}).get(key)
-        rows.append(f"| {key} | {_fmt(start)} | {_fmt(end)} | {_fmt(None if start is None else end - start, '+.4f')} |")
+        change = "n/a" if start is None else format_change(end - start, (d.get("delta_stderr") or {}).get(key))
+        rows.append(f"| {key} | {score(start, (d.get('start_stderr') or {}).get(key))} | "
+                    f"{score(end, (d.get('end_stderr') or {}).get(key))} | {change} |")
     return "\n".join(rows)
 
 

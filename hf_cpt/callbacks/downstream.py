@@ -141,15 +141,26 @@ def downstream_breached(baseline: float, current: float, tolerance: float, mode:
     return current < baseline - abs(allowed) if higher_is_better else current > baseline + abs(allowed)
 
 
-def summarize_downstream(history: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+def summarize_downstream(history: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
     """First value, last value and change of every ``<task>/<metric>`` in a history of records
-    ``{"step": int, "<task>/<metric>": float, ...}`` (standard errors left out)."""
+    ``{"step": int, "<task>/<metric>": float, "<task>/<metric>_stderr": float, ...}``; where lm-eval computed
+    standard errors, also theirs at start and end, the change's (`change_stderr`) and `beyond_noise`: whether the
+    change lies outside its 95 % interval (a smaller change is noise, not a gain or a drop)."""
+    from ..evaluation import beyond_noise, change_stderr, stderr_key
+
     keys = sorted({k for r in history for k in r if k != "step" and "_stderr" not in k})
-    out: dict[str, dict[str, float]] = {"start": {}, "end": {}, "delta": {}}
+    out: dict[str, dict[str, Any]] = {"start": {}, "end": {}, "delta": {}, "start_stderr": {}, "end_stderr": {},
+                                      "delta_stderr": {}, "beyond_noise": {}}
     for key in keys:
-        series = [r[key] for r in history if key in r]
-        out["start"][key], out["end"][key] = series[0], series[-1]
-        out["delta"][key] = series[-1] - series[0]
+        records = [r for r in history if key in r]
+        first, last = records[0], records[-1]
+        out["start"][key], out["end"][key] = first[key], last[key]
+        out["delta"][key] = last[key] - first[key]
+        err = change_stderr(first.get(stderr_key(key)), last.get(stderr_key(key)))
+        if err is not None:
+            out["start_stderr"][key], out["end_stderr"][key] = first[stderr_key(key)], last[stderr_key(key)]
+            out["delta_stderr"][key] = err
+            out["beyond_noise"][key] = beyond_noise(out["delta"][key], err)
     return out
 
 

@@ -97,9 +97,12 @@ def train(
                                                      f"{f[f'{name}_top1_agree_end']:.1%}" if kl is not None else ""))
     typer.echo(f"  tolerance breached: {f['tolerance_breached']}")
     downstream = result.metrics.get("downstream") or {}
+    from ..evaluation import format_change
+
     for key, end in (downstream.get("end") or {}).items():
         start = downstream["start"][key]
-        typer.echo(f"  {key:<32} {start:.4f} -> {end:.4f} ({end - start:+.4f})  [lm-eval, step 0 -> end]")
+        change = format_change(end - start, (downstream.get("delta_stderr") or {}).get(key))
+        typer.echo(f"  {key:<32} {start:.4f} -> {end:.4f} ({change})  [lm-eval, step 0 -> end]")
     typer.echo(f"  metrics: {result.output_dir / 'metrics.json'}  plot: {result.output_dir / 'forgetting.png'}")
     if result.metrics.get("hub_commit_url"):
         typer.echo(f"  pushed to the Hub: {result.metrics['hub_commit_url']}")

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..callbacks.downstream import DownstreamConfig
 from ..config import CONFIG_FILE, CPTConfig, ModelConfig
+from ..evaluation import beyond_noise, change_stderr, format_change
 from ..validation import check_int
 
 EVAL_FILE = "downstream_eval.json"
@@ -46,7 +47,8 @@ class EvalComparison:
         header = ["task", "metric", "base", "adapted", "Δ"]
         lines = [[r["task"], r["metric"], cell(r["base"], r.get("base_stderr")),
                   cell(r["adapted"], r.get("adapted_stderr")),
-                  "n/a" if r["delta"] is None else f"{r['delta']:+.4f}"] for r in self.rows]
+                  "n/a" if r["delta"] is None else format_change(r["delta"], r.get("delta_stderr"))]
+                 for r in self.rows]
         widths = [max(len(x) for x in col) for col in zip(header, *lines)]
         fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
         return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))]
@@ -125,15 +127,18 @@ def compare_models(adapted: str, base: str | None = None, tasks: list[str] | Non
 
 
 def comparison_rows(base: dict[str, float], adapted: dict[str, float]) -> list[dict[str, Any]]:
-    """Rows ``{task, metric, base, adapted, delta, base_stderr, adapted_stderr}`` from two flat score dicts."""
+    """Rows ``{task, metric, base, adapted, delta, base_stderr, adapted_stderr, delta_stderr, beyond_noise}`` from
+    two flat score dicts (see [`change_stderr`], [`beyond_noise`])."""
     rows = []
     for key in sorted(k for k in set(base) | set(adapted) if "_stderr" not in k):
         task, metric = key.split("/", 1)
         err = key.replace(f"/{metric.split('/')[0]}", f"/{metric.split('/')[0]}_stderr", 1)
         b, a = base.get(key), adapted.get(key)
-        rows.append({"task": task, "metric": metric, "base": b, "adapted": a,
-                     "delta": None if a is None or b is None else a - b,
-                     "base_stderr": base.get(err), "adapted_stderr": adapted.get(err)})
+        delta = None if a is None or b is None else a - b
+        delta_err = change_stderr(base.get(err), adapted.get(err))
+        rows.append({"task": task, "metric": metric, "base": b, "adapted": a, "delta": delta,
+                     "base_stderr": base.get(err), "adapted_stderr": adapted.get(err), "delta_stderr": delta_err,
+                     "beyond_noise": None if delta is None else beyond_noise(delta, delta_err)})
     return rows
 
 

@@ -111,13 +111,33 @@ def test_summarize_and_flatten():
     history = [{"step": 0, "a/acc": 0.25, "a/acc_stderr": 0.1}, {"step": 4, "a/acc": 0.5, "b/ppl": 3.0}]
     s = summarize_downstream(history)
     assert s == {"start": {"a/acc": 0.25, "b/ppl": 3.0}, "end": {"a/acc": 0.5, "b/ppl": 3.0},
-                 "delta": {"a/acc": 0.25, "b/ppl": 0.0}}
+                 "delta": {"a/acc": 0.25, "b/ppl": 0.0},  # a/acc has no error bar at the end: none judged
+                 "start_stderr": {}, "end_stderr": {}, "delta_stderr": {}, "beyond_noise": {}}
     raw = {"results": {"t": {"alias": "t", "sample_len": 5, "acc,none": 0.5, "acc_stderr,none": 0.1,
                              "acc_norm,none": 0.25, "acc_norm_stderr,none": "N/A"},
                        "g": {"exact_match,strict-match": 0.75, "exact_match,flexible": 1}}}
     assert flatten_results(raw) == {"t/acc": 0.5, "t/acc_stderr": 0.1, "t/acc_norm": 0.25,
                                     "g/exact_match/strict-match": 0.75, "g/exact_match/flexible": 1.0}
     assert flatten_results(raw, ["acc"]) == {"t/acc": 0.5, "t/acc_stderr": 0.1}
+
+
+def test_a_change_inside_its_error_bar_is_reported_as_noise():
+    """25 items: accuracy moves in steps of 0.04 with a standard error near 0.1, so +0.04 is noise, +0.40 is not;
+    the summary, the model card table and the CLI's change column say which."""
+    from hf_cpt.evaluation import format_change
+    from hf_cpt.model_card import downstream_table
+
+    history = [{"step": 0, "t/acc": 0.28, "t/acc_stderr": 0.0917, "u/acc": 0.20, "u/acc_stderr": 0.0816},
+               {"step": 4, "t/acc": 0.32, "t/acc_stderr": 0.0952, "u/acc": 0.60, "u/acc_stderr": 0.1}]
+    s = summarize_downstream(history)
+    assert s["delta_stderr"]["t/acc"] == pytest.approx((0.0917 ** 2 + 0.0952 ** 2) ** 0.5)
+    assert s["beyond_noise"] == {"t/acc": False, "u/acc": True}
+    assert format_change(s["delta"]["t/acc"], s["delta_stderr"]["t/acc"]) == "+0.0400 ± 0.2591 (within noise)"
+    assert format_change(s["delta"]["u/acc"], s["delta_stderr"]["u/acc"]) == "+0.4000 ± 0.2530"
+    assert format_change(0.04, None) == "+0.0400"
+    table = downstream_table(s)
+    assert "| t/acc | 0.2800 ± 0.0917 | 0.3200 ± 0.0952 | +0.0400 ± 0.2591 (within noise) |" in table
+    assert "| u/acc | 0.2000 ± 0.0816 | 0.6000 ± 0.1000 | +0.4000 ± 0.2530 |" in table
 
 
 def test_tolerance_warns_or_stops_on_a_drop():
