@@ -260,15 +260,42 @@ def higher_is_better(results: dict[str, Any]) -> dict[str, bool]:
 
 @contextlib.contextmanager
 def quiet_lm_eval(level: int = logging.ERROR) -> Iterator[None]:
-    """Raise lm-eval's log level for the duration (its per-call INFO lines and the warning about a model
-    passed as an object would flood a training log)."""
+    """Keep lm-eval from flooding a training log for the duration: its log level raised (per-call INFO lines, the
+    warning about a model passed as an object); the `git describe` it runs for its results' `git_hash` silenced
+    (outside a git checkout it prints "fatal: not a git repository" on every call); and, with `TQDM_DISABLE=1`
+    (set by `hf-cpt` when output is redirected), its progress bars off, which it creates with an explicit
+    `disable=` that tqdm's environment defaults cannot override."""
+    import os
+    import subprocess
+
+    import lm_eval.api.model
+    import lm_eval.evaluator
+    import lm_eval.models.huggingface
+
+    def git_hash() -> str | None:
+        try:
+            out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True)
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        return out.stdout.strip() or None
+
+    patches = [(lm_eval.evaluator, "get_git_commit_hash", git_hash)]
+    if os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true"):
+        for module in (lm_eval.api.model, lm_eval.models.huggingface):
+            bar = module.tqdm
+            patches.append((module, "tqdm", lambda *a, _bar=bar, **k: _bar(*a, **{**k, "disable": True})))
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
     logger = logging.getLogger("lm_eval")
     old = logger.level
     logger.setLevel(level)
+    for module, name, value in patches:
+        setattr(module, name, value)
     try:
         yield
     finally:
         logger.setLevel(old)
+        for module, name, value in saved:
+            setattr(module, name, value)
 
 
 @contextlib.contextmanager

@@ -141,6 +141,11 @@ def downstream_breached(baseline: float, current: float, tolerance: float, mode:
     return current < baseline - abs(allowed) if higher_is_better else current > baseline + abs(allowed)
 
 
+# lm-eval computes no standard error at all with 0; with > 0, mean metrics (`acc`, ...) get their closed form at no
+# cost and the few bootstrapped ones (perplexity, F1, BLEU, ...) this many resamples
+BOOTSTRAP_ITERS = 100
+
+
 def summarize_downstream(history: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
     """First value, last value and change of every ``<task>/<metric>`` in a history of records
     ``{"step": int, "<task>/<metric>": float, "<task>/<metric>_stderr": float, ...}``; where lm-eval computed
@@ -233,7 +238,7 @@ class DownstreamEvalCallback(TrainerCallback):
 
         c = self.config
         results = evaluate_tasks(model, tokenizer, c.tasks, include_path=c.include_path, limit=c.limit,
-                                 num_fewshot=c.num_fewshot, batch_size=c.batch_size)
+                                 num_fewshot=c.num_fewshot, batch_size=c.batch_size, bootstrap_iters=BOOTSTRAP_ITERS)
         self.higher_is_better.update(higher_is_better(results))
         scores = flatten_results(results, c.metrics)
         missing = [m for m in c.metrics if not any(k.split("/")[1] == m for k in scores)]

@@ -536,7 +536,20 @@ def main() -> None:
     # bitsandbytes (imported by peft/transformers when installed) warns on import that a 4-bit CPU kernel is
     # missing; hf-cpt never runs 4-bit matmuls, and its 8-bit optimizers work without that kernel
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    _plain_output_when_redirected()
     app(prog_name="hf-cpt")
+
+
+def _plain_output_when_redirected(stream=None) -> bool:
+    """With stderr going to a file or a pipe, turn tqdm's progress bars off (`TQDM_DISABLE=1`: the Trainer's,
+    datasets', lm-eval's), so the log holds lines, not carriage returns and cursor-up escape codes from nested
+    bars; the Trainer still prints its logged metrics every `logging_steps`. A `TQDM_DISABLE` the user set wins.
+    Returns whether the bars were turned off."""
+    stream = sys.stderr if stream is None else stream
+    if "TQDM_DISABLE" in os.environ or getattr(stream, "isatty", lambda: False)():
+        return False
+    os.environ["TQDM_DISABLE"] = "1"
+    return True
 
 
 if __name__ == "__main__":

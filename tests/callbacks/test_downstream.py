@@ -14,6 +14,7 @@ pytest.importorskip("lm_eval")
 
 from hf_cpt import import_utils  # noqa: E402
 from hf_cpt.callbacks.downstream import (  # noqa: E402
+    BOOTSTRAP_ITERS,
     DownstreamConfig,
     DownstreamEvalCallback,
     attach_downstream_eval,
@@ -40,7 +41,8 @@ def _lm_eval_on_checkpoint(path, tasks=OFFLINE_TASKS, limit=LIMIT, batch_size=4)
     from lm_eval.tasks import TaskManager
 
     out = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(path), "device": "cpu"},
-                                  tasks=list(tasks), limit=limit, batch_size=batch_size, bootstrap_iters=0,
+                                  tasks=list(tasks), limit=limit, batch_size=batch_size,
+                                  bootstrap_iters=BOOTSTRAP_ITERS,  # the scores' standard errors equal too
                                   task_manager=TaskManager(include_path=str(offline_tasks_dir()),
                                                            include_defaults=False))
     return flatten_results(out)
@@ -71,7 +73,10 @@ def test_trainer_logs_step_0_and_end_equal_to_lm_eval_on_the_saved_checkpoints(t
     assert _lm_eval_on_checkpoint(end) == {k: v for k, v in cb.history[-1].items() if k != "step"}
     assert _lm_eval_on_checkpoint(tiny_model_dir) == {k: v for k, v in cb.history[0].items() if k != "step"}
     summary = cb.summary()
-    assert summary["end"] == {k: v for k, v in cb.history[-1].items() if k != "step"}
+    last = cb.history[-1]
+    assert summary["end"] == {k: v for k, v in last.items() if k != "step" and "_stderr" not in k}
+    assert summary["end_stderr"] == {k: last[k + "_stderr"] for k in summary["end"]}  # every metric has one
+    assert set(summary["beyond_noise"]) == set(summary["end"])
     assert summary["higher_is_better"][f"{OFFLINE_TASKS[0]}/acc"] is True
 
 

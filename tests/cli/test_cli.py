@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -217,3 +218,21 @@ def test_extend_vocab_needs_a_vocab_block(tmp_path, tiny_model_dir):
     result = runner.invoke(app, ["extend-vocab", str(cfg), "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and "no `vocab:` block" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_progress_bars_are_off_when_output_is_redirected(monkeypatch):
+    """Redirected to a file, the log gets lines, not tqdm's carriage returns and cursor-up codes; a terminal keeps
+    its bars, and a TQDM_DISABLE the user set is left alone."""
+    import io
+
+    from hf_cpt.cli.main import _plain_output_when_redirected
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert not _plain_output_when_redirected(Terminal()) and "TQDM_DISABLE" not in os.environ
+    assert _plain_output_when_redirected(io.StringIO()) and os.environ["TQDM_DISABLE"] == "1"
+    monkeypatch.setenv("TQDM_DISABLE", "0")
+    assert not _plain_output_when_redirected(io.StringIO()) and os.environ["TQDM_DISABLE"] == "0"
