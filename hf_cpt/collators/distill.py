@@ -17,13 +17,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
 from ..distill import compute_base_targets
+from ..registry import Technique, names
+from ..utils import check_top_k
 from ..validation import check_choice, check_int, check_number
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import CPTConfig
 
 DISTILL_ON = ("replay", "all")
 DISTILL_TARGETS = ("precomputed", "frozen_copy")
@@ -156,3 +161,48 @@ class DistillCollator:
         self.tokens_distilled += int((weights > 0).sum())
         batch.update(base_topk_ids=ids, base_topk_logprobs=logprobs, distill_weights=weights)
         return batch
+
+
+# --- registry entry ---------------------------------------------------------------------------------------------------
+def _check(cfg: CPTConfig) -> None:
+    distill = cfg.train.distill
+    if distill is None:
+        return
+    if cfg.objective != "clm" or cfg.masking is not None:
+        raise ValueError("`train.distill` needs a causal-LM run without `masking` (targets ride with the "
+                         "token-exact replay blocks)")
+    if cfg.train.chunked_loss == "false" or cfg.train.use_liger == "true":
+        raise ValueError("`train.distill` is computed inside hf-cpt's chunked loss: set `train.chunked_loss` "
+                         "to auto/true and `train.use_liger` to auto/false")
+    data = cfg.data
+    replays = data.general is not None and (data.replay_ratio > 0 or any(s.replay_ratio for s in data.replay_stages))
+    if distill.on == "replay" and not replays:
+        raise ValueError("`train.distill.on` is `replay` but the run replays no general text: set "
+                         "`data.general` and `data.replay_ratio` > 0, or `train.distill.on: all`")
+
+
+def _preflight(cfg: CPTConfig, model: Any, args: Any) -> None:
+    check_top_k("train.distill.top_k", cfg.train.distill.top_k, model)
+
+
+def _card(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
+    distill = (config.get("train") or {}).get("distill")
+    if not distill:
+        return []
+    return [f"distillation replay: {distill.get('weight')} x KL(base || model) on {distill.get('on')} "
+            f"tokens (base top-{distill.get('top_k')}, {distill.get('targets')} targets; "
+            f"{metrics.get('distilled_tokens') or 0:,} tokens distilled)"]
+
+
+TECHNIQUE = Technique(
+    name="distillation replay",
+    key="train.distill",
+    config=DistillConfig,
+    exports={**names("collators.distill", "DistillConfig", "DistillCollator", "precompute_distill_targets"),
+             "make_frozen_copy": "distill"},
+    functional={"distill_token_weights": "collators.distill",
+                **names("distill", "top1_agreement", "topk_kl", "topk_targets")},
+    check=_check,
+    preflight=_preflight,
+    card=_card,
+)
