@@ -10,16 +10,16 @@ import pickle
 import pytest
 import torch
 
-from hf_cpt.config import DataConfig
 from hf_cpt.losses import CHUNKED_LOSS, apply_chunked_loss, remove_chunked_loss
 from hf_cpt.mixers import replay
-from hf_cpt.recipe.data import build_train_set
 from hf_cpt.testing import make_tiny_llama
 from hf_cpt.utils import forward_patch, patch_forward, unpatch_forward
 
 
 def _mixer(tok):
-    return build_train_set(DataConfig(block_size=32, replay_ratio=0.25), tok)
+    docs = {"domain": [f"domain text number {i} about things" for i in range(40)],
+            "general": [f"general text number {i} about life" for i in range(40)]}
+    return replay.ReplayMixer(docs, tok, ratios={"domain": 0.75, "general": 0.25}, block_size=16)
 
 
 def test_the_live_mixer_table_does_not_grow_over_many_datasets(tiny_tokenizer):
@@ -42,10 +42,10 @@ def test_a_dataset_keeps_its_mixer_and_copies_read_the_same_one(tiny_tokenizer):
     gc.collect()
     assert next(iter(dataset))["input_ids"] == list(first["input_ids"])  # the caller dropped it; the dataset did not
     handle = (getattr(getattr(dataset, "_ex_iterable", None), "kwargs", None) or {}).get("handle")
-    if handle is not None:
-        assert copy.deepcopy(handle) is handle
-        restored = pickle.loads(pickle.dumps(handle))  # what `datasets` hashes: the key, resolved to the live mixer
-        assert restored.key == handle.key and restored.mixer is handle.mixer
+    assert isinstance(handle, replay.MixerHandle)  # the pipeline holds a handle, never a copy of the mixer
+    assert copy.deepcopy(handle) is handle
+    restored = pickle.loads(pickle.dumps(handle))  # what `datasets` hashes: the key, resolved to the live mixer
+    assert restored.key == handle.key and restored.mixer is handle.mixer
 
 
 def test_a_callback_slot_finds_the_mixer_only_while_it_is_held(tiny_tokenizer):

@@ -69,6 +69,7 @@ def test_a_programming_error_is_not_disguised_as_bad_input(tmp_path, monkeypatch
     assert not any(line.startswith("Error: ") for line in result.output.splitlines())
 
 
+@pytest.mark.slow  # a process launch (~10 s): the in-process tests above cover the fast lane
 def test_the_traceback_of_a_bug_reaches_stderr():
     # the process boundary is what is tested: what a user sees when the library has a bug
     code = ("import hf_cpt.recipe as r\n"
