@@ -65,6 +65,19 @@ class TrainerParts:
     optimizers: tuple = (None, None)
 
 
+@dataclass
+class DataParts:
+    """What `build_data` hands a technique's `collator` hook: the run, the model (still the base: no update yet), the
+    tokenizer, how many training blocks the run reads, and `blocks()`, a fresh copy of that exact training stream
+    (same mixer settings; each block with its `block_index` and `source_ids`)."""
+
+    cfg: CPTConfig
+    model: Any
+    tokenizer: Any
+    num_blocks: int
+    blocks: Callable[[], Any]
+
+
 @dataclass(frozen=True)
 class Technique:
     """One technique's registry entry.
@@ -85,6 +98,10 @@ class Technique:
             model), or None.
         preflight: `(cfg, model, args)`: checks that need the loaded model or the launcher; run once, after the
             model is loaded and before any data is built or synthesised, for enabled techniques.
+        block_sources: its collator reads each training block's `block_index` and `source_ids` (the mixer emits
+            them, and the Trainer keeps those columns).
+        collator: `(parts: DataParts) -> collator`: the data collator of a causal run (one technique at most);
+            default: `transformers.default_data_collator`.
         setup: `(parts: TrainerParts)`: adds callbacks / optimizers / loss to the Trainer being built (enabled
             techniques only, in registry order); may return a function of the built Trainer, run once it exists.
         card: `(config, metrics) -> lines`: the model card's recipe bullets, from `CPTConfig.to_dict()` and
@@ -100,6 +117,8 @@ class Technique:
     check: Callable[[CPTConfig], None] | None = None
     unsharded: str | None = None
     preflight: Callable[[CPTConfig, Any, Any], None] | None = None
+    block_sources: bool = False
+    collator: Callable[[DataParts], Any] | None = None
     setup: Callable[[TrainerParts], Callable[[Any], None] | None] | None = None
     card: Callable[[dict[str, Any], dict[str, Any]], list[str]] | None = None
 

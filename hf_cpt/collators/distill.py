@@ -15,6 +15,7 @@ token with its source; the collator turns them into the batch keys the chunked l
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -23,12 +24,14 @@ import numpy as np
 import torch
 
 from ..distill import compute_base_targets
-from ..registry import Technique, names
+from ..registry import DataParts, Technique, names
 from ..utils import check_top_k
 from ..validation import check_choice, check_int, check_number
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import CPTConfig
+
+logger = logging.getLogger(__name__)
 
 DISTILL_ON = ("replay", "all")
 DISTILL_TARGETS = ("precomputed", "frozen_copy")
@@ -185,6 +188,21 @@ def _preflight(cfg: CPTConfig, model: Any, args: Any) -> None:
     check_top_k("train.distill.top_k", cfg.train.distill.top_k, model)
 
 
+def _collator(parts: DataParts) -> DistillCollator:
+    """Base top-k targets precomputed for the exact blocks the run will read (a second mixer with the same
+    settings), or computed on the fly from a frozen copy of the base."""
+    distill = parts.cfg.train.distill
+    if distill.targets == "frozen_copy":
+        from ..distill import make_frozen_copy
+
+        return DistillCollator(distill, frozen_model=make_frozen_copy(parts.model))
+    targets = precompute_distill_targets(iter(parts.blocks()), parts.model, parts.num_blocks, distill,
+                                         distilled_sources=[1], batch_size=parts.cfg.train.per_device_eval_batch_size)
+    logger.info("distillation replay: base top-%d targets for %d of %d blocks", distill.top_k, len(targets),
+                parts.num_blocks)
+    return DistillCollator(distill, targets=targets)
+
+
 def _card(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
     distill = (config.get("train") or {}).get("distill")
     if not distill:
@@ -204,5 +222,7 @@ TECHNIQUE = Technique(
                 **names("distill", "top1_agreement", "topk_kl", "topk_targets")},
     check=_check,
     preflight=_preflight,
+    block_sources=True,  # targets ride with each block's index and per-token sources
+    collator=_collator,
     card=_card,
 )

@@ -23,7 +23,7 @@ from ..callbacks.replay_mixer import ReplayMixerCallback
 from ..callbacks.rewarm import make_rewarm_optimizers
 from ..config import CONFIG_FILE, SELF_EVAL_SET, CPTConfig
 from ..output_lock import OutputDirLock
-from ..registry import TrainerParts, enabled_techniques, techniques
+from ..registry import DataParts, TrainerParts, enabled_techniques, techniques
 from ..utils import check_unsharded, commit_staging_dir, make_staging_dir, requested_sharding
 from .outputs import write_outputs
 
@@ -69,7 +69,7 @@ def build_training_args(cfg: CPTConfig, output_dir: str | Path):
         # the ReplayMixer restores its own position; map-style masked data is skipped by the Trainer as usual
         ignore_data_skip=cfg.masking is None,
         # span columns and distillation tags (block index, token sources) reach the collator
-        remove_unused_columns=cfg.masking is None and cfg.train.distill is None,
+        remove_unused_columns=cfg.masking is None and not any(t.block_sources for t in enabled_techniques(cfg)),
         prediction_loss_only=True,  # evaluation needs the loss only; the chunked loss returns no logits
         restore_callback_states_from_checkpoint=True,
         dataloader_num_workers=cfg.data.num_workers,
@@ -222,9 +222,9 @@ class RunData:
 
 def build_data(cfg: CPTConfig, model: Any, tokenizer: Any, args: Any) -> RunData:
     """Training stream and held-out sets: token-exact [`ReplayMixer`] blocks for causal runs (self-synthesised
-    general text and distillation targets come from `model`, still the base), tagged and masked chunks for
-    `masking:` runs."""
-    if cfg.masking is not None:
+    general text and a technique's collator, e.g. distillation targets, come from `model`, still the base), tagged
+    and masked chunks for `masking:` runs."""
+    if cfg.masking is not None:  # a data path of its own: map-style tagged chunks, not the token-exact mixer
         from ..callbacks.masking_stats import MaskingStatsCallback
         from .masked_data import build_masked_data
 
@@ -240,32 +240,21 @@ def build_data(cfg: CPTConfig, model: Any, tokenizer: Any, args: Any) -> RunData
     extra = {SELF_EVAL_SET: synth["eval"]} if "eval" in synth else None
     num_blocks = cfg.train.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
     num_blocks *= args.world_size
-    distill = cfg.train.distill
+    enabled = enabled_techniques(cfg)
+    collating = [t for t in enabled if t.collator is not None]
+    if len(collating) > 1:
+        raise ValueError(f"{' and '.join(f'`{t.key}`' for t in collating)} each bring their own data collator; a "
+                         "run can use one of them")
     train_set = build_train_set(cfg.data, tokenizer, total_blocks=num_blocks, sources=sources,
-                                emit_sources=distill is not None)
+                                emit_sources=any(t.block_sources for t in enabled))
     eval_sets = build_eval_sets(cfg.data, tokenizer, extra)
-    collator = default_data_collator if distill is None else \
-        build_distill_collator(cfg, model, tokenizer, num_blocks, sources)
+    collator = default_data_collator
+    if collating:
+        def blocks() -> Any:  # the exact stream again, each block with its index and per-token sources
+            return build_train_set(cfg.data, tokenizer, total_blocks=num_blocks, sources=sources, emit_sources=True)
+
+        collator = collating[0].collator(DataParts(cfg, model, tokenizer, num_blocks, blocks))
     return RunData(train_set, eval_sets, collator, [ReplayMixerCallback(train_set)])
-
-
-def build_distill_collator(cfg: CPTConfig, model: Any, tokenizer: Any, num_blocks: int,
-                           sources: dict[str, Any] | None) -> Any:
-    """The collator adding base top-k targets (`train.distill`): precomputed for the exact blocks the run will
-    read (a second mixer with the same settings), or from a frozen copy of the base."""
-    from ..collators.distill import DistillCollator, precompute_distill_targets
-    from ..distill import make_frozen_copy
-    from .data import build_train_set
-
-    distill = cfg.train.distill
-    if distill.targets == "frozen_copy":
-        return DistillCollator(distill, frozen_model=make_frozen_copy(model))
-    blocks = build_train_set(cfg.data, tokenizer, total_blocks=num_blocks, sources=sources, emit_sources=True)
-    targets = precompute_distill_targets(iter(blocks), model, num_blocks, distill, distilled_sources=[1],
-                                         batch_size=cfg.train.per_device_eval_batch_size)
-    logger.info("distillation replay: base top-%d targets for %d of %d blocks", distill.top_k, len(targets),
-                num_blocks)
-    return DistillCollator(distill, targets=targets)
 
 
 def build_trainer(cfg: CPTConfig, args: Any, model: Any, tokenizer: Any, data: RunData,
