@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# public name -> module, grouped by technique (the same groups as the README)
-_GROUPS: dict[str, dict[str, str]] = {
+# public name -> module: the config and the recipe here; every technique's names come from its registry entry
+# (`Technique.exports`, hf_cpt/registry.py), read on first use so `import hf_cpt` imports no technique module
+_CORE_GROUPS: dict[str, dict[str, str]] = {
     "config": {n: "config" for n in ("CPTConfig", "ModelConfig", "DataConfig", "SourceConfig", "TrainConfig")},
     "recipe": {
         "run_cpt": "recipe.train", "CPTResult": "recipe.train", "build_training_args": "recipe.train",
@@ -22,63 +23,20 @@ _GROUPS: dict[str, dict[str, str]] = {
         "write_cmr_config": "recipe.cmr_pilot", "load_template": "templates", "list_templates": "templates",
         "OutputDirLock": "output_lock", "OutputDirBusyError": "output_lock",
     },
-    "replay mixing": {
-        "ReplayMixer": "mixers.replay", "ReplayMixerConfig": "mixers.replay", "RatioStage": "mixers.core",
-        "ReplayMixerCallback": "callbacks.replay_mixer",
-    },
-    "document packing": {n: "mixers.packing" for n in ("DocumentMaskingGuard", "check_document_masking",
-                                                       "probe_document_masking", "bos_for")},
-    "data at scale": {"PreparedMixer": "mixers.prepared", "PreparedStore": "mixers.prepared",
-                      "prepare_sources": "recipe.prepare", "prepare_config": "recipe.prepare"},
-    "CMR": {n: "mixers.cmr" for n in ("fit_cmr_law", "predict_cmr", "read_records", "write_records", "plot_cmr",
-                                         "CMRFit", "CMRPrediction", "CMRRecord")},
-    "learning dynamics": {
-        **{n: "dynamics" for n in ("fit_dynamics", "bootstrap_dynamics", "predict_band", "predict_curves",
-                                   "DynamicsLaw", "DynamicsFit", "LossLaw", "PilotCurve")},
-        **{n: "recipe.plan" for n in ("plan_cpt", "plan_from_pilots", "read_pilot", "plot_plan", "write_plan",
-                                      "CPTPlan", "PlanCandidate")},
-    },
-    "forgetting monitor": {"ForgettingMonitorConfig": "callbacks.forgetting",
-                           "ForgettingMonitorCallback": "callbacks.forgetting", "plot_forgetting": "plotting",
-                           "KLToBaseCallback": "callbacks.kl_to_base", "attach_kl_to_base": "callbacks.kl_to_base",
-                           "compute_base_targets": "distill", "evaluate_kl": "distill"},
-    "downstream evaluation": {
-        "DownstreamConfig": "callbacks.downstream", "DownstreamEvalCallback": "callbacks.downstream",
-        "attach_downstream_eval": "callbacks.downstream", "evaluate_tasks": "evaluation",
-        "check_tasks": "evaluation", "offline_tasks_dir": "evaluation", "compare_models": "recipe.evaluate",
-        "EvalComparison": "recipe.evaluate",
-    },
-    "self-synthesised data": {"SynthConfig": "synth", "synthesize_text": "synth",
-                              "load_or_synthesize": "synth"},
-    "distillation replay": {"DistillConfig": "collators.distill", "DistillCollator": "collators.distill",
-                            "precompute_distill_targets": "collators.distill", "make_frozen_copy": "distill"},
-    "rewarming": {n: "callbacks.rewarm" for n in ("RewarmConfig", "CycleConfig", "RewarmCallback",
-                                                  "make_rewarm_scheduler", "make_rewarm_optimizer",
-                                                  "lr_at_checkpoint")},
-    "active forgetting": {n: "callbacks.active_forgetting" for n in ("ActiveForgettingConfig",
-                                                                     "ActiveForgettingCallback",
-                                                                     "relearn_embeddings")},
-    "memory": {"chunked_linear_cross_entropy": "losses", "apply_chunked_loss": "losses", "resolve_liger": "liger",
-               "choose_loss": "liger", "add_lora_for_cpt": "adapters",
-               "TrainedParametersCallback": "callbacks.trained_parameters"},
-    "vocabulary": {
-        "learn_domain_tokens": "vocab.tokens", "merge_tokens": "vocab.tokens", "VocabExtension": "vocab.tokens",
-        "extend_model": "vocab.extend", "extend_vocabulary": "vocab.extend", "VocabConfig": "vocab.extend",
-        "EMBEDDING_INITS": "vocab.init", "build_word_vectors": "vocab.vectors", "WordVectors": "vocab.vectors",
-        "NewRowsFirstCallback": "callbacks.new_rows_first",
-    },
-    "masking": {
-        "tag_entities": "collators.spans", "tag_lexicon": "collators.spans", "tokenize_with_spans": "collators.spans",
-        "LEMCollator": "collators.masking", "LexiconMaskingCollator": "collators.masking",
-        "CausalSpanCollator": "collators.masking", "MaskingConfig": "collators.masking",
-        "MaskingStatsCallback": "callbacks.masking_stats",
-    },
-    "hub": {"push_adapted": "hub", "check_push_access": "hub", "HubConfig": "hub",
-            "render_model_card": "model_card"},
 }
-_EXPORTS = {name: module for group in _GROUPS.values() for name, module in group.items()}
+_CORE_EXPORTS = {name: module for group in _CORE_GROUPS.values() for name, module in group.items()}
 
-__all__ = ["__version__", *_EXPORTS]
+
+def _groups() -> dict[str, dict[str, str]]:
+    """Export groups: the config, the recipe, then one per registered technique (the README's groups)."""
+    from .registry import exports
+
+    return {**_CORE_GROUPS, **exports()}
+
+
+def _exports() -> dict[str, str]:
+    return {name: module for group in _groups().values() for name, module in group.items()}
+
 
 if TYPE_CHECKING:  # pragma: no cover
     from .adapters import add_lora_for_cpt
@@ -159,8 +117,25 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
+    # the export tables are computed on use (not cached), so a technique registered later is exported too
+    if name == "_GROUPS":
+        return _groups()
+    if name == "_EXPORTS":
+        return _exports()
+    if name == "__all__":
+        return ["__version__", *_exports()]
+    module = _CORE_EXPORTS.get(name)
+    if module is None and not name.startswith("__"):
+        module = _exports().get(name)
+    if module is not None:
+        from .registry import module_path
+
+        value = getattr(importlib.import_module(module_path(module)), name)
+        if name in _CORE_EXPORTS or module_path(module).startswith("hf_cpt."):
+            globals()[name] = value  # cached: the next access is a plain attribute
         return value
     raise AttributeError(f"module 'hf_cpt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_exports()))

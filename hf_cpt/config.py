@@ -33,9 +33,10 @@ from .hub import HubConfig
 from .mixers.core import RatioStage
 from .mixers.packing import ADD_BOS, PACKINGS
 from .mixers.replay import GRANULARITIES, ON_EXHAUSTED
-from .synth import SynthConfig
-from .validation import (check_bool, check_choice, check_flag, check_fraction, check_int, check_known_name, check_name,
-                         check_number)
+from .registry import Technique, extension_techniques, techniques
+from .synth import SELF, SynthConfig
+from .validation import (ConfigTypeError, check_bool, check_choice, check_flag, check_fraction, check_int,
+                         check_known_name, check_name, check_number)
 from .vocab.extend import VocabConfig
 from .yaml_loader import load_yaml
 
@@ -43,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "embedded:smollm2-135m"
 DTYPES = ("float32", "bfloat16", "float16", "auto")
-SELF = "self"  # `data.general.train: self`: replay text the base model writes itself (`data.synth`)
 SELF_EVAL_SET = "general_self"  # the held-out set of self-synthesised text (`data.synth.eval_tokens`)
 CONFIG_FILE = "hf_cpt_config.yaml"  # the resolved recipe, next to every adapted model and in its checkpoints
 OBJECTIVES = ("clm", "mlm")
@@ -321,87 +321,38 @@ class CPTConfig:
     domain: str = field(default="", metadata={"help": "Short domain name, e.g. `medical`; a tag on the model card."})
     description: str = field(default="", metadata={"help": "One line shown by `hf-cpt templates`."})
 
+    extensions: dict[str, Any] = field(
+        default_factory=dict, repr=False,
+        metadata={"help": "Blocks of techniques registered outside hf-cpt (`hf_cpt.registry`), by YAML key; in YAML "
+                          "and `to_dict()` each is a top-level block of its own."},
+    )
+
     def __post_init__(self) -> None:
         check_choice("objective", self.objective, OBJECTIVES)
+        # the `masking` field's own forms: a kind name stands for its config, and a masked LM always masks
         if isinstance(self.masking, str):
             if self.masking not in MASKING_KINDS:
                 raise ValueError(f"`masking` must be lem, lexicon or random (or a mapping), got {self.masking!r}")
             self.masking = MaskingConfig(kind=self.masking)
-        if self.objective == "clm" and self.masking is not None and self.masking.kind == "random":
-            raise ValueError("`masking` random is a masked-LM objective: set `objective: mlm`, or use `lem`/`lexicon` "
-                             "to weight entity/lexicon tokens in the causal loss")
         if self.objective == "mlm" and self.masking is None:
             self.masking = MaskingConfig(kind="random")
-        if self.masking is not None and any(s is not None and s.streaming for s in (self.data.domain,
-                                                                                    self.data.general)):
-            raise ValueError("`masking` needs map-style corpora (spans are tagged once and cached): set "
-                             "`data.domain.streaming` / `data.general.streaming` to false")
-        if self.schedule is not None and self.train.warmup_steps:
-            raise ValueError("`train.warmup_steps` is set but `schedule` defines the LR: set "
-                             "`schedule.warmup_steps` instead and remove `train.warmup_steps`")
-        if (self.objective == "clm" and self.masking is not None and self.masking.span_weight != 1
-                and (self.train.chunked_loss == "false" or self.train.use_liger == "true")):
-            raise ValueError(f"`masking.span_weight` ({self.masking.span_weight}) weights the loss through hf-cpt's "
-                             "chunked loss: set `train.chunked_loss` to auto/true and `train.use_liger` to auto/false, "
-                             "or `masking.span_weight: 1`")
+        known = extension_techniques({f.name for f in dataclasses.fields(self)})
+        for key in self.extensions:
+            if key not in known:
+                raise ValueError(f"unknown field `{key}`: no registered technique has this block")
+        # rules across blocks: each technique checks the recipe around its own block (hf_cpt.registry)
+        for technique in techniques().values():
+            if technique.check is not None:
+                technique.check(self)
 
-        self._check_self_synthesis()
-        self._check_distillation()
-        if self.downstream is not None and self.objective != "clm":
-            raise ValueError("`downstream`: lm-eval scores causal language models; remove the `downstream` block for "
-                             "`objective: mlm`")
-        self._check_data_at_scale()
-
-    def _check_data_at_scale(self) -> None:
-        data = self.data
-        if self.masking is not None:
-            # masked runs mix tagged chunks by probability (recipe/masked_data.py), not the token-exact mixer:
-            # refuse each mixing setting they would otherwise accept and ignore
-            refused = [("replay_stages", [], "changes of the share during the run"),
-                       ("granularity", "block", "token-level filling of blocks"),
-                       ("on_exhausted", "cycle", "ending the mix when a corpus runs out"),
-                       ("prepared_dir", None, "a pretokenized store"),
-                       # they already train one document chunk per sequence (padded): never concatenated
-                       ("packing", "documents", "concatenating documents into blocks"),
-                       ("add_bos", "auto", "a BOS setting of document packing")]
-            for name, default, what in refused:
-                value = getattr(data, name)
-                if value != default:
-                    raise ValueError(f"`data.{name}` ({value!r}): masked runs (`masking`) mix entity-tagged chunks by "
-                                     f"probability and do not support {what}; remove it (default: {default!r})")
-        elif data.num_workers and data.prepared_dir is None:
-            raise ValueError(f"`data.num_workers` ({data.num_workers}) needs `data.prepared_dir`: the on-the-fly mixer "
-                             "tokenizes in the training process; prepare a store (`hf-cpt prepare CONFIG`) or set "
-                             "`data.num_workers: 0`")
-        if data.prepared_dir is not None and self.train.distill is not None:
-            raise ValueError("`data.prepared_dir` with `train.distill` is not supported yet (distillation targets "
-                             "are computed over the on-the-fly stream); remove one of them")
-
-    def _check_self_synthesis(self) -> None:
-        data = self.data
-        uses_self = data.synth is not None or (data.general is not None and data.general.train == SELF)
-        if uses_self and self.objective != "clm":
-            raise ValueError("`data.general.train` / `data.synth`: self-synthesised data needs a causal (generating) "
-                             "model, and `objective: mlm` trains an encoder: use a text corpus for `data.general`")
-        if uses_self and self.masking is not None:
-            raise ValueError("`data.synth`: self-synthesised text is not supported with `masking` (spans are tagged "
-                             "from corpora on disk): remove `masking` or use a text corpus for `data.general`")
-
-    def _check_distillation(self) -> None:
-        distill = self.train.distill
-        if distill is None:
-            return
-        if self.objective != "clm" or self.masking is not None:
-            raise ValueError("`train.distill` needs a causal-LM run without `masking` (targets ride with the "
-                             "token-exact replay blocks)")
-        if self.train.chunked_loss == "false" or self.train.use_liger == "true":
-            raise ValueError("`train.distill` is computed inside hf-cpt's chunked loss: set `train.chunked_loss` "
-                             "to auto/true and `train.use_liger` to auto/false")
-        replays = self.data.general is not None and (self.data.replay_ratio > 0 or any(
-            s.replay_ratio for s in self.data.replay_stages))
-        if distill.tokens == "replay" and not replays:
-            raise ValueError("`train.distill.tokens` is `replay` but the run replays no general text: set "
-                             "`data.general` and `data.replay_ratio` > 0, or `train.distill.tokens: all`")
+    def __getattr__(self, name: str) -> Any:
+        # a registered technique's block that CPTConfig does not declare: `cfg.<key>`, None when unset
+        if name.startswith("__") or name == "extensions":
+            raise AttributeError(name)
+        extensions = self.__dict__.get("extensions")
+        if extensions is not None and (name in extensions or name in extension_techniques(set())):
+            return extensions.get(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def held_out_sets(self) -> list[str]:
         """Names of the held-out sets the run evaluates: `general` (its `eval` split), `general_self`
@@ -476,7 +427,11 @@ class CPTConfig:
         return write_yaml(self, Path(directory) / CONFIG_FILE, header)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain nested data, as in YAML: a registered technique's block that CPTConfig does not declare is a
+        top-level block of its own (absent when unset)."""
+        out = dataclasses.asdict(self)
+        out.update({k: v for k, v in out.pop("extensions").items() if v is not None})
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -531,7 +486,17 @@ def _replace(obj: Any, changes: dict[str, Any], prefix: str) -> Any:
     """`dataclasses.replace` applied down a tree of changes; unknown names are refused by dotted path."""
     names = {f.name for f in dataclasses.fields(obj)}
     hints = typing.get_type_hints(type(obj))
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
+    changes, extensions = _split_extensions(type(obj), changes, names)
+    if extensions:
+        current = dict(obj.extensions)
+        for key, (technique, value) in extensions.items():
+            block = current.get(key)
+            if isinstance(value, dict) and dataclasses.is_dataclass(block):
+                current[key] = _replace(block, value, f"{prefix}{key}.")
+            else:
+                current[key] = _coerce(_block_type(technique), value, f"{prefix}{key}")
+        kwargs["extensions"] = current
     for key, value in changes.items():
         if key not in names:
             hint = difflib.get_close_matches(key, list(names), n=1)
@@ -551,10 +516,14 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     """Recursively turn plain data into dataclass `cls`, naming fields by dotted path in errors."""
     where = prefix.rstrip(".") or "config"
     if not isinstance(data, dict):
-        raise TypeError(f"`{where}` must be a mapping of fields, got {type(data).__name__}")
+        raise ConfigTypeError(f"`{where}` must be a mapping of fields, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
+    data, extensions = _split_extensions(cls, data, set(fields))
+    if extensions:
+        kwargs["extensions"] = {key: _coerce(_block_type(technique), value, f"{prefix}{key}")
+                                for key, (technique, value) in extensions.items()}
     for key, value in data.items():
         key = _renamed_key(cls, key, prefix)
         if key not in fields:
@@ -594,6 +563,22 @@ def _renamed_key(cls: type, key: Any, prefix: str) -> Any:
                          f"{_YAML_BOOLEAN_KEYS} key as a boolean, and no hf-cpt field has such a name; check the "
                          "key's spelling")
     return key
+
+
+def _block_type(technique: Technique) -> Any:
+    return Any if technique.config is None else technique.config | None
+
+
+def _split_extensions(cls: type, data: dict[str, Any], declared: set[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """For `CPTConfig`: the blocks of registered techniques it does not declare (by key, with their entry),
+    apart from the declared fields."""
+    if cls is not CPTConfig:
+        return data, {}
+    if "extensions" in data:  # the holder, not a YAML block: each block is written under its own key
+        raise ValueError("unknown field `extensions`: a registered technique's block is a top-level key of its own")
+    known = extension_techniques(declared)
+    rest = {k: v for k, v in data.items() if k not in known}
+    return rest, {k: (known[k], v) for k, v in data.items() if k in known}
 
 
 def _prefix_fields(msg: str, fields: Any, prefix: str) -> str:

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from .import_utils import require
+from .registry import Technique, names
 
 MOMENTA = (0.0, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
 PARAMS = ("floor", "scale", "exponent", "anneal", "shift", "shift_exp", "shift_rate", "pretrain_area")
@@ -532,3 +533,15 @@ def predict_band(samples: Sequence[Sequence[DynamicsLaw]], lrs: Sequence[float],
 
 __all__ = ["LossLaw", "DynamicsLaw", "DynamicsFit", "PilotCurve", "forward_area", "annealing_area", "check_pilots",
            "fit_dynamics", "bootstrap_dynamics", "predict_band", "predict_curves"]
+
+
+# --- registry entry ---------------------------------------------------------------------------------------------------
+TECHNIQUE = Technique(
+    name="learning dynamics",
+    key=None,  # no block: `hf-cpt plan` fits pilot runs' curves (recipe/plan.py)
+    exports={**names("dynamics", "fit_dynamics", "bootstrap_dynamics", "predict_band", "predict_curves",
+                     "DynamicsLaw", "DynamicsFit", "LossLaw", "PilotCurve"),
+             **names("recipe.plan", "plan_cpt", "plan_from_pilots", "read_pilot", "plot_plan", "write_plan",
+                     "CPTPlan", "PlanCandidate")},
+    functional=names("dynamics", "annealing_area", "fit_dynamics", "forward_area"),
+)

@@ -64,8 +64,8 @@ def load_offline_task(data_file: str, **metadata: Any) -> Any:
 def _require_lm_eval(purpose: str) -> None:
     # through the module attribute, so tests can simulate a missing install by patching `is_available`
     if not import_utils.is_lm_eval_available():
-        raise ImportError(f"{purpose} needs lm-evaluation-harness (the `lm_eval` package), which is not "
-                          "installed. Install it with: pip install 'hf-cpt[eval]'")
+        raise import_utils.MissingDependencyError(f"{purpose} needs lm-evaluation-harness (the `lm_eval` package), "
+                                                  "which is not installed. Install it with: pip install 'hf-cpt[eval]'")
 
 
 def _include_paths(include_path: str | Path | None) -> list[str]:

@@ -1,69 +1,30 @@
-"""Every pure core of hf-cpt on one page: plain Python / tensors in, new values out, no Trainer.
+"""Every pure core of hf-cpt in one namespace: plain Python / tensors in, new values out, no Trainer.
 
-This is the list of what the library can do; each function is documented where it is defined.
+The list comes from the technique registry: each technique names its cores in its entry (`Technique.functional`,
+see `hf_cpt.registry`), and docs/architecture.md maps each technique to them. Each function is documented where it
+is defined; `hf_cpt.functional.<name>` is that same function.
 """
 
-from .callbacks.active_forgetting import clear_optimizer_state, reset_embeddings
-from .callbacks.downstream import downstream_breached, summarize_downstream
-from .callbacks.forgetting import compute_forgetting, exceeds_tolerance, tolerance_bound
-from .callbacks.rewarm import build_cycles, lr_multiplier, lr_multiplier_cycles
-from .collators.masking import apply_replacement, choose_one_per_span, lexicon_budget_mask
-from .collators.distill import distill_token_weights
-from .collators.spans import char_to_token_spans, lexicon_spans
-from .distill import top1_agreement, topk_kl, topk_targets
-from .dynamics import annealing_area, fit_dynamics, forward_area
-from .evaluation import flatten_results
-from .losses import chunked_linear_cross_entropy
-from .mixers.cmr import cmr_power_law, critical_ratio, fit_cmr_law, predict_cmr
-from .mixers.core import allocate_shares, assign_blocks, check_ratios, pack_blocks, ratios_at
-from .mixers.packing import pack_documents, segment_labels, segment_position_ids
-from .mixers.prepared import build_mix_schedule
-from .synth import dedup_lines, split_seeds
-from .vocab.init import factorize_embeddings, init_mean, init_ofa, init_random, init_subword_mean
+from __future__ import annotations
 
-__all__ = [
-    "downstream_breached",
-    "flatten_results",
-    "summarize_downstream",
-    "dedup_lines",
-    "distill_token_weights",
-    "split_seeds",
-    "tolerance_bound",
-    "top1_agreement",
-    "topk_kl",
-    "topk_targets",
-    "apply_replacement",
-    "char_to_token_spans",
-    "choose_one_per_span",
-    "factorize_embeddings",
-    "init_mean",
-    "init_ofa",
-    "init_random",
-    "init_subword_mean",
-    "lexicon_budget_mask",
-    "lexicon_spans",
-    "build_cycles",
-    "chunked_linear_cross_entropy",
-    "clear_optimizer_state",
-    "annealing_area",
-    "cmr_power_law",
-    "compute_forgetting",
-    "critical_ratio",
-    "allocate_shares",
-    "assign_blocks",
-    "build_mix_schedule",
-    "check_ratios",
-    "exceeds_tolerance",
-    "fit_cmr_law",
-    "fit_dynamics",
-    "forward_area",
-    "lr_multiplier",
-    "lr_multiplier_cycles",
-    "pack_blocks",
-    "pack_documents",
-    "segment_labels",
-    "segment_position_ids",
-    "predict_cmr",
-    "ratios_at",
-    "reset_embeddings",
-]
+import importlib as _importlib
+from typing import Any as _Any
+
+from .registry import functional_cores as _functional_cores
+from .registry import module_path as _module_path
+
+
+def _core(name: str, module: str) -> _Any:
+    return getattr(_importlib.import_module(_module_path(module)), name)
+
+
+globals().update({_name: _core(_name, _module) for _name, _module in _functional_cores().items()})
+__all__ = list(_functional_cores())
+
+
+def __getattr__(name: str) -> _Any:
+    # a core of a technique registered after this module was imported
+    cores = _functional_cores()
+    if name in cores:
+        return _core(name, cores[name])
+    raise AttributeError(f"module 'hf_cpt.functional' has no attribute {name!r}")

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from .registry import Technique, names
+
 logger = logging.getLogger(__name__)
 
 # What an adapted checkpoint consists of. Pickles (`*.bin`, `*.pt`, `training_args.bin`) are never uploaded.
@@ -179,3 +181,13 @@ def push_adapted(
         raise
     logger.info("pushed %s to %s (%d files)", folder, info.commit_url, len(ops))
     return info.commit_url
+
+
+# --- registry entry ---------------------------------------------------------------------------------------------------
+TECHNIQUE = Technique(
+    name="hub",
+    key="hub",
+    config=HubConfig,
+    exports={**names("hub", "push_adapted", "check_push_access", "HubConfig"), "render_model_card": "model_card"},
+    enabled=lambda cfg: cfg.hub.push_to_hub,  # the push itself is the recipe's last step (recipe/train.py)
+)

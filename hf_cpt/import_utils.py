@@ -11,6 +11,11 @@ import importlib.util
 from functools import lru_cache
 from types import ModuleType
 
+
+class MissingDependencyError(ImportError):
+    """An optional package (or a model or pipeline package) is not installed; the message says what to install.
+    Bad setup, not a bug: the CLI shows it as one line, while any other `ImportError` keeps its traceback."""
+
 # import name -> (pip extra, pip requirement)
 _OPTIONAL: dict[str, tuple[str, str]] = {
     "spacy": ("lem", "spacy"),
@@ -40,9 +45,10 @@ def is_lm_eval_available() -> bool:
 
 
 def require(name: str, purpose: str) -> ModuleType:
-    """Import the optional module `name` or raise an `ImportError` that names the extra to install."""
+    """Import the optional module `name` or raise a [`MissingDependencyError`] (an `ImportError`) that names the
+    extra to install."""
     if not is_available(name):
         extra, requirement = _OPTIONAL.get(name, ("", name))
         how = f"pip install 'hf-cpt[{extra}]'" if extra else f"pip install --no-deps {requirement}"
-        raise ImportError(f"{purpose} needs the `{name}` package, which is not installed. Install it with: {how}")
+        raise MissingDependencyError(f"{purpose} needs the `{name}` package, which is not installed. Install it with: {how}")
     return importlib.import_module(name)

@@ -10,13 +10,17 @@ includes its fused linear cross-entropy; when it is off, hf-cpt uses its own chu
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .import_utils import is_liger_available
 from .losses import apply_chunked_loss, lm_head_has_lora, supports_chunked_loss
+from .registry import Technique, TrainerParts, names
 from .validation import check_flag
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import CPTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -92,3 +96,27 @@ def choose_loss(model: torch.nn.Module, use_liger: Any = "auto", chunked_loss: A
     apply_chunked_loss(model, chunk_size)  # raises with the reason when it cannot apply
     logger.info("chunked cross-entropy on (%s tokens per chunk): no full logits tensor", chunk_size or "auto")
     return "chunked"
+
+
+# --- registry entry ---------------------------------------------------------------------------------------------------
+def _setup(parts: TrainerParts) -> None:
+    t = parts.cfg.train
+    mode = choose_loss(parts.model, t.use_liger, t.chunked_loss, t.loss_chunk_size or None,
+                       require_chunked=parts.cfg.needs_chunked_loss)
+    parts.args.use_liger_kernel = mode == "liger"  # the Trainer applies Liger itself
+
+
+def _is_causal(cfg: CPTConfig) -> bool:
+    return cfg.objective == "clm"
+
+
+TECHNIQUE = Technique(
+    name="memory",
+    key="train.chunked_loss",  # with `train.use_liger` and `train.loss_chunk_size`
+    exports={**names("losses", "chunked_linear_cross_entropy", "apply_chunked_loss"),
+             **names("liger", "resolve_liger", "choose_loss"), "add_lora_for_cpt": "adapters",
+             "TrainedParametersCallback": "callbacks.trained_parameters"},
+    functional=names("losses", "chunked_linear_cross_entropy"),
+    enabled=_is_causal,  # the loss of a causal run: Liger, the chunked loss, or the model's own
+    setup=_setup,
+)

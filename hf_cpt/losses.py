@@ -24,16 +24,17 @@ log-sum-exp with the top-k entries masked to -inf, so r_q is exact even when it 
 
 from __future__ import annotations
 
-import functools
 import logging
-import types
 from typing import Any
 
 import torch
 
+from .utils import forward_patch, patch_forward, unpatch_forward
+
 logger = logging.getLogger(__name__)
 
 REDUCTIONS = ("mean", "sum")
+CHUNKED_LOSS = "chunked_loss"  # the name of its forward patch (`model.hf_cpt_forward_patch.name`)
 
 
 def _ce_chunk(logits: torch.Tensor, t: torch.Tensor, w: torch.Tensor, need_grad: bool) -> torch.Tensor:
@@ -256,7 +257,7 @@ def _chunked_forward(self, input_ids=None, attention_mask=None, labels=None, tok
                      num_items_in_batch=None, base_topk_ids=None, base_topk_logprobs=None, distill_weights=None,
                      **kwargs):
     if labels is None:  # generation / logits for a monitor: the model's own forward; distill keys are loss-only
-        return self._hf_cpt_original_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return forward_patch(self).original(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     kwargs.pop("logits_to_keep", None)
@@ -276,7 +277,7 @@ def _chunked_forward(self, input_ids=None, attention_mask=None, labels=None, tok
         }
     loss = chunked_linear_cross_entropy(
         shift_h, head.weight, shift_t, bias=getattr(head, "bias", None), token_weights=shift_w,
-        chunk_size=self._hf_cpt_chunk_size, num_items=num_items_in_batch,
+        chunk_size=forward_patch(self).options["chunk_size"], num_items=num_items_in_batch,
         reduction="sum" if num_items_in_batch is not None else "mean", **distill,
     )
     return CausalLMOutputWithPast(loss=loss, logits=None)  # a training forward: no cache to hand back
@@ -305,18 +306,14 @@ def apply_chunked_loss(model: torch.nn.Module, chunk_size: int | None = None) ->
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"`chunk_size` must be an integer >= 1 or None (auto), got {chunk_size!r}")
-    if not hasattr(model, "_hf_cpt_original_forward"):
-        model._hf_cpt_original_forward = model.forward
-        model.forward = types.MethodType(functools.wraps(type(model).forward)(_chunked_forward), model)
-    model._hf_cpt_chunk_size = chunk_size
+    # the one change to the model, recorded on it (`model.hf_cpt_forward_patch`) and undone by remove_chunked_loss
+    patch_forward(model, CHUNKED_LOSS, _chunked_forward, chunk_size=chunk_size)
     return model
 
 
 def remove_chunked_loss(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo [`apply_chunked_loss`]."""
-    if hasattr(model, "_hf_cpt_original_forward"):
-        del model.forward
-        del model._hf_cpt_original_forward
+    """Undo [`apply_chunked_loss`]: the model's own forward again."""
+    unpatch_forward(model, CHUNKED_LOSS)
     return model
 
 

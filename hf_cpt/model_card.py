@@ -76,74 +76,11 @@ def downstream_eval_results(d: dict[str, Any], pipeline_tag: str) -> list[Any]:
 
 
 def recipe_lines(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
-    """One bullet per technique the run used, in the words a reader of the card needs."""
-    data, train = config.get("data", {}), config.get("train", {})
-    lines = []
-    ratio = data.get("replay_ratio", 0)
-    mix = (f"replay: {ratio:.1%} of training tokens from the general corpus, {1 - ratio:.1%} domain "
-           f"({data.get('granularity', 'block')}-exact mixing, {data.get('block_size')}-token blocks)")
-    stages = data.get("replay_stages") or []
-    if stages:
-        mix += "; then " + ", ".join(f"{s['replay_ratio']:.1%} from {s['start']:.0%} of the run" for s in stages)
-    lines.append(mix)
-    cmr = data.get("cmr")
-    if cmr:
-        lines.append(f"replay ratio chosen by the CMR scaling law: critical domain share {cmr.get('cmr'):.3f} at "
-                     f"{cmr.get('budget_tokens'):.3g} tokens (tolerance {cmr.get('tolerance')} "
-                     f"{cmr.get('tolerance_mode')})")
-    synth = data.get("synth")
-    if synth:
-        parts = []
-        if (data.get("general") or {}).get("train") == "self":
-            parts.append(f"{synth.get('train_tokens'):,} tokens replayed as general text")
-        if synth.get("eval_tokens"):
-            parts.append(f"{synth.get('eval_tokens'):,} tokens held out as `general_self`")
-        lines.append("self-synthesised general text (sampled from the base model at temperature "
-                     f"{synth.get('temperature')}, top-p {synth.get('top_p')}): " + "; ".join(parts))
-    distill = train.get("distill")
-    if distill:
-        lines.append(f"distillation replay: {distill.get('weight')} x KL(base || model) on {distill.get('tokens')} "
-                     f"tokens (base top-{distill.get('top_k')}, {distill.get('targets')} targets; "
-                     f"{metrics.get('distilled_tokens') or 0:,} tokens distilled)")
-    tokens = metrics.get("train_tokens") or {}
-    if tokens:
-        total = sum(tokens.values())
-        lines.append(f"training tokens: {total:,} (" + ", ".join(
-            f"{k}: {v:,} = {v / max(total, 1):.1%}" for k, v in tokens.items()) + ")")
-    schedule = config.get("schedule")
-    if schedule:
-        lines.append(f"LR schedule: `{schedule.get('schedule', 'rewarm')}`: {schedule.get('warmup', 'linear')} "
-                     f"re-warmup over {schedule.get('warmup_steps')} updates to {train.get('learning_rate')}, then "
-                     f"{schedule.get('decay', 'cosine')} re-decay" + "".join(
-                         f", {k}={v}" for k, v in schedule.items()
-                         if k not in ("schedule", "warmup", "warmup_steps", "decay") and v not in (None, [], {})))
-    else:
-        lines.append(f"LR schedule: {train.get('lr_scheduler_type')} from {train.get('learning_rate')} "
-                     f"({train.get('warmup_steps', 0)} warmup updates)")
-    masking = config.get("masking")
-    if masking and masking.get("kind", "none") != "none":
-        lines.append("masking: " + ", ".join(f"{k}={v}" for k, v in masking.items() if v not in (None, [], {})))
-    vocab, vstats = config.get("vocab"), metrics.get("vocab") or {}
-    if vocab:
-        line = (f"vocabulary extension: {vstats.get('added', vocab.get('n_new_tokens'))} domain subwords merged into "
-                f"the tokenizer ({vstats.get('model_type', '')} merges/entries, not added tokens), new embedding "
-                f"rows initialised with `{vocab.get('init')}`")
-        if vocab.get("init") == "ofa":
-            line += f" (top-k {vocab.get('top_k')}, temperature {vocab.get('temperature')}" + (
-                f", rank {vocab.get('rank')}" if vocab.get("rank") else "") + ")"
-        if vstats.get("fertility_before") is not None:
-            line += (f"; domain fertility {vstats['fertility_before']:.3f} -> {vstats['fertility_after']:.3f} "
-                     "tokens/word")
-        if vocab.get("new_rows_first_steps"):
-            line += f"; only the new rows trained for the first {vocab['new_rows_first_steps']} updates"
-        lines.append(line)
-    af = config.get("active_forgetting")
-    if af:
-        lines.append(f"active forgetting: embeddings reset every {af.get('every_k_updates')} updates"
-                     + (" (with their optimizer state)" if af.get("reset_optimizer_state") else ""))
-    if train.get("trainable", "all") != "all":
-        lines.append(f"trainable parameters: {train.get('trainable')} only")
-    return lines
+    """One bullet per technique the run used, in the words a reader of the card needs: each registered
+    technique's `card` lines, in registry order (see `hf_cpt.registry`)."""
+    from .registry import techniques
+
+    return [line for t in techniques().values() if t.card is not None for line in t.card(config, metrics)]
 
 
 def render_model_card(config: dict[str, Any], metrics: dict[str, Any], base_model: str | None = None,

@@ -41,13 +41,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from .registry import Technique, names
 from .validation import check_bool, check_choice, check_int, check_number
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import CPTConfig
+
 logger = logging.getLogger(__name__)
+SELF = "self"  # `data.general.train: self`: replay text the base model writes itself (`data.synth`)
 PROMPT_KINDS = ("bos", "seeds", "both")
 # a round that keeps no token counts as stalled; this many in a row means the model cannot produce new text
 MAX_STALLED_ROUNDS = 8
@@ -388,3 +393,46 @@ def synthesized_token_count(tokenizer: Any, docs: list[str]) -> int:
 __all__ = ["PROMPT_KINDS", "SynthConfig", "default_cache_dir", "dedup_lines", "load_or_synthesize",
            "load_seed_prompts", "normalize_line", "split_seeds", "synthesize_text", "synthesized_token_count",
            "vocab_fingerprint", "weights_fingerprint"]
+
+
+# --- registry entry ---------------------------------------------------------------------------------------------------
+def _uses_self(cfg: CPTConfig) -> bool:
+    data = cfg.data
+    return data.synth is not None or (data.general is not None and data.general.train == SELF)
+
+
+def _check(cfg: CPTConfig) -> None:
+    if not _uses_self(cfg):
+        return
+    if cfg.objective != "clm":
+        raise ValueError("`data.general.train` / `data.synth`: self-synthesised data needs a causal (generating) "
+                         "model, and `objective: mlm` trains an encoder: use a text corpus for `data.general`")
+    if cfg.masking is not None:
+        raise ValueError("`data.synth`: self-synthesised text is not supported with `masking` (spans are tagged "
+                         "from corpora on disk): remove `masking` or use a text corpus for `data.general`")
+
+
+def _card(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
+    data = config.get("data") or {}
+    synth = data.get("synth")
+    if not synth:
+        return []
+    parts = []
+    if (data.get("general") or {}).get("train") == SELF:
+        parts.append(f"{synth.get('train_tokens'):,} tokens replayed as general text")
+    if synth.get("eval_tokens"):
+        parts.append(f"{synth.get('eval_tokens'):,} tokens held out as `general_self`")
+    return ["self-synthesised general text (sampled from the base model at temperature "
+            f"{synth.get('temperature')}, top-p {synth.get('top_p')}): " + "; ".join(parts)]
+
+
+TECHNIQUE = Technique(
+    name="self-synthesised data",
+    key="data.synth",
+    config=SynthConfig,
+    exports=names("synth", "SynthConfig", "synthesize_text", "load_or_synthesize"),
+    functional=names("synth", "dedup_lines", "split_seeds"),
+    enabled=_uses_self,
+    check=_check,
+    card=_card,
+)

@@ -60,6 +60,74 @@ def is_sharded_model(model: torch.nn.Module) -> bool:
     return False
 
 
+def check_unsharded(key: str, why: str, sharding: str | None) -> None:
+    """Refuse `sharding` (`"FSDP"`, `"DeepSpeed"`, ...) for the technique configured by `key`, which cannot run
+    sharded because of `why`; the one wording of that refusal (the recipe before loading the model, a callback
+    used on its own at train start)."""
+    if sharding:
+        raise ValueError(f"`{key}` does not support {sharding} ({why}) yet: train with DDP or a single process, "
+                         f"or remove `{key}`")
+
+
+def check_top_k(name: str, k: int, model: Any) -> None:
+    """Refuse a top-k larger than `model`'s output vocabulary (the field is named `name` in the error)."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if k > vocab:
+        raise ValueError(f"`{name}` ({k}) is larger than the model's vocabulary ({vocab}): use at most {vocab}")
+
+
+# --- patching a model's forward: one visible, reversible step ------------------------------------------------------
+FORWARD_PATCH = "hf_cpt_forward_patch"  # the attribute recording it on the model
+
+
+class ForwardPatch:
+    """The record of a replaced `model.forward`: which hf-cpt feature replaced it (`name`), the forward it
+    replaced (`original`, what the new one calls through), and its settings (`options`). Kept on the model as
+    `model.hf_cpt_forward_patch`; [`unpatch_forward`] restores the model's own forward."""
+
+    def __init__(self, name: str, original: Any, options: dict[str, Any]) -> None:
+        self.name, self.original, self.options = name, original, options
+
+    def __repr__(self) -> str:
+        return f"ForwardPatch({self.name!r}, options={self.options!r})"
+
+
+def patch_forward(model: torch.nn.Module, name: str, forward: Any, **options: Any) -> ForwardPatch:
+    """Replace `model.forward` by `forward` (a function taking the model first) and record it as
+    [`ForwardPatch`] on the model. Patching again with the same `name` only updates `options`; another patch
+    already in place is refused (undo it first with [`unpatch_forward`])."""
+    import functools
+    import types
+
+    patch = getattr(model, FORWARD_PATCH, None)
+    if patch is not None:
+        if patch.name != name:
+            raise ValueError(f"{type(model).__name__}.forward is already patched by {patch.name!r}; call "
+                             f"`hf_cpt.utils.unpatch_forward(model)` before applying {name!r}")
+        patch.options.update(options)
+        return patch
+    patch = ForwardPatch(name, model.forward, dict(options))
+    model.forward = types.MethodType(functools.wraps(type(model).forward)(forward), model)
+    setattr(model, FORWARD_PATCH, patch)
+    return patch
+
+
+def forward_patch(model: Any) -> ForwardPatch | None:
+    """The [`ForwardPatch`] recorded on `model`, or None when its forward is its own."""
+    return getattr(model, FORWARD_PATCH, None)
+
+
+def unpatch_forward(model: torch.nn.Module, name: str | None = None) -> bool:
+    """Restore the forward [`patch_forward`] replaced (only a patch called `name`, when given); returns whether
+    there was one to undo."""
+    patch = forward_patch(model)
+    if patch is None or (name is not None and patch.name != name):
+        return False
+    del model.forward  # the instance attribute; the class's forward shows through again
+    delattr(model, FORWARD_PATCH)
+    return True
+
+
 def get_processing_class(kwargs: dict[str, Any]) -> Any:
     """The tokenizer/processor passed to a callback hook (`processing_class` in recent transformers,
     `tokenizer` in older ones)."""

@@ -15,12 +15,20 @@ from collections.abc import Iterable
 from typing import Any
 
 
+class ConfigTypeError(TypeError):
+    """A value of the wrong type in a config or a command's input, named by its field: bad input (the CLI shows it as
+    one line), unlike a `TypeError` from a bug, which keeps its traceback."""
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_int(name: str, value: Any, minimum: int | None = 1, maximum: int | None = None) -> int:
-    """An integer (not a bool) in [`minimum`, `maximum`] (either bound may be None)."""
+def check_int(name: str, value: Any, minimum: int | None = 1, maximum: int | None = None, *,
+              optional: bool = False) -> int | None:
+    """An integer (not a bool) in [`minimum`, `maximum`] (either bound may be None); None too when `optional`."""
+    if optional and value is None:
+        return None
     ok = isinstance(value, int) and not isinstance(value, bool)
     if ok and minimum is not None and value < minimum:
         ok = False

@@ -18,7 +18,7 @@ PKG = Path(hf_cpt.__file__).resolve().parent
 TECHNIQUES = ("hf_cpt.callbacks", "hf_cpt.mixers", "hf_cpt.collators", "hf_cpt.vocab", "hf_cpt.losses",
               "hf_cpt.liger", "hf_cpt.adapters", "hf_cpt.synth", "hf_cpt.distill", "hf_cpt.dynamics",
               "hf_cpt.validation", "hf_cpt.utils", "hf_cpt.import_utils", "hf_cpt.evaluation", "hf_cpt.output_lock",
-              "hf_cpt.yaml_loader")
+              "hf_cpt.yaml_loader", "hf_cpt.registry", "hf_cpt.tolerance")
 ABOVE_TECHNIQUES = ("hf_cpt.config", "hf_cpt.recipe", "hf_cpt.cli", "hf_cpt.templates", "hf_cpt.testing")
 
 
@@ -158,3 +158,62 @@ def test_callbacks_live_in_callbacks():
         outside += [f"{name}.{n}" for n, obj in vars(module).items() if inspect.isclass(obj)
                     and issubclass(obj, TrainerCallback) and obj.__module__ == name]
     assert not outside
+
+
+# pure cores: formulas testable without transformers (a numpy CMR fit, a schedule, a tolerance rule)
+CORES = ("hf_cpt.mixers.core", "hf_cpt.mixers.packing", "hf_cpt.mixers.cmr", "hf_cpt.dynamics", "hf_cpt.losses",
+         "hf_cpt.registry", "hf_cpt.validation", "hf_cpt.tolerance")
+
+
+def module_level_imports() -> dict[str, set[str]]:
+    """Every hf_cpt module -> what it imports when it is imported (module level only; `TYPE_CHECKING` blocks and
+    function bodies excluded): hf_cpt modules and top-level third-party package names."""
+    modules = {_module_name(p): p for p in PKG.rglob("*.py")}
+    out: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        deps: set[str] = set()
+        todo = list(tree.body)
+        while todo:
+            node = todo.pop()
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue
+            if isinstance(node, (ast.If, ast.Try)):
+                todo += node.body + node.orelse + getattr(node, "finalbody", []) + \
+                    [n for h in getattr(node, "handlers", []) for n in h.body]
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = _resolve(name, path.name == "__init__.py", node.level, node.module) if node.level else \
+                    node.module or ""
+                deps |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
+        # importing a module runs its parent packages' __init__ first
+        parts = name.split(".")
+        deps |= {".".join(parts[:i]) for i in range(1, len(parts))}
+        out[name] = {d if d.startswith("hf_cpt") else d.split(".")[0] for d in deps} - {name}
+    return out
+
+
+def _loads(module: str, graph: dict[str, set[str]]) -> set[str]:
+    seen, todo = set(), [module]
+    while todo:
+        m = todo.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        todo += [d for d in graph.get(m, ()) if d.startswith("hf_cpt")]
+    return {d for m in seen for d in graph.get(m, ()) if not d.startswith("hf_cpt")} | seen
+
+
+@pytest.mark.parametrize("core", CORES)
+def test_technique_cores_import_no_transformers(core):
+    graph = module_level_imports()
+    assert core in graph
+    loaded = _loads(core, graph)
+    assert "transformers" not in loaded, sorted(m for m in loaded if m.startswith("hf_cpt"))
+
+
+def test_the_core_check_sees_a_transformers_import():
+    graph = module_level_imports()
+    assert "transformers" in _loads("hf_cpt.callbacks.rewarm", graph)
+    assert "transformers" in _loads("hf_cpt.mixers.cmr", {**graph, "hf_cpt.mixers.cmr": {"hf_cpt.callbacks.forgetting"}})

@@ -16,14 +16,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TrainerCallback
 
-from ..utils import is_sharded_model, requested_sharding, unwrap_model
+from ..registry import Technique, TrainerParts, names
+from ..utils import check_unsharded, is_sharded_model, requested_sharding, unwrap_model
+from ..validation import check_int
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import CPTConfig
 
 logger = logging.getLogger(__name__)
+UNSHARDED = "sharded embeddings"  # why it cannot run under FSDP/DeepSpeed: resets rewrite whole embedding rows
 
 
 @dataclass
@@ -38,9 +44,7 @@ class ActiveForgettingConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the reset draws (same on every rank)."})
 
     def __post_init__(self) -> None:
-        k = self.every_k_updates
-        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
-            raise ValueError(f"`every_k_updates` must be an integer >= 1, got {k!r}")
+        check_int("every_k_updates", self.every_k_updates)
 
 
 def embedding_parameters(model: torch.nn.Module, include_untied_output: bool = False) -> list[torch.nn.Parameter]:
@@ -122,9 +126,7 @@ class ActiveForgettingCallback(TrainerCallback):
         # the real setting: what the arguments or `accelerate launch` ask for, and what the model is
         sharding = requested_sharding(args) or ("FSDP/DeepSpeed" if model is not None and is_sharded_model(model)
                                                 else None)
-        if sharding:
-            raise ValueError(f"`active_forgetting` does not support {sharding} (sharded embeddings) yet: "
-                             "train with DDP or a single process, or remove `active_forgetting`")
+        check_unsharded("active_forgetting", UNSHARDED, sharding)
         if model is not None:
             embedding_parameters(unwrap_model(model), self.config.reset_untied_output)  # fail early
         return control
@@ -148,3 +150,45 @@ class ActiveForgettingCallback(TrainerCallback):
             logs["active_forgetting_resets"] = resets
             logs["active_forgetting_last_reset"] = resets * self.config.every_k_updates
         return control
+
+
+# --- registry entry ---------------------------------------------------------------------------------------------------
+def _preflight(cfg: CPTConfig, model: Any, args: Any) -> None:
+    if cfg.active_forgetting is not None:  # a model without token embeddings fails here, before any data
+        embedding_parameters(unwrap_model(model), cfg.active_forgetting.reset_untied_output)
+
+
+def _setup(parts: TrainerParts) -> None:
+    cfg = parts.cfg
+    if cfg.train.trainable == "embeddings":  # the relearning phase: the body frozen, new embeddings learned
+        relearn_embeddings(parts.model)
+    if cfg.active_forgetting is not None:
+        parts.callbacks.append(ActiveForgettingCallback(cfg.active_forgetting))
+
+
+def _card(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
+    lines = []
+    af = config.get("active_forgetting")
+    if af:
+        lines.append(f"active forgetting: embeddings reset every {af.get('every_k_updates')} updates"
+                     + (" (with their optimizer state)" if af.get("reset_optimizer_state") else ""))
+    trainable = (config.get("train") or {}).get("trainable", "all")
+    if trainable != "all":
+        lines.append(f"trainable parameters: {trainable} only")
+    return lines
+
+
+TECHNIQUE = Technique(
+    name="active forgetting",
+    key="active_forgetting",
+    config=ActiveForgettingConfig,
+    exports=names("callbacks.active_forgetting", "ActiveForgettingConfig", "ActiveForgettingCallback",
+                  "relearn_embeddings"),
+    functional=names("callbacks.active_forgetting", "reset_embeddings", "clear_optimizer_state"),
+    # the reset phase (`active_forgetting:`) and the relearning phase (`train.trainable: embeddings`)
+    enabled=lambda cfg: cfg.active_forgetting is not None or cfg.train.trainable == "embeddings",
+    unsharded=UNSHARDED,
+    preflight=_preflight,
+    setup=_setup,
+    card=_card,
+)

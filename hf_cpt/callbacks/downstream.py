@@ -27,13 +27,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
+from ..registry import Technique, TrainerParts, names
 from ..utils import get_processing_class, is_sharded_model, unwrap_model
 from ..validation import check_choice, check_int, check_name, check_number
 from .forgetting import ACTIONS, TOLERANCE_MODES, act_on_breach, tolerance_bound
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import CPTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -326,3 +330,34 @@ def attach_downstream_eval(trainer: Any, callback: DownstreamEvalCallback) -> Do
     from ..utils import add_callback_before_integrations
 
     return add_callback_before_integrations(trainer, callback)
+
+
+# --- registry entry ---------------------------------------------------------------------------------------------------
+def _check(cfg: CPTConfig) -> None:
+    if cfg.downstream is not None and cfg.objective != "clm":
+        raise ValueError("`downstream`: lm-eval scores causal language models; remove the `downstream` block for "
+                         "`objective: mlm`")
+
+
+def _preflight(cfg: CPTConfig, model: Any, args: Any) -> None:
+    cfg.downstream.check()  # lm-eval installed, task names and metrics known: before any data is built
+
+
+def _setup(parts: TrainerParts) -> Any:
+    callback = DownstreamEvalCallback(parts.cfg.downstream)
+    return lambda trainer: attach_downstream_eval(trainer, callback)
+
+
+TECHNIQUE = Technique(
+    name="downstream evaluation",
+    key="downstream",
+    config=DownstreamConfig,
+    exports={**names("callbacks.downstream", "DownstreamConfig", "DownstreamEvalCallback", "attach_downstream_eval"),
+             **names("evaluation", "evaluate_tasks", "check_tasks", "offline_tasks_dir"),
+             **names("recipe.evaluate", "compare_models", "EvalComparison")},
+    functional={**names("callbacks.downstream", "downstream_breached", "summarize_downstream"),
+                "flatten_results": "evaluation"},
+    check=_check,
+    preflight=_preflight,
+    setup=_setup,
+)

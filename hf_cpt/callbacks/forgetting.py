@@ -16,17 +16,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from ..registry import Technique, TrainerParts, names
+from ..tolerance import TOLERANCE_MODES, exceeds_tolerance, tolerance_bound  # noqa: F401  (re-exported)
+from ..utils import check_top_k
 from ..validation import check_bool, check_choice, check_int, check_name, check_number
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import CPTConfig
 
 logger = logging.getLogger(__name__)
 
 ACTIONS = ("warn", "stop", "none")
-TOLERANCE_MODES = ("relative", "absolute")
 TOLERANCE_METRICS = ("loss", "kl")
 METRICS = ("loss", "kl", "top1_agree")  # what the monitor records per held-out set
 
@@ -114,20 +119,6 @@ def compute_forgetting(
             if series:
                 out[f"{name}_{metric}_end"] = series[-1]
     return out
-
-
-def tolerance_bound(baseline: float, tolerance: float, mode: str = "relative") -> float:
-    """The highest value allowed: ``baseline * (1 + tolerance)`` (relative) or ``baseline + tolerance`` (absolute).
-
-    The one tolerance rule of hf-cpt: the forgetting monitor's guard and the CMR fit both use it.
-    """
-    check_choice("tolerance_mode", mode, TOLERANCE_MODES)
-    return baseline * (1 + tolerance) if mode == "relative" else baseline + tolerance
-
-
-def exceeds_tolerance(baseline: float, current: float, tolerance: float, mode: str = "relative") -> bool:
-    """Whether `current` (e.g. the general loss) has risen past the tolerance over `baseline`."""
-    return current > tolerance_bound(baseline, tolerance, mode)
 
 
 def act_on_breach(action: str, message: str, state: Any, control: Any) -> None:
@@ -236,3 +227,39 @@ class ForgettingMonitorCallback(TrainerCallback, ExportableState):
             f"the {self.config.tolerance_mode} tolerance {self.config.tolerance}"
         )
         act_on_breach(self.config.action, msg, state, control)
+
+
+# --- registry entry ---------------------------------------------------------------------------------------------------
+# The monitor itself is the recipe's measurement and always runs (`build_trainer` puts it first); the entry adds
+# what `monitor.kl` asks for: the KL to the base model on the general held-out sets of a causal run.
+def _kl_enabled(cfg: CPTConfig) -> bool:
+    return cfg.objective == "clm" and cfg.monitor.kl
+
+
+def _preflight(cfg: CPTConfig, model: Any, args: Any) -> None:
+    check_top_k("monitor.kl_top_k", cfg.monitor.kl_top_k, model)
+
+
+def _setup(parts: TrainerParts) -> Any:
+    from .kl_to_base import KLToBaseCallback, attach_kl_to_base
+
+    cfg = parts.cfg
+    general = {n: s for n, s in parts.data.eval_sets.items() if n != cfg.monitor.domain}
+    kl = KLToBaseCallback(general, top_k=cfg.monitor.kl_top_k, batch_size=cfg.train.per_device_eval_batch_size)
+    kl.compute_targets(parts.model)  # before any update: a resumed run recomputes them from the reloaded base
+    return lambda trainer: attach_kl_to_base(trainer, kl)
+
+
+TECHNIQUE = Technique(
+    name="forgetting monitor",
+    key="monitor",
+    config=ForgettingMonitorConfig,
+    exports={**names("callbacks.forgetting", "ForgettingMonitorConfig", "ForgettingMonitorCallback"),
+             "plot_forgetting": "plotting", **names("callbacks.kl_to_base", "KLToBaseCallback", "attach_kl_to_base"),
+             **names("distill", "compute_base_targets", "evaluate_kl")},
+    functional={"compute_forgetting": "callbacks.forgetting",
+                **names("tolerance", "exceeds_tolerance", "tolerance_bound")},
+    enabled=_kl_enabled,
+    preflight=_preflight,
+    setup=_setup,
+)

@@ -52,8 +52,9 @@ class ReplayMixerCallback(TrainerCallback, ExportableState):
     Args:
         mixer: the training set (or the mixer behind `mixer.to_iterable_dataset()`); found automatically in the
             train dataloader when omitted.
-        slot: names this callback's mixer in a process-wide registry. The Trainer rebuilds stateful callbacks
-            from checkpoint state (`type(cb)(**state["args"])` with `restore_callback_states_from_checkpoint=True`),
+        slot: names this callback's mixer in the live-mixer table (`mixers/replay.py`: weak references, so an
+            entry lasts as long as something holds the mixer). The Trainer rebuilds stateful callbacks from
+            checkpoint state (`type(cb)(**state["args"])` with `restore_callback_states_from_checkpoint=True`),
             which would drop the mixer; the rebuilt callback gets the slot and finds the mixer given to the
             latest `ReplayMixerCallback` of that slot. A `ReplayMixer` in the train dataloader always wins.
 

@@ -41,28 +41,20 @@ from dataclasses import asdict, dataclass, field, fields
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TrainerCallback
 
+from ..registry import Technique, TrainerParts, names
+from ..validation import check_choice, check_int, check_number
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import CPTConfig
+
 WARMUPS = ("linear", "cosine", "1-sqrt")
 DECAYS = ("cosine", "linear", "1-sqrt", "inverse_sqrt", "none")
 SCHEDULES = ("rewarm", "wsd", "infinite", "constant", "cycles")
-
-
-def _check_ratio(name: str, value: Any, upper: float | None = None) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-    if not ok or (upper is not None and value > upper):
-        bound = f"in [0, {upper}]" if upper is not None else ">= 0"
-        raise ValueError(f"`{name}` must be a number {bound}, got {value!r}")
-
-
-def _check_steps(name: str, value: Any, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}")
 
 
 @dataclass
@@ -83,20 +75,17 @@ class CycleConfig:
     timescale: int | None = field(default=None, metadata={"help": "inverse_sqrt timescale (default: warmup or 1)."})
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"`steps` must be an integer >= 1, got {self.steps!r}")
+        check_int("steps", self.steps)
         for name in ("warmup_steps", "stable_steps"):
-            _check_steps(name, getattr(self, name))
-        _check_steps("decay_steps", self.decay_steps, allow_none=True)
-        _check_steps("timescale", self.timescale, allow_none=True)
-        _check_ratio("peak", self.peak)
-        _check_ratio("floor", self.floor)
+            check_int(name, getattr(self, name), minimum=0)
+        check_int("decay_steps", self.decay_steps, minimum=0, optional=True)
+        check_int("timescale", self.timescale, minimum=0, optional=True)
+        check_number("peak", self.peak, 0.0)
+        check_number("floor", self.floor, 0.0)
         if self.warmup_start is not None:
-            _check_ratio("warmup_start", self.warmup_start)
-        if self.warmup not in WARMUPS:
-            raise ValueError(f"`warmup` must be one of {WARMUPS}, got {self.warmup!r}")
-        if self.decay not in DECAYS:
-            raise ValueError(f"`decay` must be one of {DECAYS}, got {self.decay!r}")
+            check_number("warmup_start", self.warmup_start, 0.0)
+        check_choice("warmup", self.warmup, WARMUPS)
+        check_choice("decay", self.decay, DECAYS)
         if self.floor > self.peak:
             raise ValueError(f"`floor` ({self.floor}) is above `peak` ({self.peak}): the minimum LR must not exceed "
                              "the maximum")
@@ -137,22 +126,19 @@ class RewarmConfig:
     embedding_lr_ratio: float = field(default=1.0, metadata={"help": "LR multiplier of embedding parameters."})
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"`schedule` must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.warmup not in WARMUPS:
-            raise ValueError(f"`warmup` must be one of {WARMUPS}, got {self.warmup!r}")
-        if self.decay not in DECAYS:
-            raise ValueError(f"`decay` must be one of {DECAYS}, got {self.decay!r}")
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("warmup", self.warmup, WARMUPS)
+        check_choice("decay", self.decay, DECAYS)
         for name in ("warmup_steps", "anneal_steps"):
-            _check_steps(name, getattr(self, name))
+            check_int(name, getattr(self, name), minimum=0)
         for name in ("total_steps", "decay_steps", "cycle_steps"):
-            _check_steps(name, getattr(self, name), allow_none=True)
+            check_int(name, getattr(self, name), minimum=0, optional=True)
         if self.total_steps == 0 or self.cycle_steps == 0:
             raise ValueError("`total_steps` and `cycle_steps` must be >= 1 when set")
-        _check_ratio("warmup_start", self.warmup_start)
-        _check_ratio("min_lr_ratio", self.min_lr_ratio)
-        _check_ratio("constant_lr_ratio", self.constant_lr_ratio)
-        _check_ratio("embedding_lr_ratio", self.embedding_lr_ratio)
+        check_number("warmup_start", self.warmup_start, 0.0)
+        check_number("min_lr_ratio", self.min_lr_ratio, 0.0)
+        check_number("constant_lr_ratio", self.constant_lr_ratio, 0.0)
+        check_number("embedding_lr_ratio", self.embedding_lr_ratio, 0.0)
         if self.embedding_lr_ratio == 0:
             raise ValueError("`embedding_lr_ratio` must be > 0 (freeze embeddings with requires_grad=False)")
         if self.min_lr_ratio > 1:
@@ -395,3 +381,49 @@ class RewarmCallback(TrainerCallback):
             if last is not None and last.get("step") == state.global_step and "learning_rate" in last:
                 last["lr_stage"] = logs["lr_stage"]
         return control
+
+
+def make_rewarm_optimizers(model: torch.nn.Module, cfg: RewarmConfig, args: Any) -> tuple:
+    """[`make_rewarm_optimizer`] with the betas/eps/weight decay/LR of the Trainer's `args`, and its
+    [`make_rewarm_scheduler`] over `args.max_steps`: the pair for `Trainer(optimizers=...)`."""
+    optimizer = make_rewarm_optimizer(model, cfg, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+                                      betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    return optimizer, make_rewarm_scheduler(optimizer, cfg, args.max_steps)
+
+
+# --- registry entry ---------------------------------------------------------------------------------------------------
+def _check(cfg: CPTConfig) -> None:
+    if cfg.schedule is not None and cfg.train.warmup_steps:
+        raise ValueError("`train.warmup_steps` is set but `schedule` defines the LR: set "
+                         "`schedule.warmup_steps` instead and remove `train.warmup_steps`")
+
+
+def _setup(parts: TrainerParts) -> None:
+    parts.optimizers = make_rewarm_optimizers(parts.model, parts.cfg.schedule, parts.args)
+    parts.callbacks.append(RewarmCallback(parts.cfg.schedule))
+
+
+def _card(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
+    # the run's LR schedule either way: the rewarming one, or the Trainer's own
+    schedule, train = config.get("schedule"), config.get("train") or {}
+    if schedule:
+        return [f"LR schedule: `{schedule.get('schedule', 'rewarm')}`: {schedule.get('warmup', 'linear')} "
+                f"re-warmup over {schedule.get('warmup_steps')} updates to {train.get('learning_rate')}, then "
+                f"{schedule.get('decay', 'cosine')} re-decay" + "".join(
+                    f", {k}={v}" for k, v in schedule.items()
+                    if k not in ("schedule", "warmup", "warmup_steps", "decay") and v not in (None, [], {}))]
+    return [f"LR schedule: {train.get('lr_scheduler_type')} from {train.get('learning_rate')} "
+            f"({train.get('warmup_steps', 0)} warmup updates)"]
+
+
+TECHNIQUE = Technique(
+    name="rewarming",
+    key="schedule",
+    config=RewarmConfig,
+    exports=names("callbacks.rewarm", "RewarmConfig", "CycleConfig", "RewarmCallback", "make_rewarm_scheduler",
+                  "make_rewarm_optimizer", "lr_at_checkpoint"),
+    functional=names("callbacks.rewarm", "build_cycles", "lr_multiplier", "lr_multiplier_cycles"),
+    check=_check,
+    setup=_setup,
+    card=_card,
+)

@@ -36,17 +36,26 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, ImportError, PermissionError)
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """What bad input raises: a value the library refuses (`ValueError`, naming the field), a missing or existing
+    file, a denied permission, a wrong type in a config (`ConfigTypeError`) and a missing optional package
+    (`MissingDependencyError`). Any other exception (a bare `TypeError`, `ImportError`, `AttributeError`, ...) is
+    a bug and keeps its traceback."""
+    from ..import_utils import MissingDependencyError
+    from ..validation import ConfigTypeError
+
+    return (ValueError, FileNotFoundError, FileExistsError, PermissionError, ConfigTypeError, MissingDependencyError)
 
 
 def _user_errors(fn):
-    """Turn a bad-input exception into one clear line on stderr and exit status 2 (no traceback)."""
+    """Turn a bad-input exception into one clear line on stderr and exit status 2 (no traceback); let every other
+    exception through with its traceback (a bug is never disguised as bad input)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as e:
+        except _user_error_types() as e:
             # one line, whatever the message holds (a YAML excerpt, a third-party multi-line message)
             typer.echo("Error: " + " ".join(str(e).split()), err=True)
             raise typer.Exit(code=2) from None

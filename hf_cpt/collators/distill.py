@@ -15,15 +15,23 @@ token with its source; the collator turns them into the batch keys the chunked l
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
 from ..distill import compute_base_targets
+from ..registry import DataParts, Technique, names
+from ..utils import check_top_k
 from ..validation import check_choice, check_int, check_number
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import CPTConfig
+
+logger = logging.getLogger(__name__)
 
 DISTILL_ON = ("replay", "all")
 DISTILL_TARGETS = ("precomputed", "frozen_copy")
@@ -160,3 +168,65 @@ class DistillCollator:
         self.tokens_distilled += int((weights > 0).sum())
         batch.update(base_topk_ids=ids, base_topk_logprobs=logprobs, distill_weights=weights)
         return batch
+
+
+# --- registry entry ---------------------------------------------------------------------------------------------------
+def _check(cfg: CPTConfig) -> None:
+    distill = cfg.train.distill
+    if distill is None:
+        return
+    if cfg.objective != "clm" or cfg.masking is not None:
+        raise ValueError("`train.distill` needs a causal-LM run without `masking` (targets ride with the "
+                         "token-exact replay blocks)")
+    if cfg.train.chunked_loss == "false" or cfg.train.use_liger == "true":
+        raise ValueError("`train.distill` is computed inside hf-cpt's chunked loss: set `train.chunked_loss` "
+                         "to auto/true and `train.use_liger` to auto/false")
+    data = cfg.data
+    replays = data.general is not None and (data.replay_ratio > 0 or any(s.replay_ratio for s in data.replay_stages))
+    if distill.tokens == "replay" and not replays:
+        raise ValueError("`train.distill.tokens` is `replay` but the run replays no general text: set "
+                         "`data.general` and `data.replay_ratio` > 0, or `train.distill.tokens: all`")
+
+
+def _preflight(cfg: CPTConfig, model: Any, args: Any) -> None:
+    check_top_k("train.distill.top_k", cfg.train.distill.top_k, model)
+
+
+def _collator(parts: DataParts) -> DistillCollator:
+    """Base top-k targets precomputed for the exact blocks the run will read (a second mixer with the same
+    settings), or computed on the fly from a frozen copy of the base."""
+    distill = parts.cfg.train.distill
+    if distill.targets == "frozen_copy":
+        from ..distill import make_frozen_copy
+
+        return DistillCollator(distill, frozen_model=make_frozen_copy(parts.model))
+    targets = precompute_distill_targets(iter(parts.blocks()), parts.model, parts.num_blocks, distill,
+                                         distilled_sources=[1], batch_size=parts.cfg.train.per_device_eval_batch_size)
+    logger.info("distillation replay: base top-%d targets for %d of %d blocks", distill.top_k, len(targets),
+                parts.num_blocks)
+    return DistillCollator(distill, targets=targets)
+
+
+def _card(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
+    distill = (config.get("train") or {}).get("distill")
+    if not distill:
+        return []
+    return [f"distillation replay: {distill.get('weight')} x KL(base || model) on {distill.get('tokens')} "
+            f"tokens (base top-{distill.get('top_k')}, {distill.get('targets')} targets; "
+            f"{metrics.get('distilled_tokens') or 0:,} tokens distilled)"]
+
+
+TECHNIQUE = Technique(
+    name="distillation replay",
+    key="train.distill",
+    config=DistillConfig,
+    exports={**names("collators.distill", "DistillConfig", "DistillCollator", "precompute_distill_targets"),
+             "make_frozen_copy": "distill"},
+    functional={"distill_token_weights": "collators.distill",
+                **names("distill", "top1_agreement", "topk_kl", "topk_targets")},
+    check=_check,
+    preflight=_preflight,
+    block_sources=True,  # targets ride with each block's index and per-token sources
+    collator=_collator,
+    card=_card,
+)

@@ -28,17 +28,17 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from ..registry import Technique, names
+from ..validation import check_fraction
 from .spans import POS_TYPES
 
-
-def _check_prob(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= value <= 1.0):
-        raise ValueError(f"`{name}` must be in [0, 1], got {value!r}")
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import CPTConfig
 
 
 def type_matches(span_type: str, wanted: tuple[str, ...] | None) -> bool:
@@ -159,7 +159,7 @@ class _MaskedLMCollator(_StatsMixin):
 
     def __post_init__(self) -> None:
         for name in ("mlm_probability", "mask_replace_prob", "random_replace_prob"):
-            _check_prob(name, getattr(self, name))
+            check_fraction(name, getattr(self, name))
         if self.mask_replace_prob + self.random_replace_prob > 1:
             raise ValueError("`mask_replace_prob` + `random_replace_prob` must be <= 1")
         if self.tokenizer.mask_token_id is None:
@@ -194,7 +194,7 @@ class LEMCollator(_MaskedLMCollator):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.span_probability is not None:
-            _check_prob("span_probability", self.span_probability)
+            check_fraction("span_probability", self.span_probability)
         if self.entity_types is not None:
             self.entity_types = tuple(self.entity_types)
 
@@ -230,7 +230,7 @@ class LexiconMaskingCollator(_MaskedLMCollator):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_prob("lexicon_share", self.lexicon_share)
+        check_fraction("lexicon_share", self.lexicon_share)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = _pad(features, self.tokenizer.pad_token_id or 0, self.pad_to_multiple_of, None)
@@ -297,7 +297,7 @@ class CausalSpanCollator(_StatsMixin):
         if isinstance(self.span_weight, bool) or not isinstance(self.span_weight, (int, float)) or \
                 not self.span_weight > 0:
             raise ValueError(f"`span_weight` must be > 0, got {self.span_weight!r}")
-        _check_prob("input_mask_probability", self.input_mask_probability)
+        check_fraction("input_mask_probability", self.input_mask_probability)
         if self.mask_token_id is None:
             self.mask_token_id = self.tokenizer.mask_token_id
         if self.input_mask_probability > 0 and self.mask_token_id is None:
@@ -371,12 +371,68 @@ class MaskingConfig:
             raise ValueError(f"`kind` must be one of {MASKING_KINDS}, got {self.kind!r}")
         for name in ("mlm_probability", "lexicon_share", "mask_replace_prob", "random_replace_prob",
                      "input_mask_probability"):
-            _check_prob(name, getattr(self, name))
+            check_fraction(name, getattr(self, name))
         if self.span_probability is not None:
-            _check_prob("span_probability", self.span_probability)
+            check_fraction("span_probability", self.span_probability)
         if self.kind == "lexicon" and not self.lexicon:
             raise ValueError("`kind` is lexicon but `lexicon` is not set: give a file with one term per line")
         if self.tlm_fields is not None and len(self.tlm_fields) != 2:
             raise ValueError(f"`tlm_fields` must name two columns [source, target], got {self.tlm_fields!r}")
         if not (isinstance(self.span_weight, (int, float)) and self.span_weight > 0):
             raise ValueError(f"`span_weight` must be > 0, got {self.span_weight!r}")
+
+
+# --- registry entry ---------------------------------------------------------------------------------------------------
+# masked runs mix tagged chunks by probability (recipe/masked_data.py), not the token-exact mixer: each mixing
+# setting they would otherwise accept and ignore is refused; (data field, its default, what it would do)
+_REFUSED_DATA = [("replay_stages", [], "changes of the share during the run"),
+                 ("granularity", "block", "token-level filling of blocks"),
+                 ("on_exhausted", "cycle", "ending the mix when a corpus runs out"),
+                 ("prepared_dir", None, "a pretokenized store"),
+                 # they already train one document chunk per sequence (padded): never concatenated
+                 ("packing", "documents", "concatenating documents into blocks"),
+                 ("add_bos", "auto", "a BOS setting of document packing")]
+
+
+def _check(cfg: CPTConfig) -> None:
+    masking, data = cfg.masking, cfg.data
+    if masking is None:
+        return
+    if cfg.objective == "clm" and masking.kind == "random":
+        raise ValueError("`masking` random is a masked-LM objective: set `objective: mlm`, or use `lem`/`lexicon` "
+                         "to weight entity/lexicon tokens in the causal loss")
+    if any(s is not None and s.streaming for s in (data.domain, data.general)):
+        raise ValueError("`masking` needs map-style corpora (spans are tagged once and cached): set "
+                         "`data.domain.streaming` / `data.general.streaming` to false")
+    if cfg.objective == "clm" and masking.span_weight != 1 and (cfg.train.chunked_loss == "false"
+                                                                or cfg.train.use_liger == "true"):
+        raise ValueError(f"`masking.span_weight` ({masking.span_weight}) weights the loss through hf-cpt's "
+                         "chunked loss: set `train.chunked_loss` to auto/true and `train.use_liger` to auto/false, "
+                         "or `masking.span_weight: 1`")
+    for name, default, what in _REFUSED_DATA:
+        value = getattr(data, name)
+        if value != default:
+            raise ValueError(f"`data.{name}` ({value!r}): masked runs (`masking`) mix entity-tagged chunks by "
+                             f"probability and do not support {what}; remove it (default: {default!r})")
+
+
+def _card(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
+    masking = config.get("masking")
+    if masking and masking.get("kind", "none") != "none":
+        return ["masking: " + ", ".join(f"{k}={v}" for k, v in masking.items() if v not in (None, [], {}))]
+    return []
+
+
+TECHNIQUE = Technique(
+    name="masking",
+    key="masking",
+    config=MaskingConfig,
+    exports={**names("collators.spans", "tag_entities", "tag_lexicon", "tokenize_with_spans"),
+             **names("collators.masking", "LEMCollator", "LexiconMaskingCollator", "CausalSpanCollator",
+                     "MaskingConfig"),
+             "MaskingStatsCallback": "callbacks.masking_stats"},
+    functional={**names("collators.masking", "apply_replacement", "choose_one_per_span", "lexicon_budget_mask"),
+                **names("collators.spans", "char_to_token_spans", "lexicon_spans")},
+    check=_check,
+    card=_card,
+)

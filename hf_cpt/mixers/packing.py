@@ -31,9 +31,14 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from ..registry import Technique, TrainerParts, names
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import CPTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +258,32 @@ class DocumentMaskingGuard:
         if self.pass_use_cache:
             kwargs["use_cache"] = False
         return args, kwargs
+
+
+# --- registry entry ---------------------------------------------------------------------------------------------------
+def _enabled(cfg: CPTConfig) -> bool:
+    # masked runs train one padded document chunk per sequence: nothing is packed
+    return cfg.objective == "clm" and cfg.masking is None and cfg.data.packing == "documents"
+
+
+def _preflight(cfg: CPTConfig, model: Any, args: Any) -> None:
+    probe_document_masking(model)  # this model keeps packed documents apart (two 24-token forwards)
+
+
+def _setup(parts: TrainerParts) -> None:
+    DocumentMaskingGuard.attach(parts.model)  # use_cache=False, no all-ones mask in packed batches
+
+
+TECHNIQUE = Technique(
+    name="document packing",
+    key="data.packing",
+    exports=names("mixers.packing", "DocumentMaskingGuard", "check_document_masking", "probe_document_masking",
+                  "bos_for"),
+    functional=names("mixers.packing", "pack_documents", "segment_labels", "segment_position_ids"),
+    enabled=_enabled,
+    preflight=_preflight,
+    setup=_setup,
+)
 
 
 __all__ = ["ADD_BOS", "PACKINGS", "DocumentMaskingGuard", "bos_for", "check_document_masking", "document_tokens",

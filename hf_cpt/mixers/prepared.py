@@ -30,14 +30,18 @@ from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from ..registry import Technique, names
 from .core import RatioStage, allocate_shares, check_mixer_state, ratios_at
 from .packing import make_block
 from .replay import ReplayMixerConfig
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import CPTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -471,3 +475,25 @@ class PreparedMixer(torch.utils.data.Dataset):
         """Tokens per source in the blocks before item 0."""
         return {n: s["tokens"] for n, s in self.state_dict()["sources"].items()}
 
+
+
+# --- registry entry ---------------------------------------------------------------------------------------------------
+def _check(cfg: CPTConfig) -> None:
+    data = cfg.data
+    if cfg.masking is None and data.num_workers and data.prepared_dir is None:  # masked data is map-style
+        raise ValueError(f"`data.num_workers` ({data.num_workers}) needs `data.prepared_dir`: the on-the-fly mixer "
+                         "tokenizes in the training process; prepare a store (`hf-cpt prepare CONFIG`) or set "
+                         "`data.num_workers: 0`")
+    if data.prepared_dir is not None and cfg.train.distill is not None:
+        raise ValueError("`data.prepared_dir` with `train.distill` is not supported yet (distillation targets "
+                         "are computed over the on-the-fly stream); remove one of them")
+
+
+TECHNIQUE = Technique(
+    name="data at scale",
+    key="data.prepared_dir",
+    exports={**names("mixers.prepared", "PreparedMixer", "PreparedStore"),
+             **names("recipe.prepare", "prepare_sources", "prepare_config")},
+    functional=names("mixers.prepared", "build_mix_schedule"),
+    check=_check,
+)

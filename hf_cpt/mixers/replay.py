@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import weakref
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..registry import Technique, names
 from ..validation import check_choice, check_int
 from .core import RatioStage, allocate_shares, check_mixer_state, check_ratios, ratios_at
 from .packing import ADD_BOS, PACKINGS, bos_for, document_tokens, make_block
@@ -268,8 +270,8 @@ class ReplayMixer(torch.utils.data.IterableDataset):
         """This mixer as a `datasets.IterableDataset` with `input_ids`/`attention_mask`/`labels` features, for
         trainers that accept only `datasets` types (TRL's `SFTTrainer`).
 
-        Resume stays exact: the dataset holds only a registry key, never a copy of the mixer (`datasets` copies
-        its pipelines), so every iteration reads this very mixer, whose position [`ReplayMixerCallback`] (given
+        Resume stays exact: the dataset holds a [`MixerHandle`], never a copy of the mixer (`datasets` copies
+        its pipelines; copies share the handle), so every iteration reads this very mixer, whose position [`ReplayMixerCallback`] (given
         this mixer) saves and restores. Needs `dataloader_num_workers=0`."""
         import uuid
 
@@ -281,8 +283,9 @@ class ReplayMixer(torch.utils.data.IterableDataset):
         if self.config.emit_sources:
             features["block_index"] = datasets.Value("int64")
             features["source_ids"] = datasets.Sequence(datasets.Value("int64"))
-        return datasets.IterableDataset.from_generator(_iterate_registered, features=features,
-                                                       gen_kwargs={"key": register_mixer(self, f"dataset:{uuid.uuid4().hex}")})
+        handle = MixerHandle(self, f"dataset:{uuid.uuid4().hex}")
+        return datasets.IterableDataset.from_generator(_iterate_handle, features=features,
+                                                       gen_kwargs={"handle": handle})
 
     # --- state ------------------------------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
@@ -400,25 +403,84 @@ class ReplayMixer(torch.utils.data.IterableDataset):
                 yield block
 
 
-# mixers reached through a key: `datasets` pipelines and callbacks rebuilt from checkpoint state carry the key (a
-# string survives their copies and JSON) and look the live mixer up here. Strong references on purpose:
-# `ReplayMixer(...).to_iterable_dataset()` must keep working after the caller drops the mixer.
-_MIXERS: dict[str, ReplayMixer] = {}
+# --- finding a live mixer by key -------------------------------------------------------------------------------------
+# Two holders cannot keep the mixer object itself: a `datasets` pipeline (it copies and hashes what it is given)
+# and a callback the Trainer rebuilds from checkpoint state (`type(cb)(**args)`). They carry a key and find the
+# mixer here. The table does not own the mixers: its entries are weak, so one lives exactly as long as something
+# holds its mixer (the Trainer's dataset, a callback, a `MixerHandle` inside a `datasets` pipeline) and then
+# disappears; nothing accumulates over a process's many runs.
+_LIVE_MIXERS: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
 
 
 def register_mixer(mixer: ReplayMixer, key: str) -> str:
-    """Make `mixer` findable under `key` (a later registration of the same key replaces it); returns `key`."""
-    _MIXERS[key] = mixer
+    """Make `mixer` findable under `key` while it is alive (a later registration of the same key replaces it);
+    returns `key`. The table holds no reference of its own: whoever registers keeps the mixer."""
+    _LIVE_MIXERS[key] = mixer
     return key
 
 
 def registered_mixer(key: str | None) -> ReplayMixer | None:
-    """The mixer registered under `key`, or None."""
-    return _MIXERS.get(key) if key else None
+    """The live mixer registered under `key`, or None."""
+    return _LIVE_MIXERS.get(key) if key else None
 
 
-def _iterate_registered(key: str) -> Iterator[dict[str, Any]]:
-    mixer = registered_mixer(key)
-    if mixer is None:
-        raise RuntimeError(f"no ReplayMixer registered as {key!r} in this process: build it before iterating")
-    yield from mixer
+class MixerHandle:
+    """What [`ReplayMixer.to_iterable_dataset`] puts in the `datasets` pipeline instead of the mixer: it owns the
+    mixer (so the dataset keeps working after the caller drops it, and frees it with the dataset), copies of the
+    pipeline share it, and pickling (`datasets` hashes its generator arguments) carries only the key, resolved
+    back to the live mixer."""
+
+    def __init__(self, mixer: ReplayMixer | None, key: str) -> None:
+        self.mixer, self.key = mixer, key
+        if mixer is not None:
+            register_mixer(mixer, key)
+
+    def __deepcopy__(self, memo: dict) -> MixerHandle:
+        return self  # one mixer, one stream position: copies of the pipeline read the same mixer
+
+    def __reduce__(self) -> tuple:
+        return _handle_for, (self.key,)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        mixer = self.mixer if self.mixer is not None else registered_mixer(self.key)
+        if mixer is None:
+            raise RuntimeError(f"no live ReplayMixer registered as {self.key!r} in this process: build it before "
+                               "iterating")
+        yield from mixer
+
+
+def _handle_for(key: str) -> MixerHandle:
+    return MixerHandle(registered_mixer(key), key)
+
+
+def _iterate_handle(handle: MixerHandle) -> Iterator[dict[str, Any]]:
+    yield from handle
+
+
+# --- registry entry ---------------------------------------------------------------------------------------------------
+def _card(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
+    data = config.get("data") or {}
+    ratio = data.get("replay_ratio", 0)
+    mix = (f"replay: {ratio:.1%} of training tokens from the general corpus, {1 - ratio:.1%} domain "
+           f"({data.get('granularity', 'block')}-exact mixing, {data.get('block_size')}-token blocks)")
+    stages = data.get("replay_stages") or []
+    if stages:
+        mix += "; then " + ", ".join(f"{s['replay_ratio']:.1%} from {s['start']:.0%} of the run" for s in stages)
+    lines = [mix]
+    tokens = metrics.get("train_tokens") or {}
+    if tokens:
+        total = sum(tokens.values())
+        lines.append(f"training tokens: {total:,} (" + ", ".join(
+            f"{k}: {v:,} = {v / max(total, 1):.1%}" for k, v in tokens.items()) + ")")
+    return lines
+
+
+TECHNIQUE = Technique(
+    name="replay mixing",
+    key="data",
+    exports={**names("mixers.replay", "ReplayMixer", "ReplayMixerConfig"), "RatioStage": "mixers.core",
+             "ReplayMixerCallback": "callbacks.replay_mixer"},
+    functional=names("mixers.core", "allocate_shares", "assign_blocks", "check_ratios", "pack_blocks", "ratios_at"),
+    enabled=lambda cfg: True,  # every run mixes (a replay ratio of 0 is all domain text)
+    card=_card,
+)

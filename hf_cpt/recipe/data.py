@@ -19,6 +19,7 @@ from ..mixers.packing import bos_for, pack_documents
 from ..mixers.prepared import (MANIFEST, STORE_VERSION, PreparedMixer, PreparedStore, files_fingerprint,
                                tokenizer_fingerprint)
 from ..mixers.replay import ReplayMixer, ReplayMixerConfig
+from ..validation import ConfigTypeError
 
 logger = logging.getLogger(__name__)
 
@@ -375,8 +376,8 @@ def store_fingerprint(sources: Mapping[str, str], tokenizer: Any, text_field: st
     for name, spec in sources.items():
         where = f"{field}.{name}{suffix}"
         if not isinstance(spec, str):
-            raise TypeError(f"`{where}` must be a data path (file, directory, glob or embedded:NAME/SPLIT), "
-                            f"got {type(spec).__name__}")
+            raise ConfigTypeError(f"`{where}` must be a data path (file, directory, glob or embedded:NAME/SPLIT), "
+                                  f"got {type(spec).__name__}")
         if spec.startswith("hub:") or spec == SELF:
             raise ValueError(f"`{where}`: {spec!r} cannot be prepared (only local files and embedded "
                              "corpora); leave `data.prepared_dir` unset to read it on the fly")

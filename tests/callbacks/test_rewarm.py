@@ -125,7 +125,7 @@ def test_warmup_from_checkpoint_lr(tmp_path):
     [
         (dict(warmup_steps=30, total_steps=20), "`warmup_steps` (30) is longer than the run"),
         (dict(min_lr_ratio=1.5), "`min_lr_ratio` (1.5) must be <= 1"),
-        (dict(min_lr_ratio=-0.1), "`min_lr_ratio` must be a number >= 0"),
+        (dict(min_lr_ratio=-0.1), "`min_lr_ratio` must be >= 0"),
         (dict(decay="exponential"), "`decay` must be one of"),
         (dict(schedule="wsd", total_steps=10), "`decay_steps` is required"),
         (dict(schedule="cycles"), "`cycles` is empty"),

@@ -141,7 +141,7 @@ def main():
         "weights": trainer.accelerator.get_state_dict(trainer.model_wrapped),  # full on rank 0 under FSDP2
     }
     if mode == "chunked":
-        result["chunked"] = hasattr(model, "_hf_cpt_original_forward")
+        result["chunked"] = hasattr(model, "hf_cpt_forward_patch")
     if mode == "packing":
         guard = getattr(model, DocumentMaskingGuard.ATTRIBUTE, None)
         result["dropped_masks"] = None if guard is None else guard.dropped_masks
