@@ -73,6 +73,11 @@ _GROUPS: dict[str, dict[str, str]] = {
         "CausalSpanCollator": "collators.masking", "MaskingConfig": "collators.masking",
         "MaskingStatsCallback": "callbacks.masking_stats",
     },
+    "merging with the base": {
+        **{n: "merge" for n in ("merge_checkpoints", "merge_lora_checkpoint", "interpolate_tensor", "MergeSummary")},
+        **{n: "merge_sweep" for n in ("pareto_front", "knee_point", "pick_row", "plot_merge_sweep")},
+        "merge_with_base": "recipe.merge", "MergeResult": "recipe.merge",
+    },
     "hub": {"push_adapted": "hub", "check_push_access": "hub", "HubConfig": "hub",
             "render_model_card": "model_card"},
 }
@@ -132,11 +137,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from .mixers.packing import DocumentMaskingGuard, bos_for, check_document_masking, probe_document_masking
     from .mixers.prepared import PreparedMixer, PreparedStore
     from .mixers.replay import ReplayMixer, ReplayMixerConfig
+    from .merge import MergeSummary, interpolate_tensor, merge_checkpoints, merge_lora_checkpoint
+    from .merge_sweep import knee_point, pareto_front, pick_row, plot_merge_sweep
     from .model_card import render_model_card
     from .plotting import plot_forgetting
     from .recipe.cmr_pilot import run_cmr_pilot, write_cmr_config
     from .recipe.data import build_eval_sets, build_train_set
     from .recipe.evaluate import EvalComparison, compare_models
+    from .recipe.merge import MergeResult, merge_with_base
     from .recipe.models import load_model_and_tokenizer, resolve_model_path
     from .recipe.plan import (
         CPTPlan,

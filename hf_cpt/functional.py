@@ -14,6 +14,8 @@ from .distill import top1_agreement, topk_kl, topk_targets
 from .dynamics import annealing_area, fit_dynamics, forward_area
 from .evaluation import flatten_results
 from .losses import chunked_linear_cross_entropy
+from .merge import interpolate_tensor, lora_delta
+from .merge_sweep import knee_point, pareto_front, pick_row
 from .mixers.cmr import cmr_power_law, critical_ratio, fit_cmr_law, predict_cmr
 from .mixers.core import allocate_shares, assign_blocks, check_ratios, pack_blocks, ratios_at
 from .mixers.packing import pack_documents, segment_labels, segment_position_ids
@@ -22,6 +24,11 @@ from .synth import dedup_lines, split_seeds
 from .vocab.init import factorize_embeddings, init_mean, init_ofa, init_random, init_subword_mean
 
 __all__ = [
+    "interpolate_tensor",
+    "knee_point",
+    "lora_delta",
+    "pareto_front",
+    "pick_row",
     "downstream_breached",
     "flatten_results",
     "summarize_downstream",
