@@ -160,3 +160,21 @@ def test_cli_single_alpha_sweep_and_one_line_errors(tmp_path, full_run):
     assert "domain loss" in res.output and "<- picked" in res.output and "picked alpha 1" in res.output
     res = runner.invoke(app, ["merge", str(full_run), "--alpha", "0,x", "-o", str(tmp_path / "e")])
     assert res.exit_code == 2 and res.output.count("\n") == 1 and "`--alpha`" in res.output
+
+
+@pytest.mark.slow
+def test_sweep_on_a_trained_run_reproduces_its_final_numbers(tmp_path, tiny_model_dir):
+    """alpha 1 of the sweep is the adapted model: its domain loss and KL are the ones training measured last."""
+    runner = CliRunner()
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(CPTConfig.from_dict(tiny_run_dict(tiny_model_dir, max_steps=6, eval_steps=3)).to_yaml())
+    res = runner.invoke(app, ["train", str(cfg), "-o", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    f = json.loads((tmp_path / "run" / "metrics.json").read_text())["forgetting"]
+    res = runner.invoke(app, ["merge", str(tmp_path / "run"), "--alpha", "0,0.5,1", "-o", str(tmp_path / "m")])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "m" / SWEEP_FILE).read_text())["rows"]
+    assert rows[2]["domain_loss"] == pytest.approx(f["domain_loss_end"], abs=1e-4)
+    assert rows[2]["general_loss"] == pytest.approx(f["general_loss_end"], abs=1e-4)
+    assert rows[2]["general_kl"] == pytest.approx(f["general_kl_end"], abs=1e-4)
+    assert rows[0]["domain_loss"] == pytest.approx(f["domain_loss_start"], abs=1e-4)
