@@ -78,6 +78,8 @@ _GROUPS: dict[str, dict[str, str]] = {
         **{n: "merge_sweep" for n in ("pareto_front", "knee_point", "pick_row", "plot_merge_sweep")},
         "merge_with_base": "recipe.merge", "MergeResult": "recipe.merge",
     },
+    "weight averaging": {n: "callbacks.weight_averaging" for n in ("WeightAveragingConfig",
+                                                                   "WeightAveragingCallback")},
     "hub": {"push_adapted": "hub", "check_push_access": "hub", "HubConfig": "hub",
             "render_model_card": "model_card"},
 }
@@ -107,6 +109,7 @@ if TYPE_CHECKING:  # pragma: no cover
         make_rewarm_scheduler,
     )
     from .callbacks.trained_parameters import TrainedParametersCallback
+    from .callbacks.weight_averaging import WeightAveragingCallback, WeightAveragingConfig
     from .collators.masking import CausalSpanCollator, LEMCollator, LexiconMaskingCollator, MaskingConfig
     from .collators.spans import tag_entities, tag_lexicon, tokenize_with_spans
     from .config import CPTConfig, DataConfig, ModelConfig, SourceConfig, TrainConfig

@@ -7,6 +7,7 @@ from .callbacks.active_forgetting import clear_optimizer_state, reset_embeddings
 from .callbacks.downstream import downstream_breached, summarize_downstream
 from .callbacks.forgetting import compute_forgetting, exceeds_tolerance, tolerance_bound
 from .callbacks.rewarm import build_cycles, lr_multiplier, lr_multiplier_cycles
+from .callbacks.weight_averaging import average_due, ema_update, window_average
 from .collators.masking import apply_replacement, choose_one_per_span, lexicon_budget_mask
 from .collators.distill import distill_token_weights
 from .collators.spans import char_to_token_spans, lexicon_spans
@@ -24,6 +25,9 @@ from .synth import dedup_lines, split_seeds
 from .vocab.init import factorize_embeddings, init_mean, init_ofa, init_random, init_subword_mean
 
 __all__ = [
+    "average_due",
+    "ema_update",
+    "window_average",
     "interpolate_tensor",
     "knee_point",
     "lora_delta",
