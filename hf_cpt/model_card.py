@@ -141,6 +141,12 @@ def recipe_lines(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
     if af:
         lines.append(f"active forgetting: embeddings reset every {af.get('every_k_updates')} updates"
                      + (" (with their optimizer state)" if af.get("reset_optimizer_state") else ""))
+    wa = config.get("weight_averaging")  # issue 33
+    if wa:
+        how = f"EMA, decay {wa.get('decay')}" if wa.get("method") == "ema" else f"mean of the last {wa.get('k')}"
+        lines.append(f"weight averaging: {how}, every {wa.get('every')} updates; "
+                     + ("**these weights are the average** (its held-out losses are the `avg_*` sets)" if wa.get("ship")
+                        else "evaluated beside the live model (`avg_*` sets); these weights are the live model"))
     if train.get("trainable", "all") != "all":
         lines.append(f"trainable parameters: {train.get('trainable')} only")
     return lines

@@ -318,6 +318,13 @@ def build_trainer(cfg: CPTConfig, args: Any, model: Any, tokenizer: Any, data: R
         from ..callbacks.kl_to_base import attach_kl_to_base
 
         attach_kl_to_base(trainer, kl)
+    if cfg.weight_averaging is not None:  # issue 33: ahead of the integrations, which then log its losses too
+        from ..callbacks.weight_averaging import WeightAveragingCallback
+        from ..utils import add_callback_before_integrations
+
+        add_callback_before_integrations(trainer, WeightAveragingCallback(
+            cfg.weight_averaging, data.eval_sets if cfg.masking is None else None,
+            batch_size=cfg.train.per_device_eval_batch_size))
     if cfg.downstream is not None:
         from ..callbacks.downstream import DownstreamEvalCallback, attach_downstream_eval
 
