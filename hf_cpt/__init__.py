@@ -74,7 +74,8 @@ _GROUPS: dict[str, dict[str, str]] = {
         "MaskingStatsCallback": "callbacks.masking_stats",
     },
     "merging with the base": {
-        **{n: "merge" for n in ("merge_checkpoints", "merge_lora_checkpoint", "interpolate_tensor", "MergeSummary")},
+        **{n: "merge" for n in ("merge_checkpoints", "interpolate_tensor", "MergeSummary")},
+        "merge_lora_checkpoint": "merge_lora",
         **{n: "merge_sweep" for n in ("pareto_front", "knee_point", "pick_row", "plot_merge_sweep")},
         "merge_with_base": "recipe.merge", "MergeResult": "recipe.merge",
     },
@@ -140,7 +141,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .mixers.packing import DocumentMaskingGuard, bos_for, check_document_masking, probe_document_masking
     from .mixers.prepared import PreparedMixer, PreparedStore
     from .mixers.replay import ReplayMixer, ReplayMixerConfig
-    from .merge import MergeSummary, interpolate_tensor, merge_checkpoints, merge_lora_checkpoint
+    from .merge import MergeSummary, interpolate_tensor, merge_checkpoints
+    from .merge_lora import merge_lora_checkpoint
     from .merge_sweep import knee_point, pareto_front, pick_row, plot_merge_sweep
     from .model_card import render_model_card
     from .plotting import plot_forgetting

@@ -15,7 +15,8 @@ from .distill import top1_agreement, topk_kl, topk_targets
 from .dynamics import annealing_area, fit_dynamics, forward_area
 from .evaluation import flatten_results
 from .losses import chunked_linear_cross_entropy
-from .merge import interpolate_tensor, lora_delta
+from .merge import interpolate_tensor
+from .merge_lora import lora_delta
 from .merge_sweep import knee_point, pareto_front, pick_row
 from .mixers.cmr import cmr_power_law, critical_ratio, fit_cmr_law, predict_cmr
 from .mixers.core import allocate_shares, assign_blocks, check_ratios, pack_blocks, ratios_at

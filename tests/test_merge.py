@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from hf_cpt.merge import (CheckpointReader, interpolate_tensor, lora_scale, merge_checkpoints, merge_lora_checkpoint,
-                          write_safetensors)
+from hf_cpt.merge import CheckpointReader, interpolate_tensor, merge_checkpoints, write_safetensors
+from hf_cpt.merge_lora import lora_scale, merge_lora_checkpoint
 from hf_cpt.testing import make_tiny_llama
 
 
@@ -243,3 +243,21 @@ def test_lora_on_embeddings_is_refused(tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(ValueError, match="only Linear LoRA"):
         merge_lora_checkpoint(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", 1.0)
+
+
+def test_the_writer_holds_one_produced_tensor_at_a_time(tmp_path):
+    import gc
+    import weakref
+
+    specs = {f"t{i}": (torch.float32, (64, 64)) for i in range(6)}
+    alive: list[weakref.ref] = []
+
+    def produce(key):
+        gc.collect()
+        assert all(r() is None for r in alive), "an earlier tensor is still referenced"
+        t = torch.full((64, 64), float(key[1:]))
+        alive.append(weakref.ref(t))
+        return t
+
+    write_safetensors(tmp_path / "x.safetensors", specs, produce)
+    assert len(alive) == 6 and load_file(tmp_path / "x.safetensors")["t5"].eq(5).all()

@@ -2,7 +2,7 @@
 normal checkpoint; with several alphas, each is evaluated on the run's held-out sets and one is picked.
 
 The public function is [`merge_with_base`]; the CLI only calls it and prints. The weights stream through
-[`hf_cpt.merge`] (a few tensors in memory); this module resolves the base, copies the config and tokenizer, writes
+[`hf_cpt.merge`] / [`hf_cpt.merge_lora`] (a few tensors in memory); this module resolves the base, copies the config and tokenizer, writes
 `hf_cpt_merge.json` and the model card section, and for a sweep rebuilds the run's held-out sets from its
 recorded config and measures each alpha the way training did: the Trainer's held-out loss and
 [`evaluate_kl`] against base top-k targets ([`KLToBaseCallback.compute_targets`]), plus lm-eval tasks when the
@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import CONFIG_FILE, CPTConfig, ModelConfig
-from ..merge import ADAPTER_CONFIG, check_alpha, merge_checkpoints, merge_lora_checkpoint
+from ..merge import check_alpha, merge_checkpoints
+from ..merge_lora import ADAPTER_CONFIG, merge_lora_checkpoint
 from ..merge_sweep import parse_pick, pick_row, plot_merge_sweep, sweep_table
 from ..utils import commit_staging_dir, make_staging_dir
 
