@@ -101,7 +101,7 @@ def sweep_table(rows: Sequence[dict[str, Any]], picked: int | None = None) -> st
         return ""
     front = set(pareto_front(rows))
     extra = [k for k in rows[0] if k not in ("alpha", "domain_loss", "kl") and not k.endswith("_stderr")]
-    header = ["alpha", "domain loss", "KL (max)"] + [k.replace("_", " ") for k in extra] + ["front", ""]
+    header = ["alpha", "domain loss", "KL (max)"] + [k if "/" in k else k.replace("_", " ") for k in extra] + ["front", ""]
     lines = [[f"{r['alpha']:g}", f"{r['domain_loss']:.4f}", f"{r['kl']:.4f}"]
              + [_cell(r.get(k)) for k in extra] + ["*" if i in front else "", "<- picked" if i == picked else ""]
              for i, r in enumerate(rows)]

@@ -22,7 +22,7 @@ def _weights(directory) -> dict[str, torch.Tensor]:
     return {k: reader.get(k) for k in reader.keys()}
 
 
-def _fake_run(tmp_path, base_dir, tokenizer, *, extend: int = 0, name: str = "run"):
+def _fake_run(tmp_path, base_dir, tokenizer, *, extend: int = 0, name: str = "run", **config):
     """What `hf-cpt train` leaves: the adapted weights, tokenizer, recipe and a model card."""
     model = make_tiny_llama(len(tokenizer) - extend)
     g = torch.Generator().manual_seed(7)
@@ -36,7 +36,7 @@ def _fake_run(tmp_path, base_dir, tokenizer, *, extend: int = 0, name: str = "ru
         (run / "hf_cpt_vocab.json").write_text(json.dumps({"old_vocab_size": len(tokenizer) - extend}))
     model.save_pretrained(run)
     tokenizer.save_pretrained(run)
-    CPTConfig.from_dict(tiny_run_dict(base_dir)).save_pretrained(run)
+    CPTConfig.from_dict({**tiny_run_dict(base_dir), **config}).save_pretrained(run)
     (run / "README.md").write_text("---\nlibrary_name: transformers\n---\n# A run\n")
     return run
 
@@ -178,3 +178,12 @@ def test_sweep_on_a_trained_run_reproduces_its_final_numbers(tmp_path, tiny_mode
     assert rows[2]["general_loss"] == pytest.approx(f["general_loss_end"], abs=1e-4)
     assert rows[2]["general_kl"] == pytest.approx(f["general_kl_end"], abs=1e-4)
     assert rows[0]["domain_loss"] == pytest.approx(f["domain_loss_start"], abs=1e-4)
+
+
+def test_sweep_scores_the_runs_downstream_tasks(tmp_path, tiny_model_dir, tiny_tokenizer):
+    pytest.importorskip("lm_eval")
+    run = _fake_run(tmp_path, tiny_model_dir, tiny_tokenizer,
+                    downstream={"tasks": ["hf_cpt_kjv_mc"], "limit": 4, "batch_size": 4})
+    result = merge_with_base(run, [0.0, 1.0], tmp_path / "out", pick="alpha=1")
+    assert all(0.0 <= r["hf_cpt_kjv_mc/acc"] <= 1.0 for r in result.sweep)
+    assert "hf_cpt_kjv_mc/acc" in result.table() and "stderr" not in result.table()
