@@ -103,6 +103,9 @@ def test_vocabulary_extended_run(tmp_path, tiny_model_dir):
     assert result.record["extended_rows"] == {emb: [base[emb].shape[0], base[emb].shape[0] + 4]}
     assert result.sweep[0]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert "Rows of new tokens" in (result.output_dir / "README.md").read_text()
+    one = merge_with_base(run, 1.0, tmp_path / "one")
+    assert all(torch.equal(v, adapted[k]) for k, v in _weights(one.output_dir).items())
+    assert one.record["new_rows_from"] == len(tokenizer) - 4
 
 
 def test_lora_adapter_is_merged_like_peft(tmp_path, tiny_model_dir, tiny_tokenizer):
