@@ -27,6 +27,7 @@ from .callbacks.active_forgetting import ActiveForgettingConfig
 from .callbacks.downstream import DownstreamConfig
 from .callbacks.forgetting import ForgettingMonitorConfig
 from .callbacks.rewarm import RewarmConfig
+from .callbacks.weight_averaging import WeightAveragingConfig
 from .collators.distill import DistillConfig
 from .collators.masking import MASKING_KINDS, MaskingConfig
 from .hub import HubConfig
@@ -307,6 +308,10 @@ class CPTConfig:
     )
     active_forgetting: ActiveForgettingConfig | None = field(
         default=None, metadata={"help": "Reset the embeddings every K updates (plasticity pretraining)."}
+    )
+    weight_averaging: WeightAveragingConfig | None = field(
+        default=None, metadata={"help": "An EMA or last-K average of the weights, evaluated beside the live model "
+                                        "(`eval_avg_<set>_loss`); `ship: true` writes the average."}
     )
     objective: str = field(default="clm", metadata={"help": "`clm` (causal LM) or `mlm` (masked LM, encoders)."})
     masking: MaskingConfig | str | None = field(

@@ -38,6 +38,8 @@ TECHNIQUE_MODULES: list[str] = [
     "hf_cpt.mixers.cmr",               # CMR scaling law           `data.cmr`
     "hf_cpt.dynamics",                 # CPT learning dynamics     (`hf-cpt plan`)
     "hf_cpt.callbacks.downstream",     # downstream evaluation     `downstream`
+    "hf_cpt.callbacks.weight_averaging",  # weight averaging      `weight_averaging`
+    "hf_cpt.merge",                    # merging with the base     (`hf-cpt merge`)
     "hf_cpt.synth",                    # self-synthesised data     `data.synth`
     "hf_cpt.collators.distill",        # distillation replay       `train.distill`
     "hf_cpt.liger",                    # memory: chunked loss      `train.chunked_loss`, `train.use_liger`

@@ -9,6 +9,7 @@
     hf-cpt cmr fit records.csv --budget-tokens 2e9 --tolerance 0.05
     hf-cpt plan runs/pilot-* --budget-steps 4000 # fit the CPT learning-dynamics law, recommend a run
     hf-cpt eval runs/quickstart                 # the adapted model vs its base on lm-eval tasks
+    hf-cpt merge runs/quickstart --alpha 0,0.5,1 -o runs/merged  # back towards the base, evaluated, one picked
 """
 
 from __future__ import annotations
@@ -531,6 +532,39 @@ def plan(
                    f"{result.general_bound:.4f}), domain loss {c.domain_end:.4f} (band top {c.domain_hi:.4f}); "
                    f"{result.bootstrap_samples} bootstrap refits")
     typer.echo(f"  plot: {plot}" + (f"  plan: {output_json}" if output_json else ""))
+
+
+# --- hf-cpt merge (issue 33): one command, the logic is in hf_cpt.recipe.merge --------------------------------------
+@app.command()
+@_user_errors
+def merge(
+    run_dir: Annotated[Path, typer.Argument(help="Directory written by `hf-cpt train`, any safetensors model "
+                                                 "directory, or a PEFT LoRA adapter directory.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where the merged checkpoint goes.")],
+    alpha: Annotated[str, typer.Option(help="0: the base, 1: the adapted model; a comma-separated list sweeps "
+                                            "(each evaluated on the run's held-out sets), e.g. 0,0.25,0.5,0.75,1.")],
+    base: Annotated[Optional[str], typer.Option(help="Base model: a directory, Hub id or embedded:... (default: "
+                                                     "the one the run records).")] = None,
+    pick: Annotated[Optional[str], typer.Option(help="For a sweep: knee (default), kl<=X (lowest domain loss with "
+                                                     "KL to base at most X) or alpha=A.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="hf-cpt YAML with the held-out sets for a sweep (default: "
+                                                        "the run's hf_cpt_config.yaml).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
+) -> None:
+    """Merge an adapted model with its base, base + alpha x (adapted - base), streaming tensor by tensor."""
+    from ..recipe.merge import merge_with_base
+
+    alphas = _floats("--alpha", alpha) or []
+    result = merge_with_base(run_dir, alphas if len(alphas) != 1 else alphas[0], output, base=base, pick=pick,
+                             config=config, overwrite=overwrite)
+    if result.sweep:
+        typer.echo(result.table())
+        typer.echo(f"\npicked alpha {result.alpha:g} ({result.record['sweep']['pick']}); table: "
+                   f"{result.output_dir / 'merge_sweep.json'}  plot: {result.output_dir / 'merge_sweep.png'}")
+    r = result.record
+    extra = (f"; {r['lora_modules']} LoRA modules merged" if r["kind"] == "lora" else "") + (
+        f"; new-token rows of {', '.join(r['extended_rows'])} from the adapted model" if r.get("extended_rows") else "")
+    typer.echo(f"Merged model (alpha {result.alpha:g}, base {r['base']}) written to {result.output_dir}{extra}")
 
 
 def main() -> None:
