@@ -34,7 +34,8 @@ from transformers import TrainerCallback
 from ..registry import Technique, TrainerParts, names
 from ..utils import get_processing_class, is_sharded_model, unwrap_model
 from ..validation import check_choice, check_int, check_name, check_number
-from .forgetting import ACTIONS, TOLERANCE_MODES, act_on_breach, tolerance_bound
+from ..monitoring import downstream_breached, summarize_downstream  # noqa: F401  (the pure cores)
+from .forgetting import ACTIONS, TOLERANCE_MODES, act_on_breach
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import CPTConfig
@@ -134,27 +135,8 @@ class DownstreamConfig:
             check_metric_key(self.tolerance_metric, self.tasks, self.include_path)
 
 
-def downstream_breached(baseline: float, current: float, tolerance: float, mode: str = "absolute",
-                        higher_is_better: bool = True) -> bool:
-    """Whether a downstream metric moved past the tolerance in its bad direction (see [`DownstreamConfig`]).
-
-    Uses `tolerance_bound`, the one tolerance rule of hf-cpt: the allowed change is ``bound - baseline``, applied
-    downwards for a higher-is-better metric (accuracy) and upwards otherwise (perplexity).
-    """
-    allowed = tolerance_bound(baseline, tolerance, mode) - baseline
-    return current < baseline - abs(allowed) if higher_is_better else current > baseline + abs(allowed)
 
 
-def summarize_downstream(history: list[dict[str, float]]) -> dict[str, dict[str, float]]:
-    """First value, last value and change of every ``<task>/<metric>`` in a history of records
-    ``{"step": int, "<task>/<metric>": float, ...}`` (standard errors left out)."""
-    keys = sorted({k for r in history for k in r if k != "step" and "_stderr" not in k})
-    out: dict[str, dict[str, float]] = {"start": {}, "end": {}, "delta": {}}
-    for key in keys:
-        series = [r[key] for r in history if key in r]
-        out["start"][key], out["end"][key] = series[0], series[-1]
-        out["delta"][key] = series[-1] - series[0]
-    return out
 
 
 class DownstreamEvalCallback(TrainerCallback):
@@ -339,7 +321,7 @@ TECHNIQUE = Technique(
     exports={**names("callbacks.downstream", "DownstreamConfig", "DownstreamEvalCallback", "attach_downstream_eval"),
              **names("evaluation", "evaluate_tasks", "check_tasks", "offline_tasks_dir"),
              **names("recipe.evaluate", "compare_models", "EvalComparison")},
-    functional={**names("callbacks.downstream", "downstream_breached", "summarize_downstream"),
+    functional={**names("monitoring", "downstream_breached", "summarize_downstream"),
                 "flatten_results": "evaluation"},
     check=_check,
     preflight=_preflight,
