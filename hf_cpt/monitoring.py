@@ -60,7 +60,8 @@ def compute_forgetting(
 
 def downstream_breached(baseline: float, current: float, tolerance: float, mode: str = "absolute",
                         higher_is_better: bool = True) -> bool:
-    """Whether a downstream metric moved past the tolerance in its bad direction (see `DownstreamConfig` in callbacks/downstream.py).
+    """Whether a downstream metric moved past the tolerance in its bad direction (see `DownstreamConfig`,
+    callbacks/downstream.py).
 
     Uses `tolerance_bound`, the one tolerance rule of hf-cpt: the allowed change is ``bound - baseline``, applied
     downwards for a higher-is-better metric (accuracy) and upwards otherwise (perplexity).

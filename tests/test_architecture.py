@@ -217,7 +217,8 @@ def test_technique_cores_import_no_transformers(core):
 def test_the_core_check_sees_a_transformers_import():
     graph = module_level_imports()
     assert "transformers" in _loads("hf_cpt.callbacks.rewarm", graph)
-    assert "transformers" in _loads("hf_cpt.mixers.cmr", {**graph, "hf_cpt.mixers.cmr": {"hf_cpt.callbacks.forgetting"}})
+    planted = {**graph, "hf_cpt.mixers.cmr": {"hf_cpt.callbacks.forgetting"}}
+    assert "transformers" in _loads("hf_cpt.mixers.cmr", planted)
 
 
 def test_every_functional_core_lives_in_a_module_without_transformers():
