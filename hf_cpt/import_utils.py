@@ -50,5 +50,6 @@ def require(name: str, purpose: str) -> ModuleType:
     if not is_available(name):
         extra, requirement = _OPTIONAL.get(name, ("", name))
         how = f"pip install 'hf-cpt[{extra}]'" if extra else f"pip install --no-deps {requirement}"
-        raise MissingDependencyError(f"{purpose} needs the `{name}` package, which is not installed. Install it with: {how}")
+        raise MissingDependencyError(f"{purpose} needs the `{name}` package, which is not installed. Install it "
+                                     f"with: {how}")
     return importlib.import_module(name)

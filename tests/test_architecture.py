@@ -18,7 +18,7 @@ PKG = Path(hf_cpt.__file__).resolve().parent
 TECHNIQUES = ("hf_cpt.callbacks", "hf_cpt.mixers", "hf_cpt.collators", "hf_cpt.vocab", "hf_cpt.losses",
               "hf_cpt.liger", "hf_cpt.adapters", "hf_cpt.synth", "hf_cpt.distill", "hf_cpt.dynamics",
               "hf_cpt.validation", "hf_cpt.utils", "hf_cpt.import_utils", "hf_cpt.evaluation", "hf_cpt.output_lock",
-              "hf_cpt.yaml_loader", "hf_cpt.registry", "hf_cpt.tolerance")
+              "hf_cpt.yaml_loader", "hf_cpt.registry", "hf_cpt.monitoring", "hf_cpt.schedules", "hf_cpt.plasticity")
 ABOVE_TECHNIQUES = ("hf_cpt.config", "hf_cpt.recipe", "hf_cpt.cli", "hf_cpt.templates", "hf_cpt.testing")
 
 
@@ -162,7 +162,8 @@ def test_callbacks_live_in_callbacks():
 
 # pure cores: formulas testable without transformers (a numpy CMR fit, a schedule, a tolerance rule)
 CORES = ("hf_cpt.mixers.core", "hf_cpt.mixers.packing", "hf_cpt.mixers.cmr", "hf_cpt.dynamics", "hf_cpt.losses",
-         "hf_cpt.registry", "hf_cpt.validation", "hf_cpt.tolerance")
+         "hf_cpt.schedules", "hf_cpt.plasticity",
+         "hf_cpt.registry", "hf_cpt.validation", "hf_cpt.monitoring")
 
 
 def module_level_imports() -> dict[str, set[str]]:
@@ -216,4 +217,15 @@ def test_technique_cores_import_no_transformers(core):
 def test_the_core_check_sees_a_transformers_import():
     graph = module_level_imports()
     assert "transformers" in _loads("hf_cpt.callbacks.rewarm", graph)
-    assert "transformers" in _loads("hf_cpt.mixers.cmr", {**graph, "hf_cpt.mixers.cmr": {"hf_cpt.callbacks.forgetting"}})
+    planted = {**graph, "hf_cpt.mixers.cmr": {"hf_cpt.callbacks.forgetting"}}
+    assert "transformers" in _loads("hf_cpt.mixers.cmr", planted)
+
+
+def test_every_functional_core_lives_in_a_module_without_transformers():
+    # what `hf_cpt.functional` lists (each technique's `Technique.functional`) is testable without transformers
+    from hf_cpt.registry import functional_cores
+
+    graph = module_level_imports()
+    heavy = sorted(f"{name} (hf_cpt.{module})" for name, module in functional_cores().items()
+                   if "transformers" in _loads(f"hf_cpt.{module}", graph))
+    assert not heavy

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import TrainerCallback
 
+from ..plasticity import clear_optimizer_state, embedding_parameters, relearn_embeddings, reset_embeddings
 from ..registry import Technique, TrainerParts, names
 from ..utils import check_unsharded, is_sharded_model, requested_sharding, unwrap_model
 from ..validation import check_int
@@ -45,69 +46,6 @@ class ActiveForgettingConfig:
 
     def __post_init__(self) -> None:
         check_int("every_k_updates", self.every_k_updates)
-
-
-def embedding_parameters(model: torch.nn.Module, include_untied_output: bool = False) -> list[torch.nn.Parameter]:
-    """The input embedding weight (and the output head's, if untied and asked for), each once."""
-    get_in = getattr(model, "get_input_embeddings", None)
-    emb = get_in() if callable(get_in) else None
-    if not isinstance(emb, torch.nn.Module) or not hasattr(emb, "weight"):
-        raise ValueError(f"{type(model).__name__} has no input embeddings (`get_input_embeddings()`): active "
-                         "forgetting needs a model with a token embedding layer")
-    params = [emb.weight]
-    get_out = getattr(model, "get_output_embeddings", None)
-    out = get_out() if callable(get_out) else None
-    if include_untied_output and out is not None and out.weight is not emb.weight:
-        params.append(out.weight)
-    return params
-
-
-@torch.no_grad()
-def reset_embeddings(model: torch.nn.Module, generator: torch.Generator, std: float | None = None,
-                     include_untied_output: bool = False) -> list[torch.nn.Parameter]:
-    """Re-initialise the embeddings in place with N(0, std) (default `config.initializer_range`).
-
-    Returns:
-        the parameters that were reset.
-    """
-    params = embedding_parameters(model, include_untied_output)
-    std = std if std is not None else float(getattr(getattr(model, "config", None), "initializer_range", 0.02))
-    pad = getattr(model.get_input_embeddings(), "padding_idx", None)
-    for p in params:
-        fresh = torch.randn(p.shape, generator=generator, dtype=torch.float32) * std
-        p.copy_(fresh.to(device=p.device, dtype=p.dtype))
-    if pad is not None:
-        params[0][pad].zero_()
-    return params
-
-
-@torch.no_grad()
-def clear_optimizer_state(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> int:
-    """Zero every state tensor (moments and step) of `params` in `optimizer`; returns how many were found."""
-    found = 0
-    for p in params:
-        state = optimizer.state.get(p)
-        if not state:
-            continue
-        found += 1
-        for value in state.values():
-            if torch.is_tensor(value):
-                value.zero_()
-    return found
-
-
-def relearn_embeddings(model: torch.nn.Module, include_untied_output: bool = True) -> list[str]:
-    """Freeze everything but the embeddings (the paper's adaptation phase); returns the trainable names.
-
-    Undo with `for p in model.parameters(): p.requires_grad_(True)`.
-    """
-    keep = {id(p) for p in embedding_parameters(model, include_untied_output)}
-    names = []
-    for name, p in model.named_parameters():
-        p.requires_grad_(id(p) in keep)
-        if id(p) in keep:
-            names.append(name)
-    return names
 
 
 class ActiveForgettingCallback(TrainerCallback):
@@ -184,7 +122,7 @@ TECHNIQUE = Technique(
     config=ActiveForgettingConfig,
     exports=names("callbacks.active_forgetting", "ActiveForgettingConfig", "ActiveForgettingCallback",
                   "relearn_embeddings"),
-    functional=names("callbacks.active_forgetting", "reset_embeddings", "clear_optimizer_state"),
+    functional=names("plasticity", "reset_embeddings", "clear_optimizer_state"),
     # the reset phase (`active_forgetting:`) and the relearning phase (`train.trainable: embeddings`)
     enabled=lambda cfg: cfg.active_forgetting is not None or cfg.train.trainable == "embeddings",
     unsharded=UNSHARDED,

@@ -34,7 +34,8 @@ from transformers import TrainerCallback
 from ..registry import Technique, TrainerParts, names
 from ..utils import get_processing_class, is_sharded_model, unwrap_model
 from ..validation import check_choice, check_int, check_name, check_number
-from .forgetting import ACTIONS, TOLERANCE_MODES, act_on_breach, tolerance_bound
+from ..monitoring import downstream_breached, summarize_downstream  # noqa: F401  (the pure cores)
+from .forgetting import ACTIONS, TOLERANCE_MODES, act_on_breach
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import CPTConfig
@@ -134,43 +135,9 @@ class DownstreamConfig:
             check_metric_key(self.tolerance_metric, self.tasks, self.include_path)
 
 
-def downstream_breached(baseline: float, current: float, tolerance: float, mode: str = "absolute",
-                        higher_is_better: bool = True) -> bool:
-    """Whether a downstream metric moved past the tolerance in its bad direction (see [`DownstreamConfig`]).
-
-    Uses `tolerance_bound`, the one tolerance rule of hf-cpt: the allowed change is ``bound - baseline``, applied
-    downwards for a higher-is-better metric (accuracy) and upwards otherwise (perplexity).
-    """
-    allowed = tolerance_bound(baseline, tolerance, mode) - baseline
-    return current < baseline - abs(allowed) if higher_is_better else current > baseline + abs(allowed)
-
-
 # lm-eval computes no standard error at all with 0; with > 0, mean metrics (`acc`, ...) get their closed form at no
 # cost and the few bootstrapped ones (perplexity, F1, BLEU, ...) this many resamples
 BOOTSTRAP_ITERS = 100
-
-
-def summarize_downstream(history: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
-    """First value, last value and change of every ``<task>/<metric>`` in a history of records
-    ``{"step": int, "<task>/<metric>": float, "<task>/<metric>_stderr": float, ...}``; where lm-eval computed
-    standard errors, also theirs at start and end, the change's (`change_stderr`) and `beyond_noise`: whether the
-    change lies outside its 95 % interval (a smaller change is noise, not a gain or a drop)."""
-    from ..evaluation import beyond_noise, change_stderr, stderr_key
-
-    keys = sorted({k for r in history for k in r if k != "step" and "_stderr" not in k})
-    out: dict[str, dict[str, Any]] = {"start": {}, "end": {}, "delta": {}, "start_stderr": {}, "end_stderr": {},
-                                      "delta_stderr": {}, "beyond_noise": {}}
-    for key in keys:
-        records = [r for r in history if key in r]
-        first, last = records[0], records[-1]
-        out["start"][key], out["end"][key] = first[key], last[key]
-        out["delta"][key] = last[key] - first[key]
-        err = change_stderr(first.get(stderr_key(key)), last.get(stderr_key(key)))
-        if err is not None:
-            out["start_stderr"][key], out["end_stderr"][key] = first[stderr_key(key)], last[stderr_key(key)]
-            out["delta_stderr"][key] = err
-            out["beyond_noise"][key] = beyond_noise(out["delta"][key], err)
-    return out
 
 
 class DownstreamEvalCallback(TrainerCallback):
@@ -355,7 +322,7 @@ TECHNIQUE = Technique(
     exports={**names("callbacks.downstream", "DownstreamConfig", "DownstreamEvalCallback", "attach_downstream_eval"),
              **names("evaluation", "evaluate_tasks", "check_tasks", "offline_tasks_dir"),
              **names("recipe.evaluate", "compare_models", "EvalComparison")},
-    functional={**names("callbacks.downstream", "downstream_breached", "summarize_downstream"),
+    functional={**names("monitoring", "downstream_breached", "summarize_downstream"),
                 "flatten_results": "evaluation"},
     check=_check,
     preflight=_preflight,

@@ -22,7 +22,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from ..registry import Technique, TrainerParts, names
-from ..tolerance import TOLERANCE_MODES, exceeds_tolerance, tolerance_bound  # noqa: F401  (re-exported)
+from ..monitoring import TOLERANCE_MODES, compute_forgetting, exceeds_tolerance, tolerance_bound  # noqa: F401
 from ..utils import check_top_k
 from ..validation import check_bool, check_choice, check_int, check_name, check_number
 
@@ -89,36 +89,6 @@ class ForgettingMonitorConfig:
         check_int("kl_top_k", self.kl_top_k)
 
 
-def compute_forgetting(
-    history: list[dict[str, float]], general: str = "general", domain: str = "domain"
-) -> dict[str, float | None]:
-    """Summarise a history: first/last value per held-out set and metric, their absolute and relative change.
-
-    Args:
-        history: records ``{"step": int, "<name>_loss": float, "<name>_kl": float, ...}`` in step order.
-        general: name of the (primary) general held-out set.
-        domain: name of the domain held-out set.
-
-    Returns:
-        ``{"<name>_loss_start", "<name>_loss_end", "<name>_delta", "<name>_delta_rel"}`` for `general` and
-        `domain` (``None`` where the history has no value) and for every other set in the history; plus
-        ``"<name>_kl_end"`` and ``"<name>_top1_agree_end"`` for sets with a KL-to-base record.
-    """
-    names = [general, domain] + sorted({k[: -len("_loss")] for r in history for k in r if k.endswith("_loss")}
-                                       - {general, domain})
-    out: dict[str, float | None] = {}
-    for name in names:
-        values = [r[f"{name}_loss"] for r in history if f"{name}_loss" in r]
-        start, end = (values[0], values[-1]) if values else (None, None)
-        out[f"{name}_loss_start"] = start
-        out[f"{name}_loss_end"] = end
-        out[f"{name}_delta"] = None if start is None else end - start
-        out[f"{name}_delta_rel"] = None if not start else (end - start) / start
-        for metric in ("kl", "top1_agree"):
-            series = [r[f"{name}_{metric}"] for r in history if f"{name}_{metric}" in r]
-            if series:
-                out[f"{name}_{metric}_end"] = series[-1]
-    return out
 
 
 def act_on_breach(action: str, message: str, state: Any, control: Any) -> None:
@@ -257,8 +227,7 @@ TECHNIQUE = Technique(
     exports={**names("callbacks.forgetting", "ForgettingMonitorConfig", "ForgettingMonitorCallback"),
              "plot_forgetting": "plotting", **names("callbacks.kl_to_base", "KLToBaseCallback", "attach_kl_to_base"),
              **names("distill", "compute_base_targets", "evaluate_kl")},
-    functional={"compute_forgetting": "callbacks.forgetting",
-                **names("tolerance", "exceeds_tolerance", "tolerance_bound")},
+    functional=names("monitoring", "compute_forgetting", "exceeds_tolerance", "tolerance_bound"),
     enabled=_kl_enabled,
     preflight=_preflight,
     setup=_setup,

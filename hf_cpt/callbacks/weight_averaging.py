@@ -26,13 +26,14 @@ import json
 import logging
 import os
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from transformers import TrainerCallback
 
+from ..averaging import average_due, ema_update, window_average  # noqa: F401  (the pure cores)
 from ..registry import Technique, TrainerParts, names
 from ..utils import is_sharded_model, unwrap_model
 from ..validation import check_bool, check_choice, check_int, check_number
@@ -69,25 +70,6 @@ class WeightAveragingConfig:
             check_bool(name, getattr(self, name))
 
 
-# --- pure cores -----------------------------------------------------------------------------------------------------
-def ema_update(average: torch.Tensor, weights: torch.Tensor, decay: float) -> torch.Tensor:
-    """`decay * average + (1 - decay) * weights` (as `torch.lerp`, in `average`'s dtype), a new tensor."""
-    return torch.lerp(average, weights.to(device=average.device, dtype=average.dtype), 1.0 - decay)
-
-
-def window_average(snapshots: Sequence[torch.Tensor]) -> torch.Tensor:
-    """The float32 mean of equally shaped `snapshots`, summed one at a time (no stacked copy)."""
-    if not snapshots:
-        raise ValueError("`snapshots` is empty: nothing to average")
-    total = snapshots[0].to(torch.float32).clone()
-    for s in snapshots[1:]:
-        total += s.to(device=total.device, dtype=torch.float32)
-    return total / len(snapshots)
-
-
-def average_due(step: int, start_step: int, every: int) -> bool:
-    """Whether the update that ends at `step` counts (`start_step`, then every `every` updates)."""
-    return step >= start_step and (step - start_step) % every == 0
 
 
 # --- the callback ---------------------------------------------------------------------------------------------------
@@ -308,7 +290,7 @@ TECHNIQUE = Technique(
     key="weight_averaging",
     config=WeightAveragingConfig,
     exports=names("callbacks.weight_averaging", "WeightAveragingConfig", "WeightAveragingCallback"),
-    functional=names("callbacks.weight_averaging", "ema_update", "window_average", "average_due"),
+    functional=names("averaging", "ema_update", "window_average", "average_due"),
     unsharded="weight averaging keeps a full copy of the weights on the main process",
     setup=_setup,
     card=_card,

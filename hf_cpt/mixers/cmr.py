@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ..tolerance import tolerance_bound
+from ..monitoring import tolerance_bound
 from ..import_utils import require
 from ..registry import Technique, names
 from ..validation import check_number

@@ -271,8 +271,8 @@ class ReplayMixer(torch.utils.data.IterableDataset):
         trainers that accept only `datasets` types (TRL's `SFTTrainer`).
 
         Resume stays exact: the dataset holds a [`MixerHandle`], never a copy of the mixer (`datasets` copies
-        its pipelines; copies share the handle), so every iteration reads this very mixer, whose position [`ReplayMixerCallback`] (given
-        this mixer) saves and restores. Needs `dataloader_num_workers=0`."""
+        its pipelines; copies share the handle), so every iteration reads this very mixer, whose position
+        [`ReplayMixerCallback`] (given this mixer) saves and restores. Needs `dataloader_num_workers=0`."""
         import uuid
 
         import datasets

