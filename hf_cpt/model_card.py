@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from .monitoring import describe_guard
 from .plotting import format_history_table
 
 CARD_TAGS = ["continual-pretraining", "hf-cpt"]
@@ -107,7 +108,8 @@ def render_model_card(config: dict[str, Any], metrics: dict[str, Any], base_mode
     tags = CARD_TAGS + [t for t in [_domain_tag(config)] if t]
     numbers = {k: f.get(k) for k in ("general_loss_start", "general_loss_end", "general_delta_rel",
                                       "domain_loss_start", "domain_loss_end", "domain_delta_rel",
-                                      "tolerance", "tolerance_mode", "tolerance_breached")}
+                                      "tolerance", "tolerance_mode", "guarded_set", "tolerance_metric",
+                                      "tolerance_bound", "tolerance_breached")}
     # every other held-out set (e.g. general_self) and the KL to the base model
     numbers.update({k: v for k, v in f.items() if k not in numbers and v is not None
                     and k.endswith(("_loss_start", "_loss_end", "_delta_rel", "_kl_end", "_top1_agree_end"))})
@@ -143,8 +145,7 @@ text mixed with general (replay) text. {config.get('description') or ''}
 
 {forgetting_table(f)}
 
-General-loss tolerance: {f.get('tolerance')} ({f.get('tolerance_mode')}); breached: \
-{'yes, first at step ' + str(f['breach_step']) if f.get('tolerance_breached') else 'no'}.
+Guard: {describe_guard(f)}.
 
 ![forgetting plot](forgetting.png)
 

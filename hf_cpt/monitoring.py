@@ -58,6 +58,21 @@ def compute_forgetting(
     return out
 
 
+def describe_guard(summary: dict[str, Any]) -> str:
+    """One sentence on what the forgetting monitor guarded and whether it held, from its summary (`metrics.json`
+    `forgetting`): ``KL to the base on `general_self` <= 0.2 nats (absolute tolerance 0.2): not breached``. The
+    set and the number are named, so a loss that fell because the set is replayed cannot pass for a kept model."""
+    name, metric = summary.get("guarded_set", "general"), summary.get("tolerance_metric", "loss")
+    what = "KL to the base" if metric == "kl" else "held-out loss"
+    unit = "nats" if metric == "kl" else "nats/token"
+    bound = summary.get("tolerance_bound")
+    text = (f"{what} on `{name}` <= " + (f"{bound:.4f} {unit}" if bound is not None else "its bound")
+            + f" ({summary.get('tolerance_mode')} tolerance {summary.get('tolerance')}): ")
+    if summary.get("tolerance_breached"):
+        return text + f"breached, first at step {summary.get('breach_step')}"
+    return text + "not breached"
+
+
 def downstream_breached(baseline: float, current: float, tolerance: float, mode: str = "absolute",
                         higher_is_better: bool = True) -> bool:
     """Whether a downstream metric moved past the tolerance in its bad direction (see `DownstreamConfig`,

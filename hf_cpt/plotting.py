@@ -13,6 +13,7 @@ def plot_forgetting(
     domain: str = "domain",
     tolerance: float | None = None,
     tolerance_mode: str = "relative",
+    tolerance_metric: str = "loss",
     title: str = "",
     downstream: list[dict[str, float]] | None = None,
 ) -> Path:
@@ -22,7 +23,8 @@ def plot_forgetting(
     Args:
         history: records ``{"step", "<name>_loss", "<name>_kl", ...}`` as kept by [`ForgettingMonitorCallback`].
         path: output PNG path.
-        tolerance: if given, draws the general-loss limit as a dashed line.
+        tolerance: if given, draws the guard's bound as a dashed line, labelled with its set, on the panel of what
+            it guards: the `general` set's loss (`tolerance_metric="loss"`) or its KL to the base (`"kl"`).
         downstream: records ``{"step", "<task>/<metric>": value, ...}`` as kept by [`DownstreamEvalCallback`].
     """
     import matplotlib
@@ -53,10 +55,10 @@ def plot_forgetting(
         delta = losses[-1] - losses[0]
         ax.plot(steps, losses, marker="o", color=colors[name],
                 label=f"{name}: {losses[0]:.3f} → {losses[-1]:.3f} (Δ {delta:+.3f})")
-        if name == general and tolerance is not None:
+        if name == general and tolerance is not None and tolerance_metric == "loss":
             limit = losses[0] * (1 + tolerance) if tolerance_mode == "relative" else losses[0] + tolerance
-            ax.axhline(limit, ls="--", color="tab:red",
-                       label=f"{general} tolerance ({tolerance:g} {tolerance_mode})")
+            ax.axhline(limit, ls="--", color=colors[name],
+                       label=f"guard: {general} loss bound ({tolerance:g} {tolerance_mode})")
     if has_kl:
         ax = axes[2]
         ax.set_title("KL(base ‖ model) on general sets")
@@ -70,6 +72,8 @@ def plot_forgetting(
                 agree = [r.get(f"{name}_top1_agree") for r in history if f"{name}_kl" in r][-1]
                 ax.plot(steps, kls, marker="o", color=colors[name],
                         label=f"{name}: KL {kls[-1]:.3f}" + (f", top-1 agree {agree:.0%}" if agree is not None else ""))
+                if name == general and tolerance is not None and tolerance_metric == "kl":
+                    ax.axhline(tolerance, ls="--", color=colors[name], label=f"guard: {general} KL bound ({tolerance:g})")
     if scores:
         ax = axes[-1]
         ax.set_title("downstream tasks (lm-eval)")

@@ -174,9 +174,15 @@ class ForgettingMonitorCallback(TrainerCallback, ExportableState):
     def summary(self) -> dict[str, Any]:
         """Forgetting numbers of the run so far (see [`compute_forgetting`]) plus breach information."""
         out: dict[str, Any] = compute_forgetting(self.history, self.config.general, self.config.domain)
+        c = self.config
+        key = f"{c.general}_{c.tolerance_metric}"
+        baseline = next((r[key] for r in self.history if key in r), None)
         out.update(
-            tolerance=self.config.tolerance,
-            tolerance_mode=self.config.tolerance_mode,
+            tolerance=c.tolerance,
+            tolerance_mode=c.tolerance_mode,
+            guarded_set=c.general,  # the bound applies to this set's `tolerance_metric` only
+            tolerance_metric=c.tolerance_metric,
+            tolerance_bound=None if baseline is None else tolerance_bound(baseline, c.tolerance, c.tolerance_mode),
             tolerance_breached=self.breach_step is not None,
             breach_step=self.breach_step,
         )

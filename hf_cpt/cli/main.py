@@ -105,7 +105,9 @@ def train(
         typer.echo(f"  {name:<13} held-out loss: {f[f'{name}_loss_start']:.4f} -> {f[f'{name}_loss_end']:.4f} "
                    f"({f[f'{name}_delta']:+.4f})" + (f"; KL to base {kl:.4f}, top-1 agreement "
                                                      f"{f[f'{name}_top1_agree_end']:.1%}" if kl is not None else ""))
-    typer.echo(f"  tolerance breached: {f['tolerance_breached']}")
+    from ..monitoring import describe_guard
+
+    typer.echo(f"  guard: {describe_guard(f)}")
     downstream = result.metrics.get("downstream") or {}
     from ..evaluation import format_change
 

@@ -22,6 +22,7 @@ def write_outputs(cfg: CPTConfig, directory: Path, metrics: dict[str, Any]) -> N
     plot_forgetting(
         metrics["eval_history"], directory / PLOT_FILE, cfg.monitor.general, cfg.monitor.domain,
         tolerance=cfg.monitor.tolerance, tolerance_mode=cfg.monitor.tolerance_mode,
+        tolerance_metric=cfg.monitor.tolerance_metric,
         title=f"hf-cpt: {cfg.model.name_or_path}",
         downstream=(metrics.get("downstream") or {}).get("history"),
     )

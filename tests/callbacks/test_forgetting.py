@@ -124,3 +124,27 @@ def test_trainer_without_evaluation_is_a_clear_error(tmp_path, tiny_tokenizer):
         _trainer(tmp_path, tiny_tokenizer, ForgettingMonitorCallback(), eval_on_start=False).train()
     with pytest.raises(ValueError, match="eval_strategy='steps'"):
         _trainer(tmp_path, tiny_tokenizer, ForgettingMonitorCallback(), eval_strategy="no").train()
+
+
+def test_the_guard_names_its_set_metric_and_bound():
+    """The summary, and the one sentence the CLI, the card and the plot legend take from it, say which set and
+    which number the tolerance applies to (a KJV loss that falls because the KJV is replayed must not read as
+    'not breached' for the model's general knowledge)."""
+    from hf_cpt.monitoring import describe_guard
+
+    cb = ForgettingMonitorCallback(ForgettingMonitorConfig(general="general_self", tolerance_metric="kl",
+                                                           tolerance_mode="absolute", tolerance=0.2, action="none"))
+    state, control = TrainerState(), TrainerControl()
+    for step, kl in ((0, 0.0), (10, 0.15), (20, 0.25)):
+        record = {"step": step, "general_self_loss": 3.4, "general_self_kl": kl, "domain_loss": 3.0}
+        cb.history.append(record)
+        cb._check(record, state, control)
+    s = cb.summary()
+    assert (s["guarded_set"], s["tolerance_metric"], s["tolerance_bound"], s["breach_step"]) == ("general_self", "kl",
+                                                                                                 0.2, 20)
+    assert describe_guard(s) == ("KL to the base on `general_self` <= 0.2000 nats (absolute tolerance 0.2): "
+                                 "breached, first at step 20")
+    loss = ForgettingMonitorCallback(ForgettingMonitorConfig(tolerance=0.1))
+    loss.history.append({"step": 0, "general_loss": 3.0, "domain_loss": 3.0})
+    assert describe_guard(loss.summary()) == ("held-out loss on `general` <= 3.3000 nats/token (relative tolerance "
+                                              "0.1): not breached")
