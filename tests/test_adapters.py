@@ -28,6 +28,7 @@ def _train(model, rows, tmp_path, callbacks=(), steps=4, lr=1e-2):
             callbacks=list(callbacks)).train()
 
 
+@pytest.mark.slow  # LoRA training runs
 @pytest.mark.parametrize("chunked", [False, True])
 def test_lora_with_new_rows_trains_new_rows_and_leaves_old_rows_bit_identical(tmp_path, chunked):
     base_vocab, new = 300, 6

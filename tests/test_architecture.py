@@ -114,6 +114,7 @@ def test_no_cfg_any_to_dodge_an_import():
     assert not hits
 
 
+@pytest.mark.slow  # a Python process of its own
 def test_config_module_does_not_claim_to_be_import_light():
     # hf_cpt.config imports the techniques' configs and with them torch; it must not say otherwise
     src = (PKG / "config.py").read_text(encoding="utf-8")

@@ -21,6 +21,7 @@ def _run(script: str, *args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow  # a bench process per variant
 def test_gpu_throughput_tiny_shape_on_cpu_one_process_per_variant():
     out = _run("gpu_throughput.py", "--tiny", "--steps", "1", "--warmup", "1", "--variants", "hfcpt_chunked")
     assert "isolation: process" in out and "FAILED" not in out
@@ -58,6 +59,7 @@ def test_gpu_run_script_tiny_on_cpu_writes_the_results_a_gpu_session_reads(tmp_p
     assert r["profile"]["runs"]["seq64"]["hfcpt"]["top_ops"]
 
 
+@pytest.mark.slow  # a bench process (~48 s under load)
 def test_data_scale_tiny_stream():
     out = _run("data_scale.py", "--blocks", "16", "--block-size", "64", "--seek-block", "500", "--repeats", "1",
                "--long-blocks", "64")

@@ -86,6 +86,7 @@ def test_tokenize_and_pack_gives_full_blocks_with_labels(tiny_tokenizer):
             assert restart or pos[t] == pos[t - 1] + 1
 
 
+@pytest.mark.slow  # tokenizes the embedded corpora (>5 s under load)
 def test_build_train_set_is_a_token_exact_mixer(tiny_tokenizer):
     cfg = DataConfig(replay_ratio=0.25, block_size=32)
     train = build_train_set(cfg, tiny_tokenizer)

@@ -87,6 +87,7 @@ def test_law_reproduces_the_formula_at_every_step():
         predict_curves(TRUE, lr, 0.25)
 
 
+@pytest.mark.slow  # many law fits (~24 s under load)
 def test_fit_recovers_known_parameters_within_5_percent():
     pilots = [pilot(k, p, steps=n) for k in ("constant", "cosine") for p in SHARES for n in (200, 400)]
     # the synthetic laws share their continued-pretraining curve: fitted that way, every parameter is identified
@@ -110,6 +111,7 @@ def test_fit_recovers_known_parameters_within_5_percent():
     assert np.abs(g - tg).max() < 5e-3 and np.abs(d - td).max() < 5e-3
 
 
+@pytest.mark.slow  # bootstrap law fits (~27 s under load)
 def test_noisy_pilots_predict_a_heldout_wsd_run_and_give_a_band():
     rng = np.random.default_rng(0)
     pilots = [pilot(k, p, noise=0.005, rng=rng, steps=n) for k in ("constant", "cosine") for p in SHARES

@@ -89,6 +89,7 @@ LOAD_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # CLI and loader processes against the local Hub server
 def test_push_via_cli_then_load_with_stock_transformers(hub, adapted_dir, tmp_path):
     env = _env(hub, tmp_path / "home", ALICE)
     res = _cli(["push", str(adapted_dir), "--repo-id", "alice/tiny-cpt", "--private"], env)
@@ -145,6 +146,7 @@ def test_push_via_cli_then_load_with_stock_transformers(hub, adapted_dir, tmp_pa
     assert not any(ALICE in s for s in leaks)
 
 
+@pytest.mark.slow  # a CLI process: HF_ENDPOINT is read once, at import
 def test_wrong_token_is_refused_clearly(hub, adapted_dir, tmp_path):
     res = _cli(["push", str(adapted_dir), "--repo-id", "alice/x"], _env(hub, tmp_path, "hf_not_a_real_token"))
     assert res.returncode == 2
@@ -153,11 +155,13 @@ def test_wrong_token_is_refused_clearly(hub, adapted_dir, tmp_path):
     assert "alice/x" not in hub.repos
 
 
+@pytest.mark.slow  # the module's adapted run (vocabulary extension + training)
 def test_missing_token(hub, adapted_dir, online):
     with pytest.raises(PermissionError, match="no Hugging Face token found.*HF_TOKEN.*hf auth login"):
         push_adapted(adapted_dir, "alice/x", endpoint=hub.url)
 
 
+@pytest.mark.slow  # the module's adapted run
 def test_repo_of_someone_else(hub, adapted_dir, online):
     push_adapted(adapted_dir, "bob/model", token=BOB, endpoint=hub.url)
     with pytest.raises(PermissionError, match="cannot write to namespace 'bob'") as e:
@@ -171,6 +175,7 @@ def test_repo_of_someone_else(hub, adapted_dir, online):
     assert hub.files("lab/model", "v2").keys() == hub.files("lab/model").keys()
 
 
+@pytest.mark.slow  # the module's adapted run
 def test_server_side_refusal_is_a_permission_error(hub, adapted_dir, online):
     # the server refuses (e.g. read-only token) although the namespace check passes
     hub.new_repo("lab/locked", owner="someone-else", private=False)
@@ -201,6 +206,7 @@ def test_hub_config_validation():
     assert HubConfig(push_to_hub=True, repo_id="a/b").private is False
 
 
+@pytest.mark.slow  # a training run that pushes
 def test_train_pushes_when_configured(hub, tiny_model_dir, tmp_path, online, monkeypatch):
     d = tiny_run_dict(tiny_model_dir, max_steps=1)
     d["hub"] = {"push_to_hub": True, "repo_id": "alice/pushed", "private": True}

@@ -80,6 +80,7 @@ def cfg(tiny_model_dir):
     return CPTConfig.from_dict(tiny_run_dict(tiny_model_dir, max_steps=1, eval_steps=1))
 
 
+@pytest.mark.slow  # a training run
 def test_run_cpt_holds_the_lock_until_it_ends_and_removes_it(tmp_path, cfg, monkeypatch):
     out = tmp_path / "out"
     seen = []

@@ -93,6 +93,7 @@ def favour(model, token_id):
     return model
 
 
+@pytest.mark.slow  # generation on the tiny model (>5 s under load)
 def test_dedup_removes_repeated_samples(tiny_tokenizer):
     word = tiny_tokenizer("the", add_special_tokens=False)["input_ids"]
     model = favour(make_tiny_llama(len(tiny_tokenizer), seed=0), word[0])

@@ -93,6 +93,7 @@ def _trainer(tmp_path, tok, max_steps=7, accum=1, save_steps=0):
     return trainer, before, after
 
 
+@pytest.mark.slow  # trains a tiny model for several steps with evaluations (>5 s under load)
 @pytest.mark.parametrize("accum", [1, 4])
 def test_trainer_resets_exactly_every_k_updates(tmp_path, tiny_tokenizer, accum):
     trainer, before, after = _trainer(tmp_path, tiny_tokenizer, accum=accum)
@@ -111,6 +112,7 @@ def test_trainer_resets_exactly_every_k_updates(tmp_path, tiny_tokenizer, accum)
             assert float(a["emb_state"]["exp_avg_sq"].abs().sum()) > 0
 
 
+@pytest.mark.slow  # trains a tiny model for several steps with evaluations (>5 s under load)
 def test_resume_between_resets_keeps_the_schedule(tmp_path, tiny_tokenizer):
     full, _, _ = _trainer(tmp_path / "run", tiny_tokenizer, save_steps=4)
     full.train()

@@ -48,6 +48,7 @@ def _lm_eval_on_checkpoint(path, tasks=OFFLINE_TASKS, limit=LIMIT, batch_size=4)
     return flatten_results(out)
 
 
+@pytest.mark.slow  # lm-eval on three checkpoints
 def test_trainer_logs_step_0_and_end_equal_to_lm_eval_on_the_saved_checkpoints(tmp_path, tiny_tokenizer,
                                                                                 tiny_model_dir):
     from transformers import AutoModelForCausalLM
@@ -170,6 +171,7 @@ def test_history_is_rebuilt_from_the_log_history_on_resume():
     assert cb.breach_step == 4
 
 
+@pytest.mark.slow  # indexes lm-eval's whole task registry (~9 s under load)
 def test_bad_input_one_clear_line_each(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"unknown lm-eval task 'hf_cpt_kjv_m'; close names: hf_cpt_kjv_mc"):
         DownstreamEvalCallback(tasks=["hf_cpt_kjv_m"])
@@ -190,6 +192,7 @@ def test_bad_input_one_clear_line_each(tmp_path, monkeypatch):
         DownstreamEvalCallback(tasks=[OFFLINE_TASKS[0]])
 
 
+@pytest.mark.slow  # runs lm-eval twice
 def test_user_include_path_with_json_data_files_runs_offline(tmp_path, tiny_tokenizer):
     # a user's own task: a standard `dataset_path: json` YAML over a local file, loaded with HF_DATASETS_OFFLINE=1
     rows = tmp_path / "rows.jsonl"
@@ -205,6 +208,7 @@ def test_user_include_path_with_json_data_files_runs_offline(tmp_path, tiny_toke
     assert mine == {"my_task/acc": ours[f"{OFFLINE_TASKS[1]}/acc"]}  # same rows, same scores
 
 
+@pytest.mark.slow  # two processes (torchrun) and lm-eval
 @pytest.mark.timeout(300)
 def test_two_process_run_evaluates_on_rank_0_without_hanging(tmp_path, tiny_model_dir):
     import json

@@ -96,6 +96,7 @@ def _trainer(tmp_path, tiny_tokenizer, monitor, max_steps=5, eval_on_start=True,
                    callbacks=[monitor])
 
 
+@pytest.mark.slow  # trains a tiny model for several steps with evaluations (>5 s under load)
 def test_trainer_records_step_zero_every_eval_step_and_the_end(tmp_path, tiny_tokenizer):
     monitor = ForgettingMonitorCallback(tolerance=100.0)
     trainer = _trainer(tmp_path, tiny_tokenizer, monitor, max_steps=5)
@@ -110,6 +111,7 @@ def test_trainer_records_step_zero_every_eval_step_and_the_end(tmp_path, tiny_to
     assert monitor.history[-1]["domain_loss"] < monitor.history[0]["domain_loss"]
 
 
+@pytest.mark.slow  # trains a tiny model for several steps with evaluations (>5 s under load)
 def test_trainer_stops_when_general_loss_rises(tmp_path, tiny_tokenizer):
     # a huge learning rate wrecks a freshly initialised model: the general loss rises past 0 tolerance
     monitor = ForgettingMonitorCallback(tolerance=0.0, action="stop")

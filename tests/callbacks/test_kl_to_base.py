@@ -23,6 +23,7 @@ def _trainer(tmp_path, tok, model, callbacks, steps=4):
     return trainer, evals
 
 
+@pytest.mark.slow  # trains a tiny model for several steps with evaluations (>5 s under load)
 def test_kl_is_logged_with_the_evaluation_and_recorded_by_the_monitor(tmp_path, tiny_tokenizer):
     model = make_tiny_llama(len(tiny_tokenizer))
     monitor = ForgettingMonitorCallback(ForgettingMonitorConfig(tolerance=1.0, action="none", kl_top_k=8))

@@ -32,6 +32,7 @@ def _trainer(tmp_path, tok, max_steps=6, ignore_data_skip=True, ratio=0.25, stri
     return trainer, collator, mixer
 
 
+@pytest.mark.slow  # two Trainer runs and a resume
 @pytest.mark.parametrize("ignore_data_skip", [True, False])
 def test_resume_sees_exactly_the_blocks_and_weights_of_an_uninterrupted_run(tmp_path, tiny_tokenizer,
                                                                             ignore_data_skip):
@@ -53,6 +54,7 @@ def test_resume_sees_exactly_the_blocks_and_weights_of_an_uninterrupted_run(tmp_
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow  # Trainer runs with checkpoints (>5 s under load)
 def test_checkpoint_stores_the_consumed_position_not_the_prefetched_one(tmp_path, tiny_tokenizer):
     trainer, _, mixer = _trainer(tmp_path, tiny_tokenizer, max_steps=3)
     trainer.train()
@@ -64,6 +66,7 @@ def test_checkpoint_stores_the_consumed_position_not_the_prefetched_one(tmp_path
     assert sum(s["tokens"] for s in saved["sources"].values()) == 6 * 32
 
 
+@pytest.mark.slow  # Trainer runs with checkpoints (>5 s under load)
 def test_resume_with_changed_ratios_is_refused_unless_not_strict(tmp_path, tiny_tokenizer):
     first, _, _ = _trainer(tmp_path, tiny_tokenizer, max_steps=3)
     first.train()
@@ -76,6 +79,7 @@ def test_resume_with_changed_ratios_is_refused_unless_not_strict(tmp_path, tiny_
     assert tokens["domain"]["tokens"] == (5 + 3) * 32 and tokens["general"]["tokens"] == (1 + 3) * 32
 
 
+@pytest.mark.slow  # several Trainer set-ups (>5 s under load)
 def test_find_mixer_and_bad_setups(tmp_path, tiny_tokenizer):
     trainer, _, mixer = _trainer(tmp_path, tiny_tokenizer, max_steps=1)
     assert find_mixer(trainer.get_train_dataloader()) is mixer

@@ -104,6 +104,7 @@ def _mixer_callback(trainer):
     return next(c for c in trainer.callback_handler.callbacks if isinstance(c, ReplayMixerCallback))
 
 
+@pytest.mark.slow  # two SFTTrainer runs with checkpoints (~13 s under load)
 def test_sft_trainer_takes_the_mixer_and_resumes_exactly(tmp_path, tiny_tokenizer):
     full, _ = _sft(tmp_path / "full", tiny_tokenizer)
     full.train()
@@ -134,6 +135,7 @@ def _run_worker(out, mode, how):
     assert proc.returncode == 0, f"trl_worker {mode} {how} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
 
 
+@pytest.mark.slow  # three worker processes per mode (40-50 s)
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_sigkill_then_resume_under_trl_matches_the_uninterrupted_run(tmp_path, mode):

@@ -189,6 +189,7 @@ def _logged_lrs(trainer):
     return [(h["step"], h["learning_rate"]) for h in trainer.state.log_history if "learning_rate" in h]
 
 
+@pytest.mark.slow  # trains a tiny model for several steps with evaluations (>5 s under load)
 @pytest.mark.parametrize("via", ["callback", "factory"])
 def test_trainer_follows_the_schedule(tmp_path, tiny_tokenizer, via):
     trainer = _trainer(tmp_path, tiny_tokenizer, STAGES, via=via)
@@ -201,6 +202,7 @@ def test_trainer_follows_the_schedule(tmp_path, tiny_tokenizer, via):
     assert logged[0][1] == 0.0 and logged[2][1] == BASE_LR and logged[6][1] == pytest.approx(0.1 * BASE_LR)
 
 
+@pytest.mark.slow  # two Trainer runs and a resume
 @pytest.mark.parametrize("via", ["callback", "factory"])
 def test_resume_mid_cycle_gives_the_identical_lr_sequence(tmp_path, tiny_tokenizer, via):
     full = _trainer(tmp_path / "full", tiny_tokenizer, STAGES, via=via, save_steps=4)
@@ -212,6 +214,7 @@ def test_resume_mid_cycle_gives_the_identical_lr_sequence(tmp_path, tiny_tokeniz
     assert len(after) == 8
 
 
+@pytest.mark.slow  # trains a tiny model for several steps with evaluations (>5 s under load)
 def test_callback_adds_the_stage_to_the_logs(tmp_path, tiny_tokenizer):
     trainer = _trainer(tmp_path, tiny_tokenizer, STAGES, max_steps=12)
     trainer.train()
@@ -225,6 +228,7 @@ def test_callback_adds_the_stage_to_the_logs(tmp_path, tiny_tokenizer):
     assert stages == [0] * 6 + [1] * 6
 
 
+@pytest.mark.slow  # trains a tiny model for several steps with evaluations (>5 s under load)
 def test_lr_stage_reaches_the_log_history(tmp_path, tiny_tokenizer):
     trainer = _trainer(tmp_path, tiny_tokenizer, STAGES, max_steps=12)
     trainer.train()

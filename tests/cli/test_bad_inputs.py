@@ -1,8 +1,10 @@
 """The bad-input sweep: every malformed config, data file, model, output dir or flag makes `hf-cpt train` exit 2
 with exactly one line on stderr naming the field, no traceback, and nothing left behind.
 
-Each case runs the real CLI in a subprocess. Cases fail before any weights load (config validation, data-file
-checks, the model's config and tokenizer), so the sweep costs about one interpreter start per case.
+Every case fails before any weights load (config validation, data-file checks, the model's config and tokenizer),
+in code the process boundary adds nothing to, so each runs the typer app in-process (`CliRunner`, a few ms), with
+the package's log lines and any Python warning on stderr as `main()` would print them. A handful of cases, one per
+kind of input, also run the real CLI in a subprocess: the exit status and the one stderr line end to end.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ..conftest import tiny_run_dict
+from ..conftest import invoke_like_main, tiny_run_dict
 
 pytestmark = pytest.mark.timeout(300)
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
@@ -72,7 +74,7 @@ def argv(*extra, out=None, cfg_change=None):
 
 def model(kind: str):
     def build(tmp, cfg):
-        _set(cfg, "model.name_or_path", str(_mismatched_model(tmp, kind)))
+        _set(cfg, "model.name_or_path", str(_mismatched_model(tmp, kind, Path(cfg["model"]["name_or_path"]))))
         if kind == "llama_positions":
             _set(cfg, "data.block_size", 1024)
         if kind == "gpt2_positions":
@@ -81,15 +83,13 @@ def model(kind: str):
     return build
 
 
-def _mismatched_model(tmp: Path, kind: str) -> Path:
-    """A model directory whose config and tokenizer disagree with the run (no weights needed: the checks read
-    only the config and the tokenizer)."""
-    from transformers import GPT2Config, LlamaConfig
-
-    from hf_cpt.testing import make_tiny_tokenizer
+def _mismatched_model(tmp: Path, kind: str, tiny: Path) -> Path:
+    """A model directory whose config disagrees with the tiny model's tokenizer or with the run (no weights needed:
+    the checks read only the config and the tokenizer)."""
+    from transformers import AutoTokenizer, GPT2Config, LlamaConfig
 
     out = tmp / f"model-{kind}"
-    tok = make_tiny_tokenizer()
+    tok = AutoTokenizer.from_pretrained(tiny)
     rows = len(tok) - 40 if kind == "vocab" else len(tok)
     if kind == "gpt2_positions":
         config = GPT2Config(vocab_size=rows, n_positions=64, n_embd=32, n_layer=1, n_head=2, bos_token_id=0,
@@ -190,11 +190,18 @@ def _nonempty(tmp: Path) -> Path:
 
 def test_the_sweep_is_at_least_as_broad_as_the_issue():
     assert len(CASES) >= 43 and len({c[0] for c in CASES}) == len(CASES)
+    assert END_TO_END <= {c[0] for c in CASES}
 
 
-@pytest.mark.parametrize("build, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_exits_2_with_one_line_naming_the_field(tmp_path, tiny_model_dir, build, expected):
-    cfg = tiny_run_dict(tiny_model_dir)
+# the cases that also run the real CLI in a subprocess: one per kind of input; the first stays in the fast lane
+END_TO_END = {"unknown-train-field", "yaml-not-utf8", "range-warmup-longer-than-run", "data-corrupt-gz",
+              "model-tokenizer-larger-than-embeddings", "output-unwritable", "flag-resume-nothing-saved"}
+FAST_END_TO_END = "unknown-train-field"
+
+
+def _train_args(tmp_path: Path, model_dir: Path, build) -> list[str]:
+    """Write the case's inputs under `tmp_path`; the `hf-cpt train` arguments that read them."""
+    cfg = tiny_run_dict(model_dir)
     cfg["data"]["domain"] = {"train": "embedded:python-docs/train", "eval": "embedded:python-docs/validation"}
     cfg["data"]["general"] = {"train": "embedded:kjv/train", "eval": "embedded:kjv/validation"}
     spec = build(tmp_path, cfg)
@@ -206,15 +213,37 @@ def test_bad_input_exits_2_with_one_line_naming_the_field(tmp_path, tiny_model_d
     else:
         config.write_text(yaml.safe_dump(spec["cfg"]))
     out = spec.get("out", tmp_path / "out")
-    args = ["train", str(config), "-o", str(out), *spec.get("argv", [])]
-    before = _tree(tmp_path)
-    proc = run_cli(args, cwd=tmp_path)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    shown = f"exit {proc.returncode}; stderr:\n{proc.stderr[-4000:]}"
-    assert proc.returncode == 2, shown
-    assert "Traceback" not in proc.stderr, shown
+    return ["train", str(config), "-o", str(out), *spec.get("argv", [])]
+
+
+def _check_one_line(code: int, stderr: str, expected: str) -> None:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    shown = f"exit {code}; stderr:\n{stderr[-4000:]}"
+    assert code == 2, shown
+    assert "Traceback" not in stderr, shown
     assert len(lines) == 1, shown
     assert lines[0].startswith("Error: ") and expected in lines[0], shown
+
+
+@pytest.mark.parametrize("build, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_line_naming_the_field(tmp_path, tiny_model_dir, monkeypatch, build, expected):
+    monkeypatch.chdir(tmp_path)  # relative paths in a case resolve where the user would run it
+    args = _train_args(tmp_path, tiny_model_dir, build)
+    before = _tree(tmp_path)
+    code, stderr = invoke_like_main(args)
+    _check_one_line(code, stderr, expected)
+    assert _tree(tmp_path) == before, "left behind: " + ", ".join(sorted(_tree(tmp_path) ^ before))
+
+
+@pytest.mark.parametrize("build, expected", [
+    pytest.param(*c[1:], id=c[0], marks=() if c[0] == FAST_END_TO_END else pytest.mark.slow)
+    for c in CASES if c[0] in END_TO_END])
+def test_bad_input_through_the_real_cli(tmp_path, tiny_model_dir, build, expected):
+    """The same, through `python -m hf_cpt.cli.main` in a process of its own: exit status 2 and one stderr line."""
+    args = _train_args(tmp_path, tiny_model_dir, build)
+    before = _tree(tmp_path)
+    proc = run_cli(args, cwd=tmp_path)
+    _check_one_line(proc.returncode, proc.stderr, expected)
     assert _tree(tmp_path) == before, "left behind: " + ", ".join(sorted(_tree(tmp_path) ^ before))
 
 

@@ -93,6 +93,7 @@ def test_init_for_any_domain_writes_a_config_that_trains(tmp_path, tiny_model_di
     assert [h["step"] for h in metrics["eval_history"]][0] == 0 and "general_self_kl" in metrics["eval_history"][-1]
 
 
+@pytest.mark.slow  # three CLI training runs (~16 s under load)
 def test_train_runs_end_to_end_and_writes_every_output(tmp_path, tiny_model_dir):
     config = _write(tmp_path, tiny_run_dict(tiny_model_dir))
     out = tmp_path / "out"
@@ -160,6 +161,7 @@ def test_unknown_template_and_missing_arguments():
     assert result.exit_code == 2 and "--template NAME" in result.output
 
 
+@pytest.mark.slow  # a 6-step training run with evaluations (~13 s under load)
 def test_train_with_a_rewarming_schedule_block(tmp_path, tiny_model_dir):
     from hf_cpt.callbacks.rewarm import RewarmConfig, lr_multiplier
 
@@ -177,6 +179,7 @@ def test_train_with_a_rewarming_schedule_block(tmp_path, tiny_model_dir):
     assert "schedule:" in (out / "hf_cpt_config.yaml").read_text()
 
 
+@pytest.mark.slow  # a training run with evaluations (~9 s under load)
 def test_train_with_active_forgetting_and_embedding_only_relearning(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 
@@ -192,6 +195,7 @@ def test_train_with_active_forgetting_and_embedding_only_relearning(tmp_path, ti
 
 
 
+@pytest.mark.slow  # learns subwords and OFA vectors (~50 s under load)
 def test_extend_vocab_writes_a_stock_checkpoint(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

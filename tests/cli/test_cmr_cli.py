@@ -1,3 +1,4 @@
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -11,6 +12,7 @@ from ..mixers.test_cmr import synthetic
 runner = CliRunner()
 
 
+@pytest.mark.slow  # four pilot trainings (~24 s under load)
 def test_pilot_runs_one_training_per_ratio_and_writes_records(tmp_path, tiny_model_dir):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump(tiny_run_dict(tiny_model_dir, max_steps=6)))

@@ -22,7 +22,7 @@ from hf_cpt.cli.main import app
 
 from ..conftest import tiny_run_dict
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # every test launches CLI processes
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 MAX_STEPS = 16  # long enough that a signal at the first checkpoint lands mid-run
 

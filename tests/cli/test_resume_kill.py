@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from ..conftest import tiny_run_dict
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # every test launches CLI processes
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 MAX_STEPS = 6
 

@@ -60,6 +60,7 @@ def _mlm_config(model_dir, masking, files) -> dict:
     return d
 
 
+@pytest.mark.slow  # spaCy tagging and a CLI training run
 def test_cli_trains_a_masked_lm_with_lem(tiny_bert_dir, small_corpora, tmp_path):
     cfg = tmp_path / "lem.yaml"
     cfg.write_text(yaml.safe_dump(_mlm_config(tiny_bert_dir, "lem", small_corpora)))
@@ -81,6 +82,7 @@ def test_cli_trains_a_masked_lm_with_lem(tiny_bert_dir, small_corpora, tmp_path)
     assert "masking: kind=lem" in card and "fill-mask" in card
 
 
+@pytest.mark.slow  # two masked-LM training runs
 def test_mlm_random_and_lexicon(tiny_bert_dir, small_corpora, tmp_path):
     from hf_cpt.recipe.train import run_cpt
 
@@ -94,6 +96,7 @@ def test_mlm_random_and_lexicon(tiny_bert_dir, small_corpora, tmp_path):
     assert shares and max(shares) > 0
 
 
+@pytest.mark.slow  # spaCy tagging and a training run
 def test_causal_lm_with_entity_weighting(tiny_model_dir, small_corpora, tmp_path):
     from hf_cpt.recipe.train import run_cpt
 

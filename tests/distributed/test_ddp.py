@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from ..conftest import tiny_run_dict
+from ..conftest import invoke_like_main, tiny_run_dict
 
 pytestmark = pytest.mark.timeout(600)
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -34,6 +34,7 @@ def _run_checked(cmd):
     return proc
 
 
+@pytest.mark.slow  # torchrun, 2 processes
 def test_two_ranks_train_on_disjoint_slices_of_the_one_process_stream(tmp_path):
     worker = Path(__file__).with_name("ddp_worker.py")
     one, two = tmp_path / "one", tmp_path / "two"
@@ -57,6 +58,7 @@ def _cli(args, **kw):
                           text=True, **kw)
 
 
+@pytest.mark.slow  # two CLI runs, one through torchrun
 def test_cli_two_process_run_matches_one_process(tmp_path, tiny_model_dir):
     cfg = tiny_run_dict(tiny_model_dir, max_steps=4, per_device_train_batch_size=2)
     (tmp_path / "one.yaml").write_text(yaml.safe_dump(cfg))
@@ -74,6 +76,7 @@ def test_cli_two_process_run_matches_one_process(tmp_path, tiny_model_dir):
     assert b.stdout.count("Adapted model written") == 1  # only the main process reports and writes
 
 
+@pytest.mark.slow  # four CLI processes
 def test_sigkill_after_a_checkpoint_then_resume_gives_bitwise_identical_weights(tmp_path, tiny_model_dir):
     cfg = tiny_run_dict(tiny_model_dir, max_steps=10, save_steps=2, eval_steps=5)
     cfg["active_forgetting"] = {"every_k_updates": 3}
@@ -117,10 +120,12 @@ def test_resume_refuses_checkpoints_from_another_config(tmp_path, tiny_model_dir
     cfg["train"]["keep_checkpoints"] = True
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    assert _cli(["train", str(path), "-o", str(tmp_path / "out")]).returncode == 0
+    # one process, so the CLI runs in-process: what is tested is the refusal, not a launch
+    code, stderr = invoke_like_main(["train", str(path), "-o", str(tmp_path / "out")])
+    assert code == 0, stderr[-3000:]
     cfg["data"]["replay_ratio"] = 0.5
     path.write_text(yaml.safe_dump(cfg))
-    r = _cli(["train", str(path), "-o", str(tmp_path / "out"), "--resume", "--overwrite"])
-    assert r.returncode == 2 and "`data.replay_ratio`: 0.25 -> 0.5" in r.stderr
-    missing = _cli(["train", str(path), "-o", str(tmp_path / "other"), "--resume"])
-    assert missing.returncode == 2 and "nothing to resume" in missing.stderr
+    code, stderr = invoke_like_main(["train", str(path), "-o", str(tmp_path / "out"), "--resume", "--overwrite"])
+    assert code == 2 and "`data.replay_ratio`: 0.25 -> 0.5" in stderr
+    code, stderr = invoke_like_main(["train", str(path), "-o", str(tmp_path / "other"), "--resume"])
+    assert code == 2 and "nothing to resume" in stderr

@@ -28,6 +28,7 @@ class _Args:
     deepspeed = None
 
 
+@pytest.mark.slow  # accelerate launch
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for processes without GPUs")
 def test_accelerate_launch_with_the_shipped_fsdp_config_refuses_on_cpu(tmp_path, tiny_model_dir):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(tiny_run_dict(tiny_model_dir, max_steps=2)))
@@ -68,6 +69,7 @@ def test_active_forgetting_guard_sees_fsdp_set_by_the_launcher(monkeypatch, tiny
         check_sharding(cfg, _Args())  # the recipe refuses before loading the model
 
 
+@pytest.mark.slow  # a Python process of its own
 def test_is_sharded_model_sees_fsdp2_parameters(tmp_path):
     """`fully_shard` on a one-process gloo group (CPU) gives DTensor parameters; run in a child so the process
     group does not leak into other tests."""

@@ -14,7 +14,7 @@ from hf_cpt.testing import make_tiny_tokenizer
 
 from .test_ddp import ENV, _port, _run_checked
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # every test launches CLI processes
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 

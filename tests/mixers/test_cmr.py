@@ -124,6 +124,7 @@ def test_paper_power_law_only_when_well_posed():
     assert "do not follow" in power_law_problem(budgets, wavy, _fit_power_law(budgets, wavy), (1e6, 1e8))
 
 
+@pytest.mark.slow  # 80 bootstrap fits (~65 s under load)
 def test_bootstrap_interval_covers_the_true_cmr_at_the_nominal_rate():
     # 80 synthetic pilot sets (1% noise on every loss change), the default 100 wild-residual refits each: the 90%
     # interval of the CMR extrapolated 10x past the largest pilot must contain the true CMR >= 85% of the time

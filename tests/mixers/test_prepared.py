@@ -207,6 +207,7 @@ def _train(store, out, max_steps, workers, resume=None, save_steps=0):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, seen
 
 
+@pytest.mark.slow  # dataloader worker processes and a resume
 def test_dataloader_workers_and_resume_are_bitwise_exact(corpus, tmp_path):
     ref, seen_ref = _train(corpus["store"], tmp_path / "ref", 6, workers=0)
     full, seen = _train(corpus["store"], tmp_path / "w", 6, workers=2, save_steps=3)

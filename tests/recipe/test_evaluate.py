@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from hf_cpt.cli.main import app
 from hf_cpt.config import CPTConfig
 from hf_cpt.recipe import compare_models, run_cpt
+from hf_cpt.recipe.evaluate import EvalComparison, comparison_rows
 
 from ..conftest import tiny_run_dict
 
@@ -33,6 +34,7 @@ def run_dir(tmp_path_factory, tiny_model_dir):
     return out
 
 
+@pytest.mark.slow  # the module's run: training with lm-eval
 def test_run_records_downstream_scores_in_metrics_plot_and_card(run_dir):
     m = json.loads((run_dir / "metrics.json").read_text())
     d = m["downstream"]
@@ -52,6 +54,7 @@ def test_run_records_downstream_scores_in_metrics_plot_and_card(run_dir):
     assert (run_dir / "forgetting.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # lm-eval on two models
 def test_cli_eval_prints_base_vs_adapted_equal_to_the_training_logs(run_dir, tiny_model_dir):
     # defaults from the run: its base model, tasks, limit and batch size
     result = runner.invoke(app, ["eval", str(run_dir)])
@@ -70,6 +73,7 @@ def test_cli_eval_prints_base_vs_adapted_equal_to_the_training_logs(run_dir, tin
         assert f"{row['task']}  " in result.output
 
 
+@pytest.mark.slow  # lm-eval task indexing
 def test_cli_eval_bad_input_is_one_line(run_dir, tiny_model_dir, tmp_path):
     unknown = runner.invoke(app, ["eval", str(run_dir), "--tasks", "hf_cpt_kjv"])
     assert unknown.exit_code == 2
@@ -94,3 +98,16 @@ def test_downstream_in_a_config_is_checked_before_the_model_loads(tmp_path, tiny
     with pytest.raises(ValueError, match="`downstream`: lm-eval scores causal language models"):
         CPTConfig.from_dict({**tiny_run_dict(tiny_model_dir), "objective": "mlm",
                              "downstream": {"tasks": ["hf_cpt_kjv_mc"]}})
+
+
+def test_comparison_rows_and_table_without_running_lm_eval():
+    base = {"t/acc": 0.5, "t/acc_stderr": 0.1, "u/f1": 0.2}
+    adapted = {"t/acc": 0.75, "t/acc_stderr": 0.05}
+    rows = comparison_rows(base, adapted)
+    assert [(r["task"], r["metric"]) for r in rows] == [("t", "acc"), ("u", "f1")]
+    assert rows[0]["delta"] == 0.25 and rows[0]["base_stderr"] == 0.1 and rows[0]["adapted_stderr"] == 0.05
+    assert rows[1]["adapted"] is None and rows[1]["delta"] is None
+    table = EvalComparison("adapted", "base", {}, rows).table().splitlines()
+    assert table[0].split() == ["task", "metric", "base", "adapted", "Δ"]
+    assert "0.5000 ± 0.1000" in table[2] and "0.7500 ± 0.0500" in table[2] and "+0.2500" in table[2]
+    assert table[3].split()[-2:] == ["n/a", "n/a"]

@@ -50,6 +50,7 @@ def _run_dict(model_dir, **data):
     return cfg
 
 
+@pytest.mark.slow  # training runs on every data path
 def test_no_path_emits_an_all_ones_mask_or_drops_positions(tmp_path, tiny_model_dir, monkeypatch):
     """Training and evaluation batches, distillation targets and the KL monitor of one run with self-synthesised
     replay: every forward sees restarting position_ids and no attention mask."""
@@ -66,6 +67,7 @@ def test_no_path_emits_an_all_ones_mask_or_drops_positions(tmp_path, tiny_model_
     assert len(seen["logit_chunks"]) >= 5 and all(seen["logit_chunks"])
 
 
+@pytest.mark.slow  # training runs through run_cpt
 def test_concat_runs_keep_the_old_layout(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("HF_CPT_CACHE", str(tmp_path / "cache"))
     seen = _spy(monkeypatch)
@@ -95,6 +97,7 @@ def test_held_out_blocks_are_document_packed(tiny_model_dir):
         assert (labels[restarts] == -100).all() and (labels[~restarts] != -100).all()
 
 
+@pytest.mark.slow  # a prepared store and a training run
 def test_prepared_store_follows_the_packing_and_old_stores_are_refused(tmp_path, tiny_model_dir):
     cfg = CPTConfig.from_dict(_run_dict(tiny_model_dir, prepared_dir=str(tmp_path / "store")))
     store = prepare_config(cfg)

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from hf_cpt.cli.main import app
 from hf_cpt.config import CPTConfig
-from hf_cpt.recipe.plan import read_pilot
+from hf_cpt.recipe.plan import candidate_lrs, read_pilot, run_learning_rates, schedule_name
 from hf_cpt.recipe.train import run_cpt
 
 from ..conftest import tiny_run_dict
@@ -33,6 +33,7 @@ def pilots(tmp_path_factory, tiny_model_dir):
     return out
 
 
+@pytest.mark.slow  # the module's pilot runs (~60 s under load)
 def test_read_pilot_gets_the_lrs_the_trainer_used_and_both_losses(pilots):
     pilot, tokens = read_pilot(pilots["cos25"])
     assert pilot.schedule == "cosine" and pilot.domain_share == 0.75 and tokens == 2 * 32
@@ -46,6 +47,7 @@ def test_read_pilot_gets_the_lrs_the_trainer_used_and_both_losses(pilots):
     assert pilot.general[0] == pytest.approx(metrics["eval_history"][0]["general_loss"])
 
 
+@pytest.mark.slow  # the module's pilot runs and a fit
 def test_plan_round_trips_real_runs(pilots, tmp_path):
     result = runner.invoke(app, ["plan", *map(str, pilots.values()), "--budget-steps", "20", "--tolerance", "0.5",
                                  "--bootstrap", "4", "--plot", str(tmp_path / "plan.png"), "--json",
@@ -71,6 +73,7 @@ def test_plan_round_trips_real_runs(pilots, tmp_path):
     assert plan["fit"]["rmse_general"] < 0.1 and plan["fit"]["rmse_domain"] < 0.1
 
 
+@pytest.mark.slow  # the module's pilot runs
 def test_plan_refuses_bad_pilots_with_one_line(pilots, tmp_path):
     one = runner.invoke(app, ["plan", str(pilots["const25"]), str(pilots["const50"]), "--budget-steps", "20"])
     assert one.exit_code == 2 and "at replay ratio 0.5 use one LR schedule only (constant)" in one.output
@@ -90,3 +93,20 @@ def test_plan_refuses_bad_pilots_with_one_line(pilots, tmp_path):
     assert outside.exit_code == 2 and "outside the pilots' replay ratios" in outside.output
     nothing = runner.invoke(app, ["plan", str(tmp_path / "nope"), "--budget-steps", "20"])
     assert nothing.exit_code == 2 and "does not exist" in nothing.output
+
+
+def test_candidate_lrs_are_the_lrs_a_schedule_block_trains_with():
+    """No pilot runs: the planner's candidate curves equal what a run with the same `schedule:` block uses."""
+    blocks = {"constant": {"schedule": "constant", "warmup_steps": 2},
+              "cosine": {"schedule": "rewarm", "warmup_steps": 2, "decay": "cosine", "min_lr_ratio": 0.1}}
+    for name, block in blocks.items():
+        cfg = CPTConfig.from_dict({"train": {"max_steps": 10, "learning_rate": 1e-3}, "schedule": block})
+        assert schedule_name(cfg) == name
+        assert run_learning_rates(cfg) == pytest.approx(candidate_lrs(name, 10, 1e-3, warmup_steps=2))
+    plain = CPTConfig.from_dict({"train": {"max_steps": 4, "learning_rate": 1e-3, "lr_scheduler_type": "constant",
+                                           "warmup_steps": 0}})
+    assert schedule_name(plain) == "constant" and run_learning_rates(plain) == pytest.approx([1e-3] * 4)
+    wsd = candidate_lrs("wsd", 10, 1e-3, decay_fraction=0.2)
+    assert wsd[:8] == pytest.approx([1e-3] * 8) and wsd[-1] < 1e-3  # stable, then the last 20 % decay
+    with pytest.raises(ValueError, match="`schedules` must be among"):
+        candidate_lrs("step", 10, 1e-3)

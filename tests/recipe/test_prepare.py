@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,11 +19,9 @@ from hf_cpt.recipe.data import build_train_set
 from hf_cpt.recipe.prepare import prepare_config, prepare_sources
 from hf_cpt.testing import make_tiny_tokenizer, read_embedded
 
-from ..conftest import tiny_run_dict
+from ..conftest import invoke_like_main, tiny_run_dict
 
 pytestmark = pytest.mark.timeout(600)
-ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-           TOKENIZERS_PARALLELISM="false")
 
 
 def _files(tmp_path: Path) -> dict[str, str]:
@@ -145,6 +140,7 @@ def test_data_settings_at_scale_are_validated():
     CPTConfig.from_dict({"objective": "mlm", "data": {"num_workers": 2}})  # masked data is map-style
 
 
+@pytest.mark.slow  # two training runs and dataloader workers
 def test_cli_prepare_then_train_reads_the_store_with_workers_bitwise_like_on_the_fly(tmp_path, tiny_model_dir):
     cfg = tiny_run_dict(tiny_model_dir, max_steps=4, gradient_accumulation_steps=2)
     cfg["monitor"]["kl"] = False
@@ -152,18 +148,15 @@ def test_cli_prepare_then_train_reads_the_store_with_workers_bitwise_like_on_the
     cfg["data"].update(prepared_dir=str(tmp_path / "store"), num_workers=2)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    missing = subprocess.run([sys.executable, "-m", "hf_cpt.cli.main", "train", str(path), "-o", str(tmp_path / "x")],
-                             env=ENV, capture_output=True, text=True)
-    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0, missing.stderr[-3000:]
-    assert "`data.prepared_dir`" in missing.stderr and "hf-cpt prepare CONFIG" in missing.stderr
+    code, stderr = invoke_like_main(["train", str(path), "-o", str(tmp_path / "x")])  # the CLI, in-process
+    assert code == 2 and stderr.strip().count("\n") == 0, stderr[-3000:]
+    assert "`data.prepared_dir`" in stderr and "hf-cpt prepare CONFIG" in stderr
     assert not (tmp_path / "x").exists()
-    bad = subprocess.run([sys.executable, "-m", "hf_cpt.cli.main", "prepare", str(path), "--num-proc", "0"],
-                         env=ENV, capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr[-3000:]
-    assert "`num_proc` must be an integer >= 1" in bad.stderr
-    ok = subprocess.run([sys.executable, "-m", "hf_cpt.cli.main", "prepare", str(path), "--num-proc", "2"],
-                        env=ENV, capture_output=True, text=True)
-    assert ok.returncode == 0, ok.stderr[-3000:]
+    code, stderr = invoke_like_main(["prepare", str(path), "--num-proc", "0"])
+    assert code == 2 and stderr.strip().count("\n") == 0, stderr[-3000:]
+    assert "`num_proc` must be an integer >= 1" in stderr
+    code, stderr = invoke_like_main(["prepare", str(path), "--num-proc", "2"])
+    assert code == 0, stderr[-3000:]
     assert (tmp_path / "store" / MANIFEST).is_file()
     a = run_cpt(plain, tmp_path / "fly")
     b = run_cpt(CPTConfig.from_yaml(path), tmp_path / "prepared")

@@ -45,6 +45,7 @@ def _synth_cfg(model_dir: Path, **train) -> dict:
     return cfg
 
 
+@pytest.mark.slow  # a training run with self-synthesis
 def test_self_synthesised_held_out_set_and_kl_reach_metrics_card_and_plot(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("HF_CPT_CACHE", str(tmp_path / "cache"))
     cfg = CPTConfig.from_dict(_synth_cfg(tiny_model_dir, max_steps=4, eval_steps=2))
@@ -76,6 +77,7 @@ def test_self_synthesised_held_out_set_and_kl_reach_metrics_card_and_plot(tmp_pa
     assert calls == []
 
 
+@pytest.mark.slow  # a training run with self-synthesis
 def test_kl_guard_stops_on_kl(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("HF_CPT_CACHE", str(tmp_path / "cache"))
     d = tiny_run_dict(tiny_model_dir, max_steps=6, eval_steps=2, learning_rate=5e-3)
@@ -85,6 +87,7 @@ def test_kl_guard_stops_on_kl(tmp_path, tiny_model_dir, monkeypatch):
     assert result.metrics["forgetting"]["breach_step"] == 2 and result.metrics["global_step"] == 2
 
 
+@pytest.mark.slow  # three CLI processes, one killed
 def test_distillation_replay_resumes_bitwise_after_a_kill(tmp_path, tiny_model_dir):
     cfg = _synth_cfg(tiny_model_dir, max_steps=8, save_steps=2, eval_steps=4)
     cfg["train"]["distill"] = {"weight": 1.0, "tokens": "replay", "top_k": 8}
@@ -114,6 +117,7 @@ def test_distillation_replay_resumes_bitwise_after_a_kill(tmp_path, tiny_model_d
     assert res["train_tokens"] == ref["train_tokens"] and res["eval_history"] == ref["eval_history"]
 
 
+@pytest.mark.slow  # two training runs with distillation
 def test_distillation_lowers_kl_to_the_base_on_replay_text(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("HF_CPT_CACHE", str(tmp_path / "cache"))
     base = _synth_cfg(tiny_model_dir, max_steps=6, eval_steps=6, learning_rate=3e-3)
@@ -124,6 +128,7 @@ def test_distillation_lowers_kl_to_the_base_on_replay_text(tmp_path, tiny_model_
     assert kl(distilled) < kl(plain)
 
 
+@pytest.mark.slow  # two processes (torchrun)
 def test_two_process_run_synthesises_once(tmp_path, tiny_model_dir):
     cfg = _synth_cfg(tiny_model_dir, max_steps=2, per_device_train_batch_size=1, eval_steps=2)
     path = tmp_path / "run.yaml"

@@ -50,6 +50,7 @@ def test_contexts_align_the_same_text(setup):
         mine_distill_contexts(["", " "], base, ext.tokenizer, len(base))
 
 
+@pytest.mark.slow  # token-distillation training (~46 s under load)
 def test_distill_lowers_the_mismatch_deterministically(setup):
     dom, base, ext = setup
     torch.manual_seed(0)
@@ -73,6 +74,7 @@ def test_distill_lowers_the_mismatch_deterministically(setup):
     torch.testing.assert_close(torch.tensor(one), ref.mean(), rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.slow  # token distillation in three precisions (~62 s under load)
 def test_precision_auto_float32_bfloat16(setup):
     dom, base, ext = setup
     torch.manual_seed(0)

@@ -117,6 +117,7 @@ def test_untied_head_grows_and_initialises_both(bpe, vectors):
     assert not torch.equal(model.lm_head.weight[n:], model.get_input_embeddings().weight[n:])
 
 
+@pytest.mark.slow  # extends and trains three encoder families
 @pytest.mark.parametrize("kind", ["bert-wordpiece", "xlmr-unigram"])
 def test_encoders(kind, texts, vectors, tmp_path):
     from transformers import BertConfig, BertForMaskedLM, XLMRobertaConfig, XLMRobertaForMaskedLM
@@ -200,6 +201,7 @@ def test_new_rows_first_callback_trains_only_new_rows(bpe, tmp_path):
     assert all(p.requires_grad for p in model.parameters())  # restored after the phase
 
 
+@pytest.mark.slow  # a training run with a vocabulary extension
 def test_run_cpt_with_vocab_block(tiny_model_dir, tmp_path):
     from hf_cpt.recipe.train import run_cpt
 

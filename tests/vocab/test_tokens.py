@@ -34,6 +34,7 @@ def bpe_ext(domain):
     return base, learn_domain_tokens(domain[0], base, 200, heldout=domain[1])
 
 
+@pytest.mark.slow  # the module's BPE extension fixture (~9 s under load)
 def test_bpe_tokens_are_real_vocabulary_used_by_normal_tokenization(bpe_ext, domain):
     base, ext = bpe_ext
     tok = ext.tokenizer
@@ -54,12 +55,14 @@ def test_bpe_tokens_are_real_vocabulary_used_by_normal_tokenization(bpe_ext, dom
     assert all(tok.convert_ids_to_tokens(i) == base.convert_ids_to_tokens(i) for i in range(len(base)))
 
 
+@pytest.mark.slow  # the module's BPE extension fixture (~9 s under load)
 def test_bpe_round_trip(bpe_ext, domain):
     _, ext = bpe_ext
     for text in SAMPLES + domain[1][:3]:
         assert ext.tokenizer.decode(ext.tokenizer(text, add_special_tokens=False)["input_ids"]) == text
 
 
+@pytest.mark.slow  # the real SmolLM2 tokenizer
 def test_embedded_smollm_tokenizer(domain):
     """The real byte-level BPE of the embedded default (digits split, Llama-style pre-tokenizer)."""
     from transformers import AutoTokenizer
@@ -74,6 +77,7 @@ def test_embedded_smollm_tokenizer(domain):
         assert ext.tokenizer.decode(ext.tokenizer(text, add_special_tokens=False)["input_ids"]) == text
 
 
+@pytest.mark.slow  # learns a unigram tokenizer (~43 s under load)
 def test_unigram_sentencepiece_style(domain):
     base = train_unigram_tokenizer(read_embedded("kjv", limit=60), 600)
     ext = learn_domain_tokens(domain[0], base, 150, heldout=domain[1])
@@ -90,6 +94,7 @@ def test_unigram_sentencepiece_style(domain):
         assert ext.tokenizer(text)["input_ids"].count(unk) <= base(text)["input_ids"].count(unk)
 
 
+@pytest.mark.slow  # learns a WordPiece tokenizer
 def test_wordpiece_bert_style(domain):
     base = train_wordpiece_tokenizer(read_embedded("kjv", limit=60), 500)
     ext = learn_domain_tokens(domain[0], base, 120, heldout=domain[1])
@@ -142,6 +147,7 @@ def _used_share(ext, texts):
     return sum(1 for c in usage.values() if c > 0) / len(ext.new_token_ids)
 
 
+@pytest.mark.slow  # learns a tokenizer per kind (~45 s under load)
 @pytest.mark.parametrize("kind", ["bpe", "unigram", "wordpiece"])
 def test_added_tokens_are_used_on_the_domain_text(kind, domain):
     """>= 95 % of the added rows occur in the merged tokenizer's segmentation of the text they were learnt from;
@@ -160,6 +166,7 @@ def test_added_tokens_are_used_on_the_domain_text(kind, domain):
         assert s["intermediates"] == 0
 
 
+@pytest.mark.slow  # the module's BPE extension fixture (~9 s under load)
 def test_base_segmentation_of_general_text_unchanged_where_no_new_token_applies(bpe_ext):
     base, ext = bpe_ext
     backend = base.backend_tokenizer
