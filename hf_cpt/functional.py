@@ -10,6 +10,8 @@ from .callbacks.rewarm import build_cycles, lr_multiplier, lr_multiplier_cycles
 from .collators.masking import apply_replacement, choose_one_per_span, lexicon_budget_mask
 from .collators.distill import distill_token_weights
 from .collators.spans import char_to_token_spans, lexicon_spans
+from .data_clean import (candidate_probability, choose_bands, clean_documents, exact_key, normalize_words,
+                         word_shingles)
 from .distill import top1_agreement, topk_kl, topk_targets
 from .dynamics import annealing_area, fit_dynamics, forward_area
 from .evaluation import flatten_results
@@ -22,6 +24,12 @@ from .synth import dedup_lines, split_seeds
 from .vocab.init import factorize_embeddings, init_mean, init_ofa, init_random, init_subword_mean
 
 __all__ = [
+    "candidate_probability",
+    "choose_bands",
+    "clean_documents",
+    "exact_key",
+    "normalize_words",
+    "word_shingles",
     "downstream_breached",
     "flatten_results",
     "summarize_downstream",

@@ -135,6 +135,11 @@ def recipe_lines(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
                      + (" (with their optimizer state)" if af.get("reset_optimizer_state") else ""))
     if train.get("trainable", "all") != "all":
         lines.append(f"trainable parameters: {train.get('trainable')} only")
+    from .data_clean import card_line  # data cleaning (issue 34)
+
+    cleaning = card_line(metrics.get("cleaning"), data)
+    if cleaning:
+        lines.append(cleaning)
     return lines
 
 

@@ -211,6 +211,7 @@ class RunData:
     eval_sets: dict[str, Any]
     collator: Any
     callbacks: list[Any] = field(default_factory=list)
+    cleaning: dict[str, Any] | None = None  # data cleaning (issue 34): the report of `hf_cpt.recipe.cleaning`
 
 
 def build_data(cfg: CPTConfig, model: Any, tokenizer: Any, args: Any) -> RunData:
@@ -223,7 +224,7 @@ def build_data(cfg: CPTConfig, model: Any, tokenizer: Any, args: Any) -> RunData
 
         train_set, eval_sets, collator, train_collator = build_masked_data(cfg, tokenizer)
         callbacks = [MaskingStatsCallback(train_collator)] if hasattr(train_collator, "pop_stats") else []
-        return RunData(train_set, eval_sets, collator, callbacks)
+        return RunData(train_set, eval_sets, collator, callbacks, cleaning=collator.cleaning)
     from transformers import default_data_collator
 
     from .data import build_eval_sets, build_train_set, synthesize_general
@@ -233,17 +234,21 @@ def build_data(cfg: CPTConfig, model: Any, tokenizer: Any, args: Any) -> RunData
     extra = {SELF_EVAL_SET: synth["eval"]} if "eval" in synth else None
     num_blocks = cfg.train.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
     num_blocks *= args.world_size
+    from .cleaning import run_held_out_sets  # data cleaning (issue 34)
+
+    held_out = run_held_out_sets(cfg, synth.get("eval"))  # general_self and downstream task documents
     distill = cfg.train.distill
     train_set = build_train_set(cfg.data, tokenizer, total_blocks=num_blocks, sources=sources,
-                                emit_sources=distill is not None)
+                                emit_sources=distill is not None, held_out=held_out)
     eval_sets = build_eval_sets(cfg.data, tokenizer, extra)
     collator = default_data_collator if distill is None else \
-        build_distill_collator(cfg, model, tokenizer, num_blocks, sources)
-    return RunData(train_set, eval_sets, collator, [ReplayMixerCallback(train_set)])
+        build_distill_collator(cfg, model, tokenizer, num_blocks, sources, held_out)
+    return RunData(train_set, eval_sets, collator, [ReplayMixerCallback(train_set)],
+                   cleaning=getattr(train_set, "cleaning", None))
 
 
 def build_distill_collator(cfg: CPTConfig, model: Any, tokenizer: Any, num_blocks: int,
-                           sources: dict[str, Any] | None) -> Any:
+                           sources: dict[str, Any] | None, held_out: dict[str, Any] | None = None) -> Any:
     """The collator adding base top-k targets (`train.distill`): precomputed for the exact blocks the run will
     read (a second mixer with the same settings), or from a frozen copy of the base."""
     from ..collators.distill import DistillCollator, precompute_distill_targets
@@ -254,7 +259,8 @@ def build_distill_collator(cfg: CPTConfig, model: Any, tokenizer: Any, num_block
     _check_top_k("train.distill.top_k", distill.top_k, model)
     if distill.targets == "frozen_copy":
         return DistillCollator(distill, frozen_model=make_frozen_copy(model))
-    blocks = build_train_set(cfg.data, tokenizer, total_blocks=num_blocks, sources=sources, emit_sources=True)
+    blocks = build_train_set(cfg.data, tokenizer, total_blocks=num_blocks, sources=sources, emit_sources=True,
+                             held_out=held_out)
     targets = precompute_distill_targets(iter(blocks), model, num_blocks, distill, distilled_sources=[1],
                                          batch_size=cfg.train.per_device_eval_batch_size)
     logger.info("distillation replay: base top-%d targets for %d of %d blocks", distill.top_k, len(targets),
@@ -353,6 +359,7 @@ def collect_metrics(cfg: CPTConfig, trainer: Any, train_out: Any, data: RunData,
         "forgetting": monitor.summary(),
         "eval_history": monitor.history,
         "downstream": _downstream_summary(live),
+        "cleaning": data.cleaning,  # data cleaning (issue 34)
         "log_history": trainer.state.log_history,
     }
 
@@ -464,7 +471,7 @@ def _train_and_write(cfg: CPTConfig, args: Any, tmp: Path, last: str | None, sta
     if finished:
         # killed after its last checkpoint (e.g. while writing outputs): the Trainer would take one more step on
         # an iterable set, so it gets no blocks; it still restores weights and callback states, then stops
-        data = RunData(_NoBlocks(), data.eval_sets, data.collator, data.callbacks)
+        data = RunData(_NoBlocks(), data.eval_sets, data.collator, data.callbacks, cleaning=data.cleaning)
         args.accelerator_config.dispatch_batches = False  # accelerate's dispatcher refuses an empty stream
     trainer = build_trainer(cfg, args, model, tokenizer, data, vocab_summary)
     if last is not None:
