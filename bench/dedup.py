@@ -144,11 +144,22 @@ def bench_planted(c: dict[str, list[str]]) -> dict:
         print(f"  threshold {threshold}: precision {p:.3f} recall {r:.3f} ({sum(corpus.duplicate)} true "
               f"duplicates of {len(corpus.documents)} documents)", flush=True)
     held = c["python-docs/validation"] + c["kjv/validation"]
-    train, truth = plant_contamination(originals, held, n=13, seed=2)
+    from hf_cpt.data_clean import NgramIndex
+
+    index = NgramIndex.from_sets({"held": held}, 13)  # originals already sharing a 13-gram would blur the truth
+    pure = [t for t in originals if index.first_match(normalize_words(t)) is None]
+    train, truth = plant_contamination(pure, held, n=13, seed=2)
     res = clean_documents({"x": train}, None, DecontaminateConfig(), {"held": held})
     p, r = precision_recall((res.decisions["x"] >= EXACT).tolist(), truth)
     out["decontamination"] = {"documents": len(train), "contaminated": sum(truth), "precision": p, "recall": r}
+    grams = {tuple(w[i:i + 13]) for h in held for w in [normalize_words(h)] for i in range(len(w) - 12)}
+    naive = [any(tuple(w[i:i + 13]) in grams for i in range(len(w) - 12)) for w in map(normalize_words, train)]
+    out["decontamination"]["vs_naive_reference"] = precision_recall((res.decisions["x"] >= EXACT).tolist(), naive)
+    out["decontamination"]["planted_negatives_really_sharing_a_13gram"] = sum(n and not t for n, t in zip(naive, truth))
     print(f"  decontamination (13-grams): precision {p:.3f} recall {r:.3f} ({sum(truth)} planted)", flush=True)
+    print(f"  vs the naive set-intersection reference: precision, recall = {out['decontamination']['vs_naive_reference']}; "
+          f"{out['decontamination']['planted_negatives_really_sharing_a_13gram']} planted 12-word spans met a matching "
+          "neighbour word (a real 13-gram)", flush=True)
     return out
 
 
@@ -180,13 +191,31 @@ def bench_embedded(c: dict[str, list[str]]) -> dict:
                                       "ngram": " ".join(w[j:j + 13])})
                         break
         overlaps[name] = {"training_documents": len(found), "examples": found[:8]}
-    # within the held-out splits vs the offline tasks (the tasks are built from them: expected overlap)
-    out = {"report": report, "overlaps": overlaps}
+    out = {"report": report, "overlaps": overlaps, "most_similar": most_similar_pairs(sources)}
     for name, s in report["sources"].items():
         print(f"  {name}: {s['documents']} docs; exact {s['exact']['documents']}, near {s['near']['documents']}, "
               f"contaminated {s['contaminated']['documents']} {s['contaminated']['by_set']}", flush=True)
     for name, o in overlaps.items():
         print(f"  overlap with {name}: {o['training_documents']} training documents", flush=True)
+    return out
+
+
+def most_similar_pairs(sources: dict[str, list[str]], top: int = 8) -> list[dict]:
+    """The most similar training document pairs (exact Jaccard of 5-word shingles), across both corpora."""
+    docs = [(s, i, d) for s, texts in sources.items() for i, d in enumerate(texts)]
+    sets = [set(word_shingles(normalize_words(d), 5)) for _, _, d in docs]
+    sign = minhash_function("rensa", 128, 0)
+    sigs = np.stack([sign(sorted(s)) for s in sets])
+    est = np.zeros((len(docs), len(docs)))
+    for i in range(len(docs)):
+        est[i] = (sigs == sigs[i]).mean(axis=1)
+    np.fill_diagonal(est, 0)
+    pairs = sorted(((est[i, j], i, j) for i in range(len(docs)) for j in range(i + 1, len(docs))), reverse=True)
+    out = []
+    for _, i, j in pairs[:top]:
+        out.append({"a": f"{docs[i][0]}: {docs[i][2].split(chr(10), 1)[0][:40]}",
+                    "b": f"{docs[j][0]}: {docs[j][2].split(chr(10), 1)[0][:40]}", "jaccard": jaccard(sets[i], sets[j])})
+        print(f"  similar: {out[-1]['a']} ~ {out[-1]['b']}: J = {out[-1]['jaccard']:.3f}", flush=True)
     return out
 
 
@@ -237,7 +266,7 @@ def _tokenize_seconds(texts: list[str], num_proc: int) -> float:
         return time.perf_counter() - t0
 
 
-def bench_scale(c: dict[str, list[str]], mb: float, workers: list[int], tokenize: bool) -> dict:
+def bench_scale(c: dict[str, list[str]], mb: float, workers: list[int], tokenize: bool, clean: bool = True) -> dict:
     texts = ciphered_corpus(c, mb)
     size = _mb(texts)
     print(f"  corpus: {len(texts):,} documents, {size:.0f} MB", flush=True)
@@ -245,7 +274,7 @@ def bench_scale(c: dict[str, list[str]], mb: float, workers: list[int], tokenize
     steps = {"exact": (DedupConfig(near=False), None), "near": (DedupConfig(exact=False), None),
              "decontaminate": (None, DecontaminateConfig()), "all": (DedupConfig(), DecontaminateConfig())}
     out: dict = {"documents": len(texts), "mb": size, "runs": {}}
-    for w in workers:
+    for w in (workers if clean else []):
         for name, (dedup, decon) in steps.items():
             gc.collect()
             t0 = time.perf_counter()
@@ -297,6 +326,7 @@ def main() -> None:
     p.add_argument("--parts", default="libraries,planted,embedded,memory,scale")
     p.add_argument("--workers", default="1,2")
     p.add_argument("--no-tokenize", action="store_true")
+    p.add_argument("--no-clean", action="store_true", help="scale: only the tokenizer timing")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     parts = a.parts.split(",")
@@ -305,7 +335,7 @@ def main() -> None:
     for part, fn in (("libraries", lambda: bench_libraries(c)), ("planted", lambda: bench_planted(c)),
                      ("embedded", lambda: bench_embedded(c)), ("memory", bench_index_memory),
                      ("scale", lambda: bench_scale(c, a.mb, [int(w) for w in a.workers.split(",")],
-                                                   not a.no_tokenize))):
+                                                   not a.no_tokenize, not a.no_clean))):
         if part in parts:
             print(f"{part}:", flush=True)
             result[part] = fn()

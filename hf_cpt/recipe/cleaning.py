@@ -34,7 +34,7 @@ def cleaning_enabled(dedup: DedupConfig | None, decon: DecontaminateConfig | Non
     return bool((dedup is not None and dedup.enabled) or (decon is not None and decon.enabled))
 
 
-def _texts(ds: Any, text_field: str) -> Iterator[Any]:
+def iter_texts(ds: Any, text_field: str) -> Iterator[Any]:
     """The text column of a `datasets.Dataset` in batches (bounded memory), or the items of a plain sequence."""
     if hasattr(ds, "iter") and hasattr(ds, "column_names"):
         for batch in ds.iter(batch_size=1000):
@@ -42,23 +42,6 @@ def _texts(ds: Any, text_field: str) -> Iterator[Any]:
         return
     for item in ds:
         yield item[text_field] if isinstance(item, Mapping) else item
-
-
-def held_out_texts(data: DataConfig, extra: Mapping[str, Any] | None = None) -> dict[str, list[str]]:
-    """`{set name: texts}` of every set the run evaluates on: `domain` / `general` (their `eval` splits) and
-    `extra` (e.g. `general_self`, lm-eval tasks from [`downstream_texts`]), only when decontamination is on."""
-    from .data import load_split
-
-    if data.decontaminate is None or not data.decontaminate.enabled:
-        return {}
-    out: dict[str, list[str]] = {}
-    for name in ("domain", "general"):
-        src = getattr(data, name)
-        if src is not None and src.eval is not None:
-            out[name] = list(_texts(load_split(src.eval, src, f"data.{name}.eval"), src.text_field))
-    for name, texts in (extra or {}).items():
-        out[name] = [t for t in _texts(texts, "text")] if not isinstance(texts, list) else list(texts)
-    return out
 
 
 def downstream_texts(downstream: DownstreamConfig | None) -> dict[str, list[str]]:
@@ -130,7 +113,7 @@ def clean_train_sources(dedup: DedupConfig | None, decontaminate: DecontaminateC
     streaming = [n for n in names if not hasattr(sources[n], "__len__")]
     if streaming:
         return _clean_streams(dedup, decontaminate, sources, text_fields, held_out, streaming, field)
-    result = clean_documents({n: _texts(ds, text_fields[n]) for n, ds in sources.items()}, dedup, decontaminate,
+    result = clean_documents({n: iter_texts(ds, text_fields[n]) for n, ds in sources.items()}, dedup, decontaminate,
                              held_out, workers=workers)
     out = {}
     for name, ds in sources.items():
@@ -212,7 +195,7 @@ class CleanedStream:
     def __iter__(self) -> Iterator[Any]:
         cleaner: DocumentCleaner = self._make()
         for name, texts in self._before.items():
-            for t in _texts(texts, self.text_fields[name]):
+            for t in iter_texts(texts, self.text_fields[name]):
                 cleaner.keep(name, t)
         for item in self.data:
             if cleaner.keep(self.name, item[self.text_fields[self.name]] if isinstance(item, Mapping) else item):
@@ -251,7 +234,7 @@ def run_held_out_sets(cfg: CPTConfig, general_self: Any = None) -> dict[str, lis
     decon = cfg.data.decontaminate
     if decon is None or not decon.enabled:
         return {}
-    out = {SELF_EVAL_SET: list(_texts(general_self, "text"))} if general_self is not None else {}
+    out = {SELF_EVAL_SET: list(iter_texts(general_self, "text"))} if general_self is not None else {}
     out.update(downstream_texts(cfg.downstream))
     return out
 

@@ -150,6 +150,25 @@ def tokenize_and_pack(ds, tokenizer, text_field: str, block_size: int, desc: str
 
 
 
+# --- data cleaning (issue 34): the held-out texts the training text is decontaminated against ---
+def held_out_texts(data: DataConfig, extra: Mapping[str, Any] | None = None) -> dict[str, list[str]]:
+    """`{set name: texts}` of every set the run evaluates on: `domain` / `general` (their `eval` splits) and
+    `extra` (e.g. `general_self`, lm-eval tasks from [`downstream_texts`]), only when decontamination is on."""
+    from .cleaning import iter_texts
+
+    if data.decontaminate is None or not data.decontaminate.enabled:
+        return {}
+    out: dict[str, list[str]] = {}
+    for name in ("domain", "general"):
+        src = getattr(data, name)
+        if src is not None and src.eval is not None:
+            out[name] = list(iter_texts(load_split(src.eval, src, f"data.{name}.eval"), src.text_field))
+    for name, texts in (extra or {}).items():
+        out[name] = [t for t in iter_texts(texts, "text")] if not isinstance(texts, list) else list(texts)
+    return out
+# --- end data cleaning ---
+
+
 def build_eval_sets(cfg: DataConfig, tokenizer, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Held-out block sets keyed `general` / `domain` (plus `extra` text datasets, e.g. `general_self`), each
     capped at `max_eval_blocks`."""
@@ -214,7 +233,7 @@ def build_train_set(cfg: DataConfig, tokenizer, total_blocks: int | None = None,
             raise ValueError(f"`data.{name}.train`: {src.train!r} holds no documents; point it at your text")
         loaded[name] = ds
     # --- data cleaning (issue 34): dedup + decontamination of the loaded sources, before mixing ---
-    from .cleaning import clean_train_sources, held_out_texts
+    from .cleaning import clean_train_sources
 
     fields = {n: "text" if n in given else getattr(cfg, n).text_field for n in names}
     loaded, cleaning = clean_train_sources(cfg.dedup, cfg.decontaminate, loaded, fields,
@@ -425,7 +444,7 @@ def open_config_store(data: DataConfig, tokenizer: Any, held_out: Mapping[str, A
         FileNotFoundError: no store there (run `hf-cpt prepare CONFIG`). ValueError: stale, truncated or damaged.
     """
     sources, fields = config_sources(data)
-    from .cleaning import cleaning_fingerprint, held_out_texts
+    from .cleaning import cleaning_fingerprint
 
     cleaning = cleaning_fingerprint(data.dedup, data.decontaminate, held_out_texts(data, held_out))
     expected = store_fingerprint(sources, tokenizer, fields, field="data", suffix=".train", packing=data.packing,

@@ -185,7 +185,8 @@ def build_masked_data(cfg: CPTConfig, tokenizer: Any) -> tuple[Any, dict[str, An
             raise ValueError(f"`data.{name}.train`: {src.train!r} holds no documents; point it at your text")
         loaded[name] = ds
     # --- data cleaning (issue 34): dedup + decontamination of the documents, before chunking ---
-    from .cleaning import clean_train_sources, held_out_texts, run_held_out_sets
+    from .cleaning import clean_train_sources, run_held_out_sets
+    from .data import held_out_texts
 
     loaded, cleaning = clean_train_sources(data.dedup, data.decontaminate, loaded,
                                            {n: getattr(data, n).text_field for n in names},

@@ -140,7 +140,7 @@ def load_and_clean_sources(sources: Mapping[str, str], fingerprint: dict[str, An
     copy is kept). Returns `{name: (kept documents, decisions or None)}` and the cleaning report (None: off)."""
     from ..config import SourceConfig
     from ..data_clean import clean_documents
-    from .cleaning import _texts, cleaning_enabled
+    from .cleaning import iter_texts, cleaning_enabled
 
     loaded = {}
     for name, spec in sources.items():
@@ -152,7 +152,7 @@ def load_and_clean_sources(sources: Mapping[str, str], fingerprint: dict[str, An
     if not cleaning_enabled(dedup, decontaminate):
         return {n: (ds, None) for n, ds in loaded.items()}, None
     fields = {n: fingerprint["sources"][n]["text_field"] for n in loaded}
-    result = clean_documents({n: _texts(ds, fields[n]) for n, ds in loaded.items()}, dedup, decontaminate, held_out,
+    result = clean_documents({n: iter_texts(ds, fields[n]) for n, ds in loaded.items()}, dedup, decontaminate, held_out,
                              workers=workers)
     out = {}
     for name, ds in loaded.items():
@@ -231,7 +231,8 @@ def prepare_config(cfg: CPTConfig, tokenizer: Any = None, *, num_proc: int | Non
         the store directory; with `dry_run`, the cleaning report instead (nothing is written; token totals are
         estimated), or None when cleaning is off.
     """
-    from .cleaning import clean_train_sources, downstream_texts, held_out_texts
+    from .cleaning import clean_train_sources, downstream_texts
+    from .data import held_out_texts
 
     data = cfg.data
     if data.prepared_dir is None and not dry_run:
