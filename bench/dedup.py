@@ -270,6 +270,7 @@ def bench_scale(c: dict[str, list[str]], mb: float, workers: list[int], tokenize
     texts = ciphered_corpus(c, mb)
     size = _mb(texts)
     print(f"  corpus: {len(texts):,} documents, {size:.0f} MB", flush=True)
+    print(f"  load average (1, 5, 15 min): {os.getloadavg()}", flush=True)
     held = {"held": c["python-docs/validation"] + c["kjv/validation"], **offline_task_texts()}
     steps = {"exact": (DedupConfig(near=False), None), "near": (DedupConfig(exact=False), None),
              "decontaminate": (None, DecontaminateConfig()), "all": (DedupConfig(), DecontaminateConfig())}
@@ -331,7 +332,8 @@ def main() -> None:
     a = p.parse_args()
     parts = a.parts.split(",")
     c = corpora()
-    result: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
+    result: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                "load_average_at_start": os.getloadavg()}}
     for part, fn in (("libraries", lambda: bench_libraries(c)), ("planted", lambda: bench_planted(c)),
                      ("embedded", lambda: bench_embedded(c)), ("memory", bench_index_memory),
                      ("scale", lambda: bench_scale(c, a.mb, [int(w) for w in a.workers.split(",")],

@@ -162,3 +162,12 @@ def test_config_fields_are_validated_with_their_path():
                                   "decontaminate": {"action": "off"}}})
     with pytest.raises(ValueError, match=r"^`data.dedup.backend` must be one of"):
         CPTConfig.from_dict({"data": {"dedup": {"backend": "simhash"}}})
+
+
+def test_a_resume_refuses_other_cleaning_settings():
+    # cleaning is stateless (decided again, identically, from the documents), so a resumed run reads the same
+    # documents exactly when the settings are the same; a change is a change of data
+    a = CPTConfig.from_dict({})
+    assert a.training_diff(a.override({"data.dedup.threshold": 0.9})) == ["`data.dedup.threshold`: 0.8 -> 0.9"]
+    assert a.training_diff(a.override({"data.decontaminate.action": "report"})) == [
+        "`data.decontaminate.action`: 'drop' -> 'report'"]
