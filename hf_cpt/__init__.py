@@ -31,7 +31,7 @@ _GROUPS: dict[str, dict[str, str]] = {
     "data at scale": {"PreparedMixer": "mixers.prepared", "PreparedStore": "mixers.prepared",
                       "prepare_sources": "recipe.prepare", "prepare_config": "recipe.prepare"},
     "data cleaning": {"DedupConfig": "data_clean.clean", "DecontaminateConfig": "data_clean.decontam",
-                      "DocumentCleaner": "data_clean.clean", "CleanReport": "data_clean.clean",
+                      "DocumentCleaner": "data_clean.clean", "CleanReport": "data_clean.report",
                       "clean_documents": "data_clean.clean"},
     "CMR": {n: "mixers.cmr" for n in ("fit_cmr_law", "predict_cmr", "read_records", "write_records", "plot_cmr",
                                          "CMRFit", "CMRPrediction", "CMRRecord")},

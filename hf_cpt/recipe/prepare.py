@@ -2,9 +2,10 @@
 
 The store is a directory holding one `datasets.save_to_disk` Arrow dataset per source (column `input_ids`, one row
 per document: its token ids followed by EOS, empty for a blank document) and `hf_cpt_prepared.json`, the manifest
-with the fingerprint (tokenizer, source files, text column) and the document/token counts. It is written into a
-staging directory and renamed into place with the manifest already inside, so an interrupted prepare leaves no
-store that looks complete. [`PreparedMixer`] reads it (memory-mapped) to build the training blocks.
+with the fingerprint (tokenizer, source files, text column, cleaning settings and held-out hashes), the
+document/token counts and the cleaning report (issue 34: the documents are deduplicated and decontaminated before
+they are tokenized, see `hf_cpt.recipe.cleaning`). It is written into a staging directory and renamed into place
+with the manifest already inside, so an interrupted prepare leaves no store that looks complete. [`PreparedMixer`] reads it (memory-mapped) to build the training blocks.
 """
 
 from __future__ import annotations

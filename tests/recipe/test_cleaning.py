@@ -135,3 +135,25 @@ def test_a_run_reports_cleaning_in_metrics_log_and_card(tmp_path, tiny_model_dir
     assert set(metrics["cleaning"]["held_out"]) == {"domain", "general"}
     assert any(r.getMessage().startswith("data cleaning: domain: 64 docs") for r in caplog.records)
     assert "data cleaning (first copy kept)" in (tmp_path / "run" / "README.md").read_text()
+
+
+def test_cli_prepare_dry_run_prints_the_report_and_writes_nothing(corpora, tmp_path, tiny_model_dir):
+    import yaml
+    from typer.testing import CliRunner
+
+    from hf_cpt.cli.main import app
+
+    from ..conftest import tiny_run_dict
+
+    cfg = tiny_run_dict(tiny_model_dir)
+    cfg["data"].update(domain={"train": corpora["domain"], "eval": corpora["eval"]},
+                       general={"train": corpora["general"], "eval": corpora["eval"]},
+                       prepared_dir=str(tmp_path / "store"))
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(app, ["prepare", str(path), "--dry-run", "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    assert "data cleaning: domain: 9 docs" in result.output and "exact        " in result.output
+    assert not (tmp_path / "store").exists()
+    result = CliRunner().invoke(app, ["prepare", str(path), "--workers", "0"])
+    assert result.exit_code != 0 and "`workers` must be an integer >= 1" in result.output
