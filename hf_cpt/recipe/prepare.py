@@ -29,9 +29,9 @@ from .data import config_sources, load_split, store_fingerprint
 logger = logging.getLogger(__name__)
 
 
-def _check_num_proc(num_proc: object, field: str) -> int:
+def _check_num_proc(num_proc: object, field: str, what: str = "processes that tokenize") -> int:
     if isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1:
-        raise ValueError(f"`{field}` must be an integer >= 1 (processes that tokenize), got {num_proc!r}")
+        raise ValueError(f"`{field}` must be an integer >= 1 ({what}), got {num_proc!r}")
     return num_proc
 
 
@@ -241,7 +241,7 @@ def prepare_config(cfg: CPTConfig, tokenizer: Any = None, *, num_proc: int | Non
                          "--prepared-dir PATH), where the pretokenized store goes")
     sources, fields = config_sources(data)
     n = _check_num_proc(num_proc, "num_proc") if num_proc is not None else data.num_proc
-    w = _check_num_proc(workers, "workers") if workers is not None else n
+    w = _check_num_proc(workers, "workers", "processes that hash documents for cleaning") if workers is not None else n
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
     fingerprint = store_fingerprint(sources, tokenizer, fields, field="data", suffix=".train")  # name fields
     decon = data.decontaminate
