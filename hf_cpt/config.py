@@ -30,6 +30,7 @@ from .callbacks.rewarm import RewarmConfig
 from .callbacks.weight_averaging import WeightAveragingConfig
 from .collators.distill import DistillConfig
 from .collators.masking import MASKING_KINDS, MaskingConfig
+from .data_clean import DecontaminateConfig, DedupConfig  # data cleaning (issue 34)
 from .hub import HubConfig
 from .mixers.core import RatioStage
 from .mixers.packing import ADD_BOS, PACKINGS
@@ -155,6 +156,18 @@ class DataConfig:
         default=0,
         metadata={"help": "Dataloader worker processes per rank (> 0 needs `prepared_dir`, or `masking`)."},
     )
+    # --- data cleaning (issue 34): hf_cpt/data_clean, applied by hf_cpt/recipe/cleaning.py ---
+    dedup: DedupConfig | None = field(
+        default_factory=DedupConfig,
+        metadata={"help": "Exact and near-duplicate removal of training documents (first seen kept), e.g. "
+                          "`{exact: true, near: true, threshold: 0.8}`; null: off."},
+    )
+    decontaminate: DecontaminateConfig | None = field(
+        default_factory=DecontaminateConfig,
+        metadata={"help": "Training documents sharing a word `ngram` (13) with a held-out set or a `downstream` "
+                          "task: `{action: drop}` (default), `report` or `off`."},
+    )
+    # --- end data cleaning ---
 
     def __post_init__(self) -> None:
         check_choice("granularity", self.granularity, GRANULARITIES)
@@ -191,6 +204,7 @@ class DataConfig:
         check_int("shuffle_seed", self.shuffle_seed, minimum=0)
         check_int("num_proc", self.num_proc, minimum=1)
         check_int("num_workers", self.num_workers, minimum=0)
+        _check_cleaning(self)  # data cleaning (issue 34)
         if self.prepared_dir is not None:
             check_name("prepared_dir", self.prepared_dir)
             for name in ("domain", "general"):
@@ -202,6 +216,19 @@ class DataConfig:
                                      + (" with `streaming: true`" if source.streaming else "")
                                      + "; remove `prepared_dir` to read it on the fly")
 
+
+
+# --- data cleaning (issue 34) ---
+def _check_cleaning(data: DataConfig) -> None:
+    """The cleaning settings against the rest of `data`: a prepared store is cleaned by `hf-cpt prepare`, before
+    `general_self` is sampled (at the start of training), so it cannot be decontaminated against it."""
+    decon = data.decontaminate
+    if (data.prepared_dir is not None and decon is not None and decon.enabled and data.synth is not None
+            and data.synth.eval_tokens):
+        raise ValueError("`decontaminate`: a prepared store (`prepared_dir`) is cleaned when `hf-cpt prepare` runs, "
+                         "before `general_self` (`synth.eval_tokens`) is sampled, so it cannot be checked against "
+                         "it; remove `prepared_dir` (clean on the fly), or set `decontaminate.action: off`")
+# --- end data cleaning ---
 
 @dataclass
 class TrainConfig:

@@ -35,6 +35,7 @@ TECHNIQUE_MODULES: list[str] = [
     "hf_cpt.callbacks.forgetting",     # forgetting monitor, KL    `monitor`
     "hf_cpt.mixers.packing",           # document packing          `data.packing`
     "hf_cpt.mixers.prepared",          # data at scale             `data.prepared_dir`
+    "hf_cpt.data_clean",               # data cleaning             `data.dedup`, `data.decontaminate`
     "hf_cpt.mixers.cmr",               # CMR scaling law           `data.cmr`
     "hf_cpt.dynamics",                 # CPT learning dynamics     (`hf-cpt plan`)
     "hf_cpt.callbacks.downstream",     # downstream evaluation     `downstream`

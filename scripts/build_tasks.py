@@ -7,6 +7,10 @@ Two multiple-choice *continuation* tasks, one per held-out corpus (the ``validat
 * ``hf_cpt_kjv_mc`` (general): one or two consecutive verses of a held-out King James Bible chapter and four
   candidate next verses (the true one, three verses of similar length from other chapters); verse numbers removed.
 
+Clean of the training text (issue 34): no context, answer or distractor shares a 13-gram of normalised words with
+either corpus's *training* split (the text hf-cpt trains on), so decontaminating a run against these tasks removes
+no training document on their account.
+
 Scored by lm-eval's ``multiple_choice`` output type: the log-likelihood of each candidate after the passage,
 ``acc`` (raw) and ``acc_norm`` (per byte). A model that knows the text's style and subject picks the true
 continuation more often than chance (25 %). Deterministic: a fixed seed, and the corpora are fixed files.
@@ -21,8 +25,10 @@ import gzip
 import json
 import random
 import re
+import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "hf_cpt" / "data"
@@ -110,10 +116,19 @@ def verse_units(doc: str) -> list[list[str]]:
     return [[v for v in verses if 20 <= len(v) <= 240]]
 
 
+def read_train_splits() -> list[str]:
+    out = []
+    for name in ("python-docs", "kjv"):
+        with gzip.open(DATA / name / "train.jsonl.gz", "rt", encoding="utf-8") as fh:
+            out += [json.loads(line)["text"] for line in fh]
+    return out
+
+
 def build_items(units_per_doc: list[list[list[str]]], n_items: int, context_sentences: tuple[int, int],
-                rng: random.Random) -> list[dict]:
+                rng: random.Random, clean: Any = None) -> list[dict]:
     """Items `{context, choices, label}`: context = 1..k consecutive sentences, the true next sentence and
-    distractors of similar length (within 40 %) from other documents."""
+    distractors of similar length (within 40 %) from other documents. With `clean(text) -> bool`, an item whose
+    text as lm-eval reads it (context, then the choices, one per line) fails it is skipped."""
     candidates = []  # (doc index, context, answer)
     for d, units in enumerate(units_per_doc):
         for sentences in units:
@@ -133,11 +148,22 @@ def build_items(units_per_doc: list[list[list[str]]], n_items: int, context_sent
         choices = rng.sample(similar, N_CHOICES - 1)
         label = rng.randrange(N_CHOICES)
         choices.insert(label, answer)
+        if clean is not None and not clean("\n".join([context, *choices])):
+            continue  # repeats training text (e.g. a verse found in two chapters)
         items.append({"context": context, "choices": choices, "label": label})
         used_answers.add(answer)
         if len(items) == n_items:
             break
     return items
+
+
+def training_text_filter(n: int = 13) -> Any:
+    """`clean(text)`: True when the text shares no `n`-gram of normalised words with the training splits."""
+    sys.path.insert(0, str(ROOT))
+    from hf_cpt.data_clean import NgramIndex, normalize_words
+
+    index = NgramIndex.from_sets({"train": read_train_splits()}, n)
+    return lambda s: index.first_match(normalize_words(s)) is None
 
 
 def main() -> None:
@@ -151,8 +177,9 @@ def main() -> None:
         ("hf_cpt_kjv_mc", "kjv", "general", [verse_units(d) for d in read_split("kjv")], (1, 2)),
     ]
     (OUT / "LICENSE").write_text(LICENSE, encoding="utf-8")
+    clean = training_text_filter()
     for task, corpus, role, units, ctx in specs:
-        items = build_items(units, a.items, ctx, random.Random(f"{SEED}-{task}"))
+        items = build_items(units, a.items, ctx, random.Random(f"{SEED}-{task}"), clean)
         with open(OUT / f"{task}.jsonl", "w", encoding="utf-8") as fh:
             for item in items:
                 fh.write(json.dumps(item, ensure_ascii=False) + "\n")

@@ -77,3 +77,13 @@ def test_packing_bench_tiny_compares_both_layouts_on_the_same_tokens(tmp_path):
     r = json.loads((tmp_path / "packing.json").read_text())
     assert [row["packing"] for row in r["rows"]] == ["documents", "concat"]
     assert {"domain_loss", "general_loss", "general_self_loss", "domain_kl", "step_s"} <= set(r["rows"][0])
+
+
+def test_dedup_bench_planted_truth_and_a_small_scale_run(tmp_path):
+    out = tmp_path / "dedup.json"
+    _run("dedup.py", "--parts", "planted,scale", "--mb", "2", "--workers", "1", "--no-tokenize", "--out", str(out))
+    result = json.loads(out.read_text())
+    at = result["planted"]["0.8"]
+    assert at["precision"] >= 0.95 and at["recall"] >= 0.9
+    assert result["planted"]["decontamination"]["vs_naive_reference"] == [1.0, 1.0]
+    assert result["scale"]["runs"]["all/workers=1"]["removed"] > 0

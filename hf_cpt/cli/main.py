@@ -161,15 +161,33 @@ def prepare(
     num_proc: Annotated[Optional[int], typer.Option(help="Overrides `data.num_proc` (tokenizing processes).")]
     = None,
     overwrite: Annotated[bool, typer.Option(help="Rebuild a store prepared from other data or tokenizer.")] = False,
+    workers: Annotated[Optional[int], typer.Option(help="Processes hashing documents for dedup and "
+                                                          "decontamination (default: `data.num_proc`).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the cleaning report (dedup, "
+                                                            "decontamination) without writing the store.")] = False,
 ) -> None:
     """Tokenize the training corpora once into a pretokenized store (`data.prepared_dir`), which `hf-cpt train`
-    then reads: no tokenizing during training, each rank builds only its own blocks, O(1) resume."""
+    then reads: no tokenizing during training, each rank builds only its own blocks, O(1) resume. The documents
+    are deduplicated and decontaminated first (`data.dedup`, `data.decontaminate`); the report is in the store's
+    manifest, and `--dry-run` prints it without writing anything."""
     from ..recipe import load_config, prepare_config
 
     cfg = load_config(config, template)
     if prepared_dir is not None:
         cfg = cfg.override({"data.prepared_dir": str(prepared_dir)})
-    out = prepare_config(cfg, num_proc=num_proc, overwrite=overwrite)
+    if dry_run:
+        from ..recipe.cleaning import format_report
+
+        report = prepare_config(cfg, num_proc=num_proc, workers=workers, dry_run=True)
+        typer.echo(format_report(report) if report is not None else "data cleaning is off (`data.dedup` and "
+                   "`data.decontaminate`): nothing would be removed")
+        return
+    out = prepare_config(cfg, num_proc=num_proc, overwrite=overwrite, workers=workers)
+    from ..recipe.cleaning import store_cleaning_line
+
+    line = store_cleaning_line(out)
+    if line:
+        typer.echo(line)
     typer.echo(f"Prepared store written to {out}; `hf-cpt train` reads it when `data.prepared_dir` points there")
 
 

@@ -94,6 +94,9 @@ def describe_difference(stored: Mapping[str, Any], expected: Mapping[str, Any]) 
                 what = {"spec": "another data path", "text_field": "another text column",
                         "files": "other or changed files"}[key]
                 return f"{what} for source {name!r}"
+    if "cleaning" in expected and stored.get("cleaning") != expected["cleaning"]:  # data cleaning (issue 34)
+        return "other cleaning settings or held-out sets (`data.dedup`, `data.decontaminate`, the `eval` splits, " \
+               "`downstream` tasks)"
     for key in expected:
         if key not in ("version", "tokenizer", "sources") and stored.get(key) != expected[key]:
             return f"another `{key}` ({stored.get(key)!r}, now {expected[key]!r})"

@@ -151,6 +151,25 @@ def tokenize_and_pack(ds, tokenizer, text_field: str, block_size: int, desc: str
 
 
 
+# --- data cleaning (issue 34): the held-out texts the training text is decontaminated against ---
+def held_out_texts(data: DataConfig, extra: Mapping[str, Any] | None = None) -> dict[str, list[str]]:
+    """`{set name: texts}` of every set the run evaluates on: `domain` / `general` (their `eval` splits) and
+    `extra` (e.g. `general_self`, lm-eval tasks from [`downstream_texts`]), only when decontamination is on."""
+    from .cleaning import iter_texts
+
+    if data.decontaminate is None or not data.decontaminate.enabled:
+        return {}
+    out: dict[str, list[str]] = {}
+    for name in ("domain", "general"):
+        src = getattr(data, name)
+        if src is not None and src.eval is not None:
+            out[name] = list(iter_texts(load_split(src.eval, src, f"data.{name}.eval"), src.text_field))
+    for name, texts in (extra or {}).items():
+        out[name] = [t for t in iter_texts(texts, "text")] if not isinstance(texts, list) else list(texts)
+    return out
+# --- end data cleaning ---
+
+
 def build_eval_sets(cfg: DataConfig, tokenizer, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Held-out block sets keyed `general` / `domain` (plus `extra` text datasets, e.g. `general_self`), each
     capped at `max_eval_blocks`."""
@@ -176,7 +195,8 @@ def build_eval_sets(cfg: DataConfig, tokenizer, extra: dict[str, Any] | None = N
 
 
 def build_train_set(cfg: DataConfig, tokenizer, total_blocks: int | None = None,
-                    sources: dict[str, Any] | None = None, emit_sources: bool = False) -> ReplayMixer | PreparedMixer:
+                    sources: dict[str, Any] | None = None, emit_sources: bool = False,
+                    held_out: Mapping[str, Any] | None = None) -> ReplayMixer | PreparedMixer:
     """The training stream: a [`ReplayMixer`] of `domain` and `general` (share `cfg.replay_ratio` of tokens), or
     with `cfg.prepared_dir` a [`PreparedMixer`] giving the same blocks from the pretokenized store (checked
     against this config's files and `tokenizer` first; refused when stale).
@@ -188,15 +208,19 @@ def build_train_set(cfg: DataConfig, tokenizer, total_blocks: int | None = None,
         sources: text datasets to use instead of loading a source's `train` split (e.g. self-synthesised
             `general` text when `data.general.train` is `self`).
         emit_sources: tag blocks with their index and each token with its source (distillation replay).
+        held_out: held-out sets besides `cfg`'s own `eval` splits that the training text is decontaminated
+            against (`{name: texts}`: `general_self`, lm-eval task documents; see `hf_cpt.recipe.cleaning`).
 
     Streaming sources (`streaming: true`) are read lazily; the others are loaded as `datasets.Dataset`s and read
     in a seeded random document order per pass.
+    Before mixing, the sources are deduplicated and decontaminated as `cfg.dedup` / `cfg.decontaminate` say (the
+    token shares are shares of the cleaned text); the report is the mixer's `cleaning` attribute.
     """
     r = cfg.replay_ratio if cfg.general is not None else 0.0
     names = ["domain"] + (["general"] if cfg.general is not None and (r > 0 or cfg.replay_stages) else [])
     given = sources or {}
     if cfg.prepared_dir is not None and not given:
-        return _prepared_train_set(cfg, tokenizer, names, total_blocks, emit_sources)
+        return _prepared_train_set(cfg, tokenizer, names, total_blocks, emit_sources, held_out)
     loaded: dict[str, Any] = {}
     for name in names:
         src: SourceConfig = getattr(cfg, name)
@@ -209,6 +233,13 @@ def build_train_set(cfg: DataConfig, tokenizer, total_blocks: int | None = None,
         if not src.streaming and len(ds) == 0:
             raise ValueError(f"`data.{name}.train`: {src.train!r} holds no documents; point it at your text")
         loaded[name] = ds
+    # --- data cleaning (issue 34): dedup + decontamination of the loaded sources, before mixing ---
+    from .cleaning import clean_train_sources
+
+    fields = {n: "text" if n in given else getattr(cfg, n).text_field for n in names}
+    loaded, cleaning = clean_train_sources(cfg.dedup, cfg.decontaminate, loaded, fields,
+                                           held_out_texts(cfg, held_out), tokenizer)
+    # --- end data cleaning ---
     ratios = {"domain": 1.0 - r, "general": r} if len(names) == 2 else {"domain": 1.0}
     stages = list(cfg.replay_stages) if len(names) == 2 else []
     if stages and total_blocks is None:
@@ -220,11 +251,13 @@ def build_train_set(cfg: DataConfig, tokenizer, total_blocks: int | None = None,
         text_field={n: "text" if n in given else getattr(cfg, n).text_field for n in names},
         emit_sources=emit_sources,
     )
-    return ReplayMixer(loaded, tokenizer, mixer_cfg)
+    mixer = ReplayMixer(loaded, tokenizer, mixer_cfg)
+    mixer.cleaning = cleaning  # data cleaning (issue 34): the report, read into metrics.json and the card
+    return mixer
 
 
 def _prepared_train_set(cfg: DataConfig, tokenizer, names: list[str], total_blocks: int | None,
-                        emit_sources: bool) -> PreparedMixer:
+                        emit_sources: bool, held_out: Mapping[str, Any] | None = None) -> PreparedMixer:
     from accelerate import PartialState
 
     if total_blocks is None:
@@ -236,9 +269,15 @@ def _prepared_train_set(cfg: DataConfig, tokenizer, names: list[str], total_bloc
         on_exhausted=cfg.on_exhausted, stages=list(cfg.replay_stages) if len(names) == 2 else [],
         total_blocks=total_blocks if cfg.replay_stages and len(names) == 2 else None, seed=cfg.shuffle_seed,
         emit_sources=emit_sources)
-    store = open_config_store(cfg, tokenizer)
+    store = open_config_store(cfg, tokenizer, held_out)
     with PartialState().main_process_first():  # the main process plans (and caches) the schedule, the others read it
-        return PreparedMixer(store, mixer_cfg, num_blocks=total_blocks)
+        mixer = PreparedMixer(store, mixer_cfg, num_blocks=total_blocks)
+    mixer.cleaning = store.manifest.get("cleaning")  # data cleaning (issue 34): what `hf-cpt prepare` removed
+    if mixer.cleaning:
+        from ..data_clean import summary_line
+
+        logger.info("%s (prepared store %s)", summary_line(mixer.cleaning), store.path)
+    return mixer
 
 
 def check_data_paths(cfg: DataConfig) -> None:
@@ -361,7 +400,7 @@ def synthesize_general(cfg: DataConfig, model: Any, tokenizer: Any) -> dict[str,
 
 def store_fingerprint(sources: Mapping[str, str], tokenizer: Any, text_field: str | Mapping[str, str] = "text",
                       field: str = "sources", suffix: str = "", packing: str = "documents",
-                      add_bos: str = "auto") -> dict[str, Any]:
+                      add_bos: str = "auto", cleaning: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What a store prepared from `sources` with `tokenizer` must match: tokenizer hash, per source its path
     spec, text column and files (path, size, mtime), the store format version and the document-start token
     (`bos`: [`bos_for`] under `packing="documents"`, else None).
@@ -384,6 +423,7 @@ def store_fingerprint(sources: Mapping[str, str], tokenizer: Any, text_field: st
         _, files = resolve_data_files(spec, where)
         tf = text_field.get(name, "text") if isinstance(text_field, Mapping) else text_field
         out["sources"][name] = {"spec": spec, "text_field": tf, "files": files_fingerprint(files)}
+    out["cleaning"] = dict(cleaning) if cleaning is not None else {"dedup": None, "decontaminate": None, "held_out": {}}
     return out
 
 
@@ -397,13 +437,17 @@ def config_sources(data: DataConfig) -> tuple[dict[str, str], dict[str, str]]:
     return sources, fields
 
 
-def open_config_store(data: DataConfig, tokenizer: Any) -> PreparedStore:
-    """The store `data.prepared_dir` names, checked against the config's sources and `tokenizer`.
+def open_config_store(data: DataConfig, tokenizer: Any, held_out: Mapping[str, Any] | None = None) -> PreparedStore:
+    """The store `data.prepared_dir` names, checked against the config's sources, `tokenizer` and cleaning
+    (`data.dedup`, `data.decontaminate` against the `eval` splits and the extra `held_out` sets).
 
     Raises:
         FileNotFoundError: no store there (run `hf-cpt prepare CONFIG`). ValueError: stale, truncated or damaged.
     """
     sources, fields = config_sources(data)
+    from .cleaning import cleaning_fingerprint
+
+    cleaning = cleaning_fingerprint(data.dedup, data.decontaminate, held_out_texts(data, held_out))
     expected = store_fingerprint(sources, tokenizer, fields, field="data", suffix=".train", packing=data.packing,
-                                 add_bos=data.add_bos)
+                                 add_bos=data.add_bos, cleaning=cleaning)
     return PreparedStore(data.prepared_dir, expected, field="data.prepared_dir")

@@ -62,6 +62,7 @@ class PremaskedOrCollate:
     collator: Any
     pad_token_id: int
     tokens_per_source: dict[str, int] = field(default_factory=dict)
+    cleaning: dict[str, Any] | None = None  # data cleaning (issue 34): what was removed from the training text
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if "labels" not in features[0]:
@@ -176,13 +177,25 @@ def build_masked_data(cfg: CPTConfig, tokenizer: Any) -> tuple[Any, dict[str, An
     data = cfg.data
     r = data.replay_ratio if data.general is not None else 0.0
     names = ["domain"] + (["general"] if data.general is not None and r > 0 else [])
-    train_parts = []
+    loaded = {}
     for name in names:
         src = getattr(data, name)
         ds = load_split(src.train, src, f"data.{name}.train")
         if len(ds) == 0:
             raise ValueError(f"`data.{name}.train`: {src.train!r} holds no documents; point it at your text")
-        part = _prepare(ds, cfg, tokenizer, src.text_field, f"{name} training text")
+        loaded[name] = ds
+    # --- data cleaning (issue 34): dedup + decontamination of the documents, before chunking ---
+    from .cleaning import clean_train_sources, run_held_out_sets
+    from .data import held_out_texts
+
+    loaded, cleaning = clean_train_sources(data.dedup, data.decontaminate, loaded,
+                                           {n: getattr(data, n).text_field for n in names},
+                                           held_out_texts(data, run_held_out_sets(cfg)), tokenizer)
+    # --- end data cleaning ---
+    train_parts = []
+    for name in names:
+        src = getattr(data, name)
+        part = _prepare(loaded[name], cfg, tokenizer, src.text_field, f"{name} training text")
         train_parts.append(part.add_column("source", [name] * len(part)))
     if len(train_parts) == 2:
         lengths = [mean_length(p) for p in train_parts]
@@ -206,4 +219,4 @@ def build_masked_data(cfg: CPTConfig, tokenizer: Any) -> tuple[Any, dict[str, An
         held_out = CausalSpanCollator(tokenizer, span_weight=1.0) if cfg.objective == "clm" else \
             make_collator(cfg.masking, tokenizer, cfg.objective, seed=1234)
         eval_sets[name] = premask(ds, held_out)
-    return train, eval_sets, PremaskedOrCollate(collator, tokenizer.pad_token_id or 0), collator
+    return train, eval_sets, PremaskedOrCollate(collator, tokenizer.pad_token_id or 0, cleaning=cleaning), collator

@@ -218,6 +218,7 @@ class RunData:
     eval_sets: dict[str, Any]
     collator: Any
     callbacks: list[Any] = field(default_factory=list)
+    cleaning: dict[str, Any] | None = None  # data cleaning (issue 34): the report of `hf_cpt.recipe.cleaning`
 
 
 def build_data(cfg: CPTConfig, model: Any, tokenizer: Any, args: Any) -> RunData:
@@ -230,7 +231,7 @@ def build_data(cfg: CPTConfig, model: Any, tokenizer: Any, args: Any) -> RunData
 
         train_set, eval_sets, collator, train_collator = build_masked_data(cfg, tokenizer)
         callbacks = [MaskingStatsCallback(train_collator)] if hasattr(train_collator, "pop_stats") else []
-        return RunData(train_set, eval_sets, collator, callbacks)
+        return RunData(train_set, eval_sets, collator, callbacks, cleaning=collator.cleaning)
     from transformers import default_data_collator
 
     from .data import build_eval_sets, build_train_set, synthesize_general
@@ -245,16 +246,21 @@ def build_data(cfg: CPTConfig, model: Any, tokenizer: Any, args: Any) -> RunData
     if len(collating) > 1:
         raise ValueError(f"{' and '.join(f'`{t.key}`' for t in collating)} each bring their own data collator; a "
                          "run can use one of them")
+    from .cleaning import run_held_out_sets  # data cleaning: what training text must not overlap
+
+    held_out = run_held_out_sets(cfg, synth.get("eval"))  # general_self and downstream task documents
     train_set = build_train_set(cfg.data, tokenizer, total_blocks=num_blocks, sources=sources,
-                                emit_sources=any(t.block_sources for t in enabled))
+                                emit_sources=any(t.block_sources for t in enabled), held_out=held_out)
     eval_sets = build_eval_sets(cfg.data, tokenizer, extra)
     collator = default_data_collator
     if collating:
         def blocks() -> Any:  # the exact stream again, each block with its index and per-token sources
-            return build_train_set(cfg.data, tokenizer, total_blocks=num_blocks, sources=sources, emit_sources=True)
+            return build_train_set(cfg.data, tokenizer, total_blocks=num_blocks, sources=sources, emit_sources=True,
+                                   held_out=held_out)
 
         collator = collating[0].collator(DataParts(cfg, model, tokenizer, num_blocks, blocks))
-    return RunData(train_set, eval_sets, collator, [ReplayMixerCallback(train_set)])
+    return RunData(train_set, eval_sets, collator, [ReplayMixerCallback(train_set)],
+                   cleaning=getattr(train_set, "cleaning", None))
 
 
 def build_trainer(cfg: CPTConfig, args: Any, model: Any, tokenizer: Any, data: RunData,
@@ -308,6 +314,7 @@ def collect_metrics(cfg: CPTConfig, trainer: Any, train_out: Any, data: RunData,
         "forgetting": monitor.summary(),
         "eval_history": monitor.history,
         "downstream": _downstream_summary(live),
+        "cleaning": data.cleaning,  # data cleaning (issue 34)
         "log_history": trainer.state.log_history,
     }
 
@@ -418,7 +425,7 @@ def _train_and_write(cfg: CPTConfig, args: Any, tmp: Path, last: str | None, sta
     if finished:
         # killed after its last checkpoint (e.g. while writing outputs): the Trainer would take one more step on
         # an iterable set, so it gets no blocks; it still restores weights and callback states, then stops
-        data = RunData(_NoBlocks(), data.eval_sets, data.collator, data.callbacks)
+        data = RunData(_NoBlocks(), data.eval_sets, data.collator, data.callbacks, cleaning=data.cleaning)
         args.accelerator_config.dispatch_batches = False  # accelerate's dispatcher refuses an empty stream
     trainer = build_trainer(cfg, args, model, tokenizer, data, vocab_summary)
     if last is not None:
