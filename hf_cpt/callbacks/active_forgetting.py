@@ -10,6 +10,7 @@ row zeroed), the tied output head follows since it is the same tensor, and the o
 parameters (Adam `exp_avg`, `exp_avg_sq`, `step`) is zeroed; every other parameter and its state is untouched.
 The reset count is derived from the Trainer's update counter, and each reset draws from a generator seeded by
 ``(seed, k)``: every rank resets identically, and a resumed run resets at the same steps to the same values.
+Under FSDP2 each rank writes its own rows of that same full draw, and clears the optimizer state of its shard.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ..utils import is_sharded_model, requested_sharding, unwrap_model
+from ..utils import is_dtensor, is_sharded_model, requested_sharding, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +70,22 @@ def reset_embeddings(model: torch.nn.Module, generator: torch.Generator, std: fl
     params = embedding_parameters(model, include_untied_output)
     std = std if std is not None else float(getattr(getattr(model, "config", None), "initializer_range", 0.02))
     pad = getattr(model.get_input_embeddings(), "padding_idx", None)
-    for p in params:
-        fresh = torch.randn(p.shape, generator=generator, dtype=torch.float32) * std
-        p.copy_(fresh.to(device=p.device, dtype=p.dtype))
-    if pad is not None:
-        params[0][pad].zero_()
+    for i, p in enumerate(params):
+        fresh = torch.randn(p.shape, generator=generator, dtype=torch.float32) * std  # the full (global) shape
+        if i == 0 and pad is not None:
+            fresh[pad] = 0.0
+        _copy_whole(p, fresh.to(dtype=p.dtype))
     return params
+
+
+def _copy_whole(param: torch.Tensor, whole: torch.Tensor) -> None:
+    """`param.copy_(whole)`; for an FSDP2-sharded parameter (a `DTensor`) each rank copies its own rows of the same
+    full draw (`src_data_rank=None`: no communication), so the sharded reset equals the unsharded one."""
+    if is_dtensor(param):
+        from torch.distributed.tensor import distribute_tensor
+
+        whole = distribute_tensor(whole.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    param.copy_(whole.to(param.device))
 
 
 @torch.no_grad()
@@ -119,14 +130,19 @@ class ActiveForgettingCallback(TrainerCallback):
         self.config = config if config is not None else ActiveForgettingConfig(**kwargs)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        # the real setting: what the arguments or `accelerate launch` ask for, and what the model is
-        sharding = requested_sharding(args) or ("FSDP/DeepSpeed" if model is not None and is_sharded_model(model)
-                                                else None)
-        if sharding:
-            raise ValueError(f"`active_forgetting` does not support {sharding} (sharded embeddings) yet: "
-                             "train with DDP or a single process, or remove `active_forgetting`")
-        if model is not None:
-            embedding_parameters(unwrap_model(model), self.config.reset_untied_output)  # fail early
+        # the real setting: what the arguments or `accelerate launch` ask for, and what the model is. FSDP2
+        # (DTensor parameters) is supported: each rank resets its rows of one full draw, and the optimizer state
+        # of the sharded parameters is cleared shard by shard. FSDP1's flat parameters and DeepSpeed are not.
+        params = embedding_parameters(unwrap_model(model), self.config.reset_untied_output) if model is not None \
+            else []  # fail early on a model without embeddings
+        if requested_sharding(args) == "DeepSpeed":
+            raise ValueError("`active_forgetting` does not support DeepSpeed (its embeddings and optimizer state are "
+                             "partitioned outside the model): use FSDP2, DDP or a single process, or remove "
+                             "`active_forgetting`")
+        if model is not None and is_sharded_model(model) and not all(is_dtensor(p) for p in params):
+            raise ValueError("`active_forgetting` supports FSDP2 (`fsdp_version: 2`, DTensor parameters) but not "
+                             "FSDP1 or DeepSpeed ZeRO-3 (flattened/partitioned embeddings): use FSDP2, DDP or a "
+                             "single process, or remove `active_forgetting`")
         return control
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):

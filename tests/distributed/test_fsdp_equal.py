@@ -144,3 +144,73 @@ def test_document_packing_loss_matches_one_process(tmp_path):
     assert min(single["starts"]) >= 2
     assert [a + b for a, b in zip(ranks[0]["starts"], ranks[1]["starts"])] == single["starts"]
     _assert_same_training(single, ranks)
+
+
+@pytest.mark.parametrize("mode", ["distill", "distill_head"])
+def test_distillation_replay_matches_one_process(tmp_path, mode):
+    """Chunked loss + distillation replay (`DistillCollator` with base top-k targets precomputed on the base model
+    before wrapping, `tokens: replay`): with the tied `lm_head` in the root unit, and with an untied `lm_head` as
+    its own FSDP unit (every `Linear` wrapped), where the loss runs as one of the head's FSDP forward methods."""
+    single, ranks = _one_and_sharded(tmp_path, mode)
+    for r in (single, *ranks):
+        assert r["chunked"] and {"base_topk_ids", "base_topk_logprobs", "distill_weights"} <= set(r["batch_keys"])
+    if mode == "distill_head":
+        assert all(r["head_unit"] and r["head_loss_method"] for r in ranks) and not single["head_unit"]
+        assert "lm_head.weight" in single["weights"]  # untied: its own parameter, trained and compared
+    # rank 0 collates every global batch (accelerate dispatches it): the same blocks get the same targets
+    assert single["num_targets"] == ranks[0]["num_targets"] > 0
+    assert ranks[0]["tokens_distilled"] == single["tokens_distilled"] > 0 and ranks[1]["tokens_distilled"] == 0
+    _assert_same_training(single, ranks)
+
+
+def test_chunked_loss_with_lm_head_as_its_own_unit_matches_one_process(tmp_path):
+    """Problem (2) of the first harness round: the patched forward read `lm_head.weight` around FSDP; the loss
+    now runs through the head as an FSDP forward method (gathered, gradient reduce-scattered)."""
+    single, ranks = _one_and_sharded(tmp_path, "chunked_head")
+    assert all(r["head_unit"] and r["head_loss_method"] for r in ranks)
+    _assert_same_training(single, ranks)
+
+
+def test_kl_to_base_and_held_out_evaluation_match_one_process(tmp_path):
+    """Held-out `general`/`domain` evaluation at steps 0, 2, 4 (the Trainer splits each set over the ranks and
+    gathers the losses), `KLToBaseCallback` (targets from the base before wrapping; every rank runs the KL on the
+    whole set through the gathered root unit) and `ForgettingMonitorCallback`'s history."""
+    single, ranks = _one_and_sharded(tmp_path, "kl")
+    want = single["history"]
+    assert [r["step"] for r in want] == [0, 2, 4]
+    assert want[0]["general_kl"] == pytest.approx(0, abs=1e-6) and want[0]["general_top1_agree"] == 1.0
+    assert want[-1]["general_kl"] > 1e-4  # the model moved away from its base
+    for r in ranks:
+        got = r["history"]
+        assert [g.keys() for g in got] == [w.keys() for w in want]
+        for g, w in zip(got, want):
+            for key in w:
+                assert g[key] == pytest.approx(w[key], rel=RTOL, abs=1e-7), (g["step"], key)
+    _assert_same_training(single, ranks)
+
+
+def test_lora_matches_one_process(tmp_path):
+    """`add_lora_for_cpt` (PEFT LoRA r=4 on q_proj/v_proj, embeddings frozen) before wrapping: only the adapters
+    train, with the one-process gradients and weights."""
+    single, ranks = _one_and_sharded(tmp_path, "lora")
+    assert single["trainable"] == ranks[0]["trainable"] and all("lora_" in n for n in single["trainable"])
+    assert set(single["grads"]) == {n for n in single["trainable"]}
+    _assert_same_training(single, ranks)
+
+
+def test_active_forgetting_resets_sharded_embeddings_like_one_process(tmp_path):
+    """`ActiveForgettingCallback` every 2 updates on FSDP2-sharded embeddings: each rank writes its rows of the same
+    full draw, and the reset parameter's Adam state is cleared on its shard; right after the reset the full
+    embedding matrix equals the one-process reset (bitwise: the same draw) and so does every Adam state."""
+    single, ranks = _one_and_sharded(tmp_path, "forget")
+    for r in ranks:
+        assert torch.equal(r["reset_weight"], single["reset_weight"])
+        assert r["reset_state"].keys() == single["reset_state"].keys()
+    emb = "model.embed_tokens.weight"
+    assert all(float(v.abs().max()) == 0 for v in single["reset_state"][emb].values())  # moments and step zeroed
+    for name, state in single["reset_state"].items():
+        for key, value in state.items():
+            got = ranks[0]["reset_state"][name][key]
+            assert _rel(got.float(), value.float()) <= RTOL if value.abs().max() > 0 else torch.equal(got, value)
+    assert float(single["reset_state"]["model.norm.weight"]["exp_avg_sq"].abs().max()) > 0  # others kept
+    _assert_same_training(single, ranks)
