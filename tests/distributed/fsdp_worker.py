@@ -155,7 +155,7 @@ def main():
         model = add_lora_for_cpt(model, r=4, alpha=8, target_modules=["q_proj", "v_proj"], embeddings="none")
     if mode in ("chunked", "chunked_head") or distill:
         apply_chunked_loss(model, chunk_size=16)  # 2 x 31 tokens per rank: several chunks, one of them partial
-    kw = dict(max_steps=MAX_STEPS, per_device_train_batch_size=per_device, learning_rate=1e-3, report_to="none",
+    kw = dict(max_steps=MAX_STEPS, per_device_train_batch_size=per_device, learning_rate=4e-3 if mode == "kl" else 1e-3, report_to="none",
               save_strategy="no", disable_tqdm=True, lr_scheduler_type="constant", logging_steps=1, seed=0,
               ignore_data_skip=True, use_cpu=True)
     if mode == "mixer":

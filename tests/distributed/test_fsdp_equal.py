@@ -179,13 +179,18 @@ def test_kl_to_base_and_held_out_evaluation_match_one_process(tmp_path):
     want = single["history"]
     assert [r["step"] for r in want] == [0, 2, 4]
     assert want[0]["general_kl"] == pytest.approx(0, abs=1e-6) and want[0]["general_top1_agree"] == 1.0
-    assert want[-1]["general_kl"] > 1e-4  # the model moved away from its base
-    for r in ranks:
+    assert want[-1]["general_kl"] > 5e-4 and want[-1]["general_top1_agree"] < 0.9  # moved away (LR 4e-3)
+    for r in ranks:  # every rank holds the same history
         got = r["history"]
         assert [g.keys() for g in got] == [w.keys() for w in want]
         for g, w in zip(got, want):
             for key in w:
-                assert g[key] == pytest.approx(w[key], rel=RTOL, abs=1e-7), (g["step"], key)
+                if key.endswith("_loss"):
+                    assert g[key] == pytest.approx(w[key], rel=RTOL), (g["step"], key)
+                elif key.endswith("_kl"):  # a small difference of log-probs of ~6 nats: fp32 leaves ~1e-8 nats
+                    assert g[key] == pytest.approx(w[key], rel=0, abs=1e-7), (g["step"], key)
+                else:  # step, top-1 agreement: exact
+                    assert g[key] == w[key], (g["step"], key)
     _assert_same_training(single, ranks)
 
 
