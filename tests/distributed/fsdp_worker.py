@@ -8,7 +8,8 @@ MODE: plain | chunked | rewarm (RewarmCallback on the Trainer's scheduler) | rew
 make_rewarm_scheduler, embeddings in their own param group) | mixer | packing | distill (chunked loss + precomputed
 distillation replay targets) | chunked_head, distill_head (the same with an untied `lm_head` wrapped as its own FSDP
 unit) | kl (held-out evaluation + ForgettingMonitorCallback + KLToBaseCallback) | lora (PEFT LoRA on q/v) | forget
-(ActiveForgettingCallback every 2 updates).
+(ActiveForgettingCallback every 2 updates) | vocab
+(extend_vocabulary with OFA init before wrapping; NewRowsFirstCallback's refusal on the sharded model).
 """
 
 import re
@@ -77,6 +78,7 @@ class RecordReset(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if state.global_step == 2:
             self.weight = full(model.get_input_embeddings().weight)
+            self.weights = {n: full(p) for n, p in model.named_parameters()}
             opt = getattr(optimizer, "optimizer", optimizer)
             names = {id(p): n for n, p in model.named_parameters()}
             self.state = {names[id(p)]: {k: full(v) for k, v in st.items() if torch.is_tensor(v)}
@@ -135,11 +137,17 @@ def main():
     data_cfg = DataConfig(block_size=32, replay_ratio=0.25, packing=packing, max_eval_blocks=8)
     distill = mode.startswith("distill")
     num_blocks = MAX_STEPS * 4  # the global batch is 4 blocks in both runs
-    mixer = build_train_set(data_cfg, tok, sources=sources, total_blocks=num_blocks if distill else None,
-                            emit_sources=distill)
     model = make_tiny_llama(len(tok))
+    if mode == "vocab":  # before wrapping: every rank extends and initialises identically
+        from hf_cpt.vocab.extend import VocabConfig, extend_vocabulary
+
+        model, tok, vocab = extend_vocabulary(model, tok, VocabConfig(n_new_tokens=24, init="ofa", vector_dim=16),
+                                              read_embedded("python-docs", limit=40))
+        initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     if HEAD_UNIT:
         untie(model)
+    mixer = build_train_set(data_cfg, tok, sources=sources, total_blocks=num_blocks if distill else None,
+                            emit_sources=distill)
     collator, extra = default_data_collator, {}
     if distill:  # base targets before any update, for the exact blocks the run reads (a second, equal mixer)
         blocks = build_train_set(data_cfg, tok, total_blocks=num_blocks, emit_sources=True)
@@ -175,8 +183,8 @@ def main():
         monitor = ForgettingMonitorCallback(ForgettingMonitorConfig(kl_top_k=8))
         callbacks += [kl, monitor]  # the KL callback's on_log runs before the monitor's on_evaluate
         extra["eval_dataset"] = eval_sets
+    reset = RecordReset()
     if mode == "forget":
-        reset = RecordReset()
         callbacks += [ActiveForgettingCallback(ActiveForgettingConfig(every_k_updates=2, seed=3)), reset]
     result = {}
     trainer_cls, optimizers = Trainer, (None, None)
@@ -218,6 +226,15 @@ def main():
         result["trainable"] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     if mode == "forget":
         result["reset_weight"], result["reset_state"] = reset.weight, reset.state
+    if mode == "vocab":
+        from hf_cpt.callbacks.new_rows_first import NewRowsFirstCallback
+
+        result |= {"initial": initial, "old_vocab_size": vocab["old_vocab_size"], "vocab_size": len(tok)}
+        try:  # the new-rows-first phase on the trained (sharded) model
+            NewRowsFirstCallback(vocab["old_vocab_size"], 2).on_train_begin(args, trainer.state, trainer.control,
+                                                                            model=trainer.model_wrapped)
+        except ValueError as err:
+            result["new_rows_first_refused"] = str(err)
     if mode == "packing":
         guard = getattr(model, DocumentMaskingGuard.ATTRIBUTE, None)
         result["dropped_masks"] = None if guard is None else guard.dropped_masks

@@ -104,3 +104,15 @@ def test_is_sharded_model_sees_fsdp2_parameters(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["False", "True"]
     assert not is_sharded_model(make_tiny_llama(64))
+
+
+def test_new_rows_first_refuses_sharded_parameters():
+    """Under FSDP2 the phase's gradient hooks never fire (measured: old rows moved in a sharded run), so sharded
+    parameters are refused with the fix."""
+    from hf_cpt.callbacks.new_rows_first import NewRowsFirstCallback
+
+    model = make_tiny_llama(64)
+    NewRowsFirstCallback(60, steps=2).on_train_begin(_Args(), None, None, model=model)  # whole parameters: fine
+    model.model.fsdp1_marker = type("FullyShardedDataParallel", (__import__("torch").nn.Module,), {})()
+    with pytest.raises(ValueError, match=r"`vocab.new_rows_first_steps` .* does not support sharded training"):
+        NewRowsFirstCallback(60, steps=2).on_train_begin(_Args(), None, None, model=model)

@@ -219,3 +219,19 @@ def test_active_forgetting_resets_sharded_embeddings_like_one_process(tmp_path):
             assert _rel(got.float(), value.float()) <= RTOL if value.abs().max() > 0 else torch.equal(got, value)
     assert float(single["reset_state"]["model.norm.weight"]["exp_avg_sq"].abs().max()) > 0  # others kept
     _assert_same_training(single, ranks)
+
+
+def test_vocabulary_extension_with_ofa_init_before_wrapping_matches_one_process(tmp_path):
+    """`extend_vocabulary` (24 learnt domain subwords, OFA init from corpus word vectors) on every rank before the
+    Trainer wraps the model: the ranks start from the one-process initial weights, bit for bit, and train the
+    grown matrix like one process. The new-rows-first phase refuses the sharded model (its gradient hooks would
+    not fire under FSDP2: measured, old rows moved)."""
+    single, ranks = _one_and_sharded(tmp_path, "vocab")
+    assert single["vocab_size"] == ranks[0]["vocab_size"] > single["old_vocab_size"] == 384
+    for r in ranks:
+        assert all(torch.equal(r["initial"][k], v) for k, v in single["initial"].items())
+        assert "does not support sharded training" in r["new_rows_first_refused"]
+    assert "new_rows_first_refused" not in single
+    emb = single["initial"]["model.embed_tokens.weight"]
+    assert emb.shape[0] == single["vocab_size"] and not torch.equal(emb[384:], torch.zeros_like(emb[384:]))
+    _assert_same_training(single, ranks)
