@@ -2,14 +2,16 @@
 hf-cpt technique, either sharded (torchrun, 2 gloo ranks, FSDP2 through accelerate via the test-only
 `fsdp_cpu` shim) or in one plain process. Every rank writes `rank<i>.pt` with what the test compares.
 
-    python fsdp_worker.py OUT MODE PER_DEVICE [fsdp]
+    python fsdp_worker.py OUT MODE PER_DEVICE [fsdp [full|kill|resume]]
 
 MODE: plain | chunked | rewarm (RewarmCallback on the Trainer's scheduler) | rewarm_groups (make_rewarm_optimizer +
 make_rewarm_scheduler, embeddings in their own param group) | mixer | packing | distill (chunked loss + precomputed
 distillation replay targets) | chunked_head, distill_head (the same with an untied `lm_head` wrapped as its own FSDP
 unit) | kl (held-out evaluation + ForgettingMonitorCallback + KLToBaseCallback) | lora (PEFT LoRA on q/v) | forget
 (ActiveForgettingCallback every 2 updates) | vocab
-(extend_vocabulary with OFA init before wrapping; NewRowsFirstCallback's refusal on the sharded model).
+(extend_vocabulary with OFA init before wrapping; NewRowsFirstCallback's refusal on the sharded model) | resume
+(checkpoints every 2 updates; `kill` SIGKILLs rank 0 after update 3, `resume` continues from the last checkpoint;
+the final model is written with `trainer.save_model`).
 """
 
 import re
@@ -34,6 +36,7 @@ from hf_cpt.utils import is_sharded_model
 
 out, mode, per_device = sys.argv[1], sys.argv[2], int(sys.argv[3])
 sharded = len(sys.argv) > 4 and sys.argv[4] == "fsdp"
+PHASE = sys.argv[5] if len(sys.argv) > 5 else "full"  # resume mode: full | kill (SIGKILL rank 0 at step 3) | resume
 MAX_STEPS = 6 if mode.startswith("rewarm") else 4
 HEAD_UNIT = mode.endswith("_head")  # untied lm_head, its own FSDP unit (every Linear is a unit)
 DISTILL = DistillConfig(weight=0.5, tokens="replay", top_k=8)
@@ -83,6 +86,21 @@ class RecordReset(TrainerCallback):
             names = {id(p): n for n, p in model.named_parameters()}
             self.state = {names[id(p)]: {k: full(v) for k, v in st.items() if torch.is_tensor(v)}
                           for p, st in opt.state.items()}
+
+
+class KillAt(TrainerCallback):
+    """SIGKILL the main process after update `step` (after the checkpoint of update 2 was written): no handler runs,
+    the other rank is left in its next collective and torchrun tears the job down."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step and args.process_index == 0:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class LoggedTokens(TrainerCallback):
@@ -168,6 +186,8 @@ def main():
               ignore_data_skip=True, use_cpu=True)
     if mode == "mixer":
         kw.update(save_strategy="steps", save_steps=2, save_only_model=True)
+    if mode == "resume":  # full checkpoints (model, optimizer, scheduler, RNG, callback states) every 2 updates
+        kw.update(save_strategy="steps", save_steps=2, restore_callback_states_from_checkpoint=True)
     if distill:
         kw.update(remove_unused_columns=False)  # block index and token sources reach the collator
     if mode == "kl":
@@ -179,6 +199,9 @@ def main():
     record = Record()
     logged_tokens = LoggedTokens()
     callbacks = [record, ReplayMixerCallback(mixer), logged_tokens]
+    if mode == "resume":
+        extra["processing_class"] = tok  # the tokenizer goes with checkpoints and the final model
+        callbacks += [KillAt(3)] if PHASE == "kill" else []
     if mode == "kl":
         monitor = ForgettingMonitorCallback(ForgettingMonitorConfig(kl_top_k=8))
         callbacks += [kl, monitor]  # the KL callback's on_log runs before the monitor's on_evaluate
@@ -201,12 +224,22 @@ def main():
             trainer_cls, optimizers = RewarmTrainer, (None, None)
     trainer = trainer_cls(model=model, args=args, train_dataset=mixer, data_collator=collator,
                           callbacks=callbacks, optimizers=optimizers, **extra)
-    trainer.train()
+    if mode == "resume" and PHASE == "resume":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        result["resumed_from"] = get_last_checkpoint(args.output_dir)
+        trainer.train(resume_from_checkpoint=result["resumed_from"])
+    else:
+        trainer.train()
+    # a resumed Trainer rebuilds stateful callbacks from the checkpoint: read the one that ran
+    mixer_callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ReplayMixerCallback))
+    if mode == "resume":  # the final model as a user gets it: full safetensors + tokenizer, on the main process
+        trainer.save_model(f"{out}/final")
     result |= {
         "world": args.world_size, "distributed_type": str(trainer.accelerator.distributed_type),
         "sharded": record.sharded, "log_history": trainer.state.log_history, "lrs": record.lrs, "batch_keys": sorted(record.keys), "starts": record.starts,
-        "grads": record.grads, "mixer_state": callbacks[1].state(),
-        "tokens_per_source": callbacks[1].tokens_per_source,
+        "grads": record.grads, "mixer_state": mixer_callback.state(),
+        "tokens_per_source": mixer_callback.tokens_per_source,
         "logged_tokens": logged_tokens.logged,
         "weights": trainer.accelerator.get_state_dict(trainer.model_wrapped),  # full on rank 0 under FSDP2
     }
