@@ -88,6 +88,20 @@ class RecordReset(TrainerCallback):
                           for p, st in opt.state.items()}
 
 
+class KLAfterUpdate(TrainerCallback):
+    """`evaluate_kl` straight after update 1 (no held-out evaluation in between: under FSDP2 the root unit is
+    resharded after the backward), as a user's own callback would."""
+
+    def __init__(self, ids, targets):
+        self.ids, self.targets, self.result = ids, targets, None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 1:
+            from hf_cpt.distill import evaluate_kl
+
+            self.result = evaluate_kl(model, self.ids, self.targets["ids"], self.targets["logprobs"], batch_size=4)
+
+
 class KillAt(TrainerCallback):
     """SIGKILL the main process after update `step` (after the checkpoint of update 2 was written): no handler runs,
     the other rank is left in its next collective and torchrun tears the job down."""
@@ -204,7 +218,8 @@ def main():
         callbacks += [KillAt(3)] if PHASE == "kill" else []
     if mode == "kl":
         monitor = ForgettingMonitorCallback(ForgettingMonitorConfig(kl_top_k=8))
-        callbacks += [kl, monitor]  # the KL callback's on_log runs before the monitor's on_evaluate
+        after_update = KLAfterUpdate(kl.inputs["general"], kl.targets["general"])
+        callbacks += [kl, monitor, after_update]  # the KL callback's on_log runs before the monitor's on_evaluate
         extra["eval_dataset"] = eval_sets
     reset = RecordReset()
     if mode == "forget":
@@ -254,7 +269,7 @@ def main():
         result["tokens_distilled"] = collator.tokens_distilled
         result["num_targets"] = len(targets)
     if mode == "kl":
-        result["history"] = monitor.history
+        result["history"], result["kl_after_update"] = monitor.history, after_update.result
     if mode == "lora":
         result["trainable"] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     if mode == "forget":

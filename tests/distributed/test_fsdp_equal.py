@@ -191,6 +191,9 @@ def test_kl_to_base_and_held_out_evaluation_match_one_process(tmp_path):
                     assert g[key] == pytest.approx(w[key], rel=0, abs=1e-7), (g["step"], key)
                 else:  # step, top-1 agreement: exact
                     assert g[key] == w[key], (g["step"], key)
+        # `evaluate_kl` right after update 1, no evaluation in between: the root unit is gathered for it
+        kl_1, want_1 = r["kl_after_update"], single["kl_after_update"]
+        assert kl_1["top1_agree"] == want_1["top1_agree"] and kl_1["kl"] == pytest.approx(want_1["kl"], abs=1e-7)
     _assert_same_training(single, ranks)
 
 
