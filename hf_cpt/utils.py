@@ -60,9 +60,9 @@ def is_sharded_model(model: torch.nn.Module) -> bool:
     return False
 
 
-# --- FSDP2 (issue 37) ------------------------------------------------------------------------------------------------
+# --- FSDP2 ----------------------------------------------------------------------------------------------------------
 def is_fsdp2_module(module: torch.nn.Module) -> bool:
-    """Whether `module` is an FSDP2 unit (`fully_shard` was applied to it), without importing FSDP otherwise."""
+    """Whether `module` is an FSDP2 unit (`fully_shard` was applied to it); False where torch has no distributed."""
     if not torch.distributed.is_available():
         return False
     from torch.distributed.fsdp import FSDPModule
