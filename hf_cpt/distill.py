@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from .losses import supports_chunked_loss
+from .utils import unsharded_root
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -131,6 +132,15 @@ def _logit_chunks(model: Any, input_ids: torch.Tensor, attention_mask: torch.Ten
     """
     device = next(model.parameters()).device
     direct = supports_chunked_loss(model) is None
+    # the direct path calls the decoder and the head, not the model: under FSDP2 gather the root unit first
+    with unsharded_root(model) if direct else contextlib.nullcontext():
+        yield from _logit_pieces(model, device, direct, input_ids, attention_mask, batch_size, chunk_tokens,
+                                 position_ids)
+
+
+def _logit_pieces(model: Any, device: torch.device, direct: bool, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor | None, batch_size: int, chunk_tokens: int,
+                  position_ids: torch.Tensor | None) -> Iterator[tuple[slice, slice, torch.Tensor]]:
     for r0 in range(0, input_ids.shape[0], batch_size):
         rows = slice(r0, min(r0 + batch_size, input_ids.shape[0]))
         ids = input_ids[rows].to(device)

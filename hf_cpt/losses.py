@@ -275,12 +275,33 @@ def _chunked_forward(self, input_ids=None, attention_mask=None, labels=None, tok
             "distill_logprobs": None if base_topk_logprobs is None else base_topk_logprobs[:, :-1].to(hidden.device),
             "distill_weights": None if distill_weights is None else distill_weights[:, 1:].to(hidden.device),
         }
-    loss = chunked_linear_cross_entropy(
-        shift_h, head.weight, shift_t, bias=getattr(head, "bias", None), token_weights=shift_w,
-        chunk_size=forward_patch(self).options["chunk_size"], num_items=num_items_in_batch,
+    loss = _head_loss_method(head)(
+        shift_h, shift_t, token_weights=shift_w, chunk_size=forward_patch(self).options["chunk_size"],
+        num_items=num_items_in_batch,
         reduction="sum" if num_items_in_batch is not None else "mean", **distill,
     )
     return CausalLMOutputWithPast(loss=loss, logits=None)  # a training forward: no cache to hand back
+
+
+def _head_loss(head: torch.nn.Module, hidden: torch.Tensor, target: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """[`chunked_linear_cross_entropy`] with `head`'s weight and bias (bound to the head as a method)."""
+    return chunked_linear_cross_entropy(hidden, head.weight, target, bias=getattr(head, "bias", None), **kwargs)
+
+
+def _head_loss_method(head: torch.nn.Module) -> Any:
+    """How to run the head's loss. An output head that is an FSDP2 unit of its own is only gathered, and its
+    gradient reduce-scattered, around a call FSDP knows; reading `head.weight` from outside would meet its shard.
+    So the loss becomes one of the head's FSDP forward methods (`register_fsdp_forward_method`, once per head)."""
+    from .utils import is_fsdp2_module
+
+    if not is_fsdp2_module(head):
+        return functools.partial(_head_loss, head)
+    if not hasattr(head, "_hf_cpt_head_loss"):
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        head._hf_cpt_head_loss = types.MethodType(_head_loss, head)
+        register_fsdp_forward_method(head, "_hf_cpt_head_loss")
+    return head._hf_cpt_head_loss
 
 
 def apply_chunked_loss(model: torch.nn.Module, chunk_size: int | None = None) -> torch.nn.Module:

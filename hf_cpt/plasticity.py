@@ -34,12 +34,22 @@ def reset_embeddings(model: torch.nn.Module, generator: torch.Generator, std: fl
     params = embedding_parameters(model, include_untied_output)
     std = std if std is not None else float(getattr(getattr(model, "config", None), "initializer_range", 0.02))
     pad = getattr(model.get_input_embeddings(), "padding_idx", None)
-    for p in params:
-        fresh = torch.randn(p.shape, generator=generator, dtype=torch.float32) * std
-        p.copy_(fresh.to(device=p.device, dtype=p.dtype))
-    if pad is not None:
-        params[0][pad].zero_()
+    for i, p in enumerate(params):
+        fresh = torch.randn(p.shape, generator=generator, dtype=torch.float32) * std  # the full (global) shape
+        if i == 0 and pad is not None:
+            fresh[pad] = 0.0
+        _copy_whole(p, fresh.to(dtype=p.dtype))
     return params
+
+
+def _copy_whole(param: torch.Tensor, whole: torch.Tensor) -> None:
+    """`param.copy_(whole)`; for an FSDP2-sharded parameter (a `DTensor`) each rank copies its own rows of the same
+    full draw (`src_data_rank=None`: no communication), so the sharded reset equals the unsharded one."""
+    if type(param).__name__ == "DTensor" or type(getattr(param, "data", None)).__name__ == "DTensor":
+        from torch.distributed.tensor import distribute_tensor
+
+        whole = distribute_tensor(whole.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    param.copy_(whole.to(param.device))
 
 
 @torch.no_grad()

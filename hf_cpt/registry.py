@@ -56,7 +56,7 @@ TECHNIQUE_MODULES: list[str] = [
 class TrainerParts:
     """What `build_trainer` is assembling, handed to each technique's `setup` hook: the run, its loaded model and
     data, and the callbacks and optimizers the Trainer will get (hooks append to `callbacks` and may set
-    `optimizers`)."""
+    `optimizer_factory` / `scheduler_factory`, or ready-made `optimizers`, which FSDP refuses)."""
 
     cfg: CPTConfig
     args: Any
@@ -66,6 +66,10 @@ class TrainerParts:
     vocab_summary: dict[str, Any] | None = None
     callbacks: list[Any] = field(default_factory=list)
     optimizers: tuple = (None, None)
+    # or, built by the Trainer when it creates its own (after wrapping the model: the only way under FSDP, which
+    # refuses `Trainer(optimizers=...)`): `optimizer_factory(model)` and `scheduler_factory(optimizer, steps)`
+    optimizer_factory: Callable[[Any], Any] | None = None
+    scheduler_factory: Callable[[Any, int], Any] | None = None
 
 
 @dataclass

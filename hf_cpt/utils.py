@@ -128,6 +128,37 @@ def unpatch_forward(model: torch.nn.Module, name: str | None = None) -> bool:
     return True
 
 
+# --- FSDP2 ----------------------------------------------------------------------------------------------------------
+def is_fsdp2_module(module: torch.nn.Module) -> bool:
+    """Whether `module` is an FSDP2 unit (`fully_shard` was applied to it); False where torch has no distributed."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def is_dtensor(t: Any) -> bool:
+    """Whether `t` is a `DTensor` (an FSDP2-sharded parameter, gradient or optimizer state)."""
+    return type(t).__name__ == "DTensor" or type(getattr(t, "data", None)).__name__ == "DTensor"
+
+
+@contextlib.contextmanager
+def unsharded_root(model: torch.nn.Module) -> Iterator[None]:
+    """Gather an FSDP2 root unit's own parameters (embeddings, final norm, a head kept in the root) for code that
+    calls its submodules directly (`model.get_decoder()(...)`, `model.get_output_embeddings()(...)`): FSDP2 only
+    gathers a unit around its `forward`. Sub-units (decoder layers, an `lm_head` of its own) gather themselves when
+    called. A no-op for unsharded models. Every rank must enter it (an all-gather)."""
+    if not is_fsdp2_module(model):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
 def get_processing_class(kwargs: dict[str, Any]) -> Any:
     """The tokenizer/processor passed to a callback hook (`processing_class` in recent transformers,
     `tokenizer` in older ones)."""

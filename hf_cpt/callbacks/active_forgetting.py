@@ -10,6 +10,7 @@ row zeroed), the tied output head follows since it is the same tensor, and the o
 parameters (Adam `exp_avg`, `exp_avg_sq`, `step`) is zeroed; every other parameter and its state is untouched.
 The reset count is derived from the Trainer's update counter, and each reset draws from a generator seeded by
 ``(seed, k)``: every rank resets identically, and a resumed run resets at the same steps to the same values.
+Under FSDP2 each rank writes its own rows of that same full draw, and clears the optimizer state of its shard.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from transformers import TrainerCallback
 
 from ..plasticity import clear_optimizer_state, embedding_parameters, relearn_embeddings, reset_embeddings
 from ..registry import Technique, TrainerParts, names
-from ..utils import check_unsharded, is_sharded_model, requested_sharding, unwrap_model
+from ..utils import is_dtensor, is_sharded_model, requested_sharding, unwrap_model
 from ..validation import check_int
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,12 +62,19 @@ class ActiveForgettingCallback(TrainerCallback):
         self.config = config if config is not None else ActiveForgettingConfig(**kwargs)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        # the real setting: what the arguments or `accelerate launch` ask for, and what the model is
-        sharding = requested_sharding(args) or ("FSDP/DeepSpeed" if model is not None and is_sharded_model(model)
-                                                else None)
-        check_unsharded("active_forgetting", UNSHARDED, sharding)
-        if model is not None:
-            embedding_parameters(unwrap_model(model), self.config.reset_untied_output)  # fail early
+        # the real setting: what the arguments or `accelerate launch` ask for, and what the model is. FSDP2
+        # (DTensor parameters) is supported: each rank resets its rows of one full draw, and the optimizer state
+        # of the sharded parameters is cleared shard by shard. FSDP1's flat parameters and DeepSpeed are not.
+        params = embedding_parameters(unwrap_model(model), self.config.reset_untied_output) if model is not None \
+            else []  # fail early on a model without embeddings
+        if requested_sharding(args) == "DeepSpeed":
+            raise ValueError("`active_forgetting` does not support DeepSpeed (its embeddings and optimizer state are "
+                             "partitioned outside the model): use FSDP2, DDP or a single process, or remove "
+                             "`active_forgetting`")
+        if model is not None and is_sharded_model(model) and not all(is_dtensor(p) for p in params):
+            raise ValueError("`active_forgetting` supports FSDP2 (`fsdp_version: 2`, DTensor parameters) but not "
+                             "FSDP1 or DeepSpeed ZeRO-3 (flattened/partitioned embeddings): use FSDP2, DDP or a "
+                             "single process, or remove `active_forgetting`")
         return control
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):

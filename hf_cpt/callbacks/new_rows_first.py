@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ..utils import is_sharded_model
+
 
 class NewRowsFirstCallback(TrainerCallback):
     """For the first `steps` updates, train only the embedding rows from `first_new_id` on: the body is frozen
@@ -47,6 +49,14 @@ class NewRowsFirstCallback(TrainerCallback):
         for p in self._frozen:
             p.requires_grad_(True)
         self._hooks, self._frozen = [], []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # the phase hooks and freezes the module's parameters; FSDP2 trains gathered copies of them (the hooks never
+        # fire, and a frozen flag set after the first gather never reaches the copies), FSDP1/ZeRO-3 flat ones
+        if model is not None and is_sharded_model(model):
+            raise ValueError("`vocab.new_rows_first_steps` (NewRowsFirstCallback) does not support sharded training "
+                             "(FSDP/DeepSpeed ZeRO-3) yet: its gradient masks and frozen body would not reach the "
+                             "sharded parameters; set `new_rows_first_steps: 0`, or train with DDP or one process")
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         active = bool(self._hooks)

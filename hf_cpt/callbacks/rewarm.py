@@ -168,8 +168,13 @@ def _check(cfg: CPTConfig) -> None:
 
 
 def _setup(parts: TrainerParts) -> None:
-    parts.optimizers = make_rewarm_optimizers(parts.model, parts.cfg.schedule, parts.args)
-    parts.callbacks.append(RewarmCallback(parts.cfg.schedule))
+    cfg, args = parts.cfg.schedule, parts.args
+    # built by the Trainer on the model it trains (wrapped by DDP/FSDP by then): FSDP refuses ready-made optimizers
+    parts.optimizer_factory = lambda model: make_rewarm_optimizer(
+        model, cfg, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+        betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    parts.scheduler_factory = lambda optimizer, steps: make_rewarm_scheduler(optimizer, cfg, steps)
+    parts.callbacks.append(RewarmCallback(cfg))
 
 
 def _card(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:

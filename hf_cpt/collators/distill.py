@@ -108,7 +108,8 @@ class DistillCollator:
 
     Output keys: those of `base_collator` (e.g. `input_ids`, `attention_mask`, `labels`) plus `base_topk_ids`
     `(B, T, k)`, `base_topk_logprobs` `(B, T, k)` and `distill_weights` `(B, T)`; the blocks' `block_index` and
-    `source_ids` are consumed. Blocks without targets get zero weights.
+    `source_ids` are consumed. Blocks without targets get zero weights; a batch of such blocks still carries
+    the three keys (all weights 0), so every training batch has the same keys.
 
     >>> batch = DistillCollator(targets=targets, top_k=4)([block])  # doctest: +SKIP
     >>> sorted(batch)  # doctest: +SKIP
@@ -145,24 +146,24 @@ class DistillCollator:
             return batch
         b, length = batch["input_ids"].shape
         k = self.config.top_k
+        # a batch without distilled tokens still gets the keys (zero weights): accelerate builds a multi-process
+        # global batch from per-process batches with the *first* one's keys, so keys that come and go would drop
+        # the targets of every rank whenever rank 0's part has no replay token
+        ids = torch.zeros((b, length, k), dtype=torch.int32)
+        logprobs = torch.zeros((b, length, k), dtype=torch.float32)
+        weights = torch.zeros((b, length), dtype=torch.float32)
         if self.frozen_model is not None:
             weights = torch.stack([distill_token_weights(torch.tensor(src), self.config.weight, self.config.tokens,
                                                          self.distilled_sources) for _, src in meta])
-            if not weights.any():
-                return batch
-            t = compute_base_targets(self.frozen_model, batch["input_ids"], k, batch_size=b,
-                                     position_ids=batch.get("position_ids"))
-            ids, logprobs = t["ids"], t["logprobs"]
+            if weights.any():
+                t = compute_base_targets(self.frozen_model, batch["input_ids"], k, batch_size=b,
+                                         position_ids=batch.get("position_ids"))
+                ids, logprobs = t["ids"], t["logprobs"]
         else:
-            ids = torch.zeros((b, length, k), dtype=torch.int32)
-            logprobs = torch.zeros((b, length, k), dtype=torch.float32)
-            weights = torch.zeros((b, length), dtype=torch.float32)
             for row, (index, _) in enumerate(meta):
                 found = self.targets.get(index) if index is not None else None
                 if found is not None:
                     ids[row], logprobs[row], weights[row] = found["ids"], found["logprobs"], found["weights"]
-            if not weights.any():
-                return batch
         if "labels" in batch:  # no distillation where no token is a target (a document's first position)
             weights = weights * (batch["labels"] != -100).to(weights.dtype)
         self.tokens_distilled += int((weights > 0).sum())

@@ -274,9 +274,12 @@ def build_trainer(cfg: CPTConfig, args: Any, model: Any, tokenizer: Any, data: R
                          vocab_summary=vocab_summary, callbacks=[ForgettingMonitorCallback(cfg.monitor),
                                                                  *data.callbacks])
     after = [hook for t in enabled_techniques(cfg) if t.setup is not None and (hook := t.setup(parts)) is not None]
-    trainer = Trainer(model=model, args=args, train_dataset=data.train_set, eval_dataset=data.eval_sets,
-                      data_collator=data.collator, processing_class=tokenizer, callbacks=parts.callbacks,
-                      optimizers=parts.optimizers)
+    trainer_class = Trainer
+    if parts.optimizer_factory is not None or parts.scheduler_factory is not None:
+        trainer_class = _trainer_with_factories(Trainer, parts.optimizer_factory, parts.scheduler_factory)
+    trainer = trainer_class(model=model, args=args, train_dataset=data.train_set, eval_dataset=data.eval_sets,
+                            data_collator=data.collator, processing_class=tokenizer, callbacks=parts.callbacks,
+                            optimizers=parts.optimizers)
     wanted = requested_sharding(args)
     if wanted == "FSDP" and not trainer.is_fsdp_enabled or wanted == "DeepSpeed" and not trainer.is_deepspeed_enabled:
         raise ValueError(f"{wanted} was requested but accelerate set up {trainer.accelerator.distributed_type}: the "
@@ -284,6 +287,27 @@ def build_trainer(cfg: CPTConfig, args: Any, model: Any, tokenizer: Any, data: R
     for hook in after:
         hook(trainer)
     return trainer
+
+
+def _trainer_with_factories(base: type, optimizer_factory: Any, scheduler_factory: Any) -> type:
+    """`base` (a `Trainer` class) whose own `create_optimizer` / `create_scheduler` build the optimizer and the LR
+    schedule from the techniques' factories, on the model it trains: the same objects as passing them ready-made,
+    also under FSDP (which refuses `Trainer(optimizers=...)`; tests/distributed/test_fsdp_equal.py)."""
+
+    class CPTTrainer(base):
+        def create_optimizer(self, model=None):
+            if self.optimizer is None and optimizer_factory is not None:
+                self.optimizer = optimizer_factory(self.model if model is None else model)
+            return super().create_optimizer(model)  # keeps one already set
+
+        def create_scheduler(self, num_training_steps: int, optimizer=None):
+            if self.lr_scheduler is None and scheduler_factory is not None:
+                self.lr_scheduler = scheduler_factory(self.optimizer if optimizer is None else optimizer,
+                                                      num_training_steps)
+                self._created_lr_scheduler = True  # rebuilt by a second `train()`, as the Trainer's own
+            return super().create_scheduler(num_training_steps, optimizer)
+
+    return CPTTrainer
 
 
 def collect_metrics(cfg: CPTConfig, trainer: Any, train_out: Any, data: RunData, resumed_from: str | None,

@@ -2,10 +2,16 @@
 hf-cpt technique, either sharded (torchrun, 2 gloo ranks, FSDP2 through accelerate via the test-only
 `fsdp_cpu` shim) or in one plain process. Every rank writes `rank<i>.pt` with what the test compares.
 
-    python fsdp_worker.py OUT MODE PER_DEVICE [fsdp]
+    python fsdp_worker.py OUT MODE PER_DEVICE [fsdp [full|kill|resume]]
 
 MODE: plain | chunked | rewarm (RewarmCallback on the Trainer's scheduler) | rewarm_groups (make_rewarm_optimizer +
-make_rewarm_scheduler, embeddings in their own param group) | mixer | packing.
+make_rewarm_scheduler, embeddings in their own param group) | mixer | packing | distill (chunked loss + precomputed
+distillation replay targets) | chunked_head, distill_head (the same with an untied `lm_head` wrapped as its own FSDP
+unit) | kl (held-out evaluation + ForgettingMonitorCallback + KLToBaseCallback) | lora (PEFT LoRA on q/v) | forget
+(ActiveForgettingCallback every 2 updates) | vocab
+(extend_vocabulary with OFA init before wrapping; NewRowsFirstCallback's refusal on the sharded model) | resume
+(checkpoints every 2 updates; `kill` SIGKILLs rank 0 after update 3, `resume` continues from the last checkpoint;
+the final model is written with `trainer.save_model`).
 """
 
 import re
@@ -15,18 +21,25 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
 import fsdp_cpu
+from hf_cpt.callbacks.active_forgetting import ActiveForgettingCallback, ActiveForgettingConfig
+from hf_cpt.callbacks.forgetting import ForgettingMonitorCallback, ForgettingMonitorConfig
+from hf_cpt.callbacks.kl_to_base import KLToBaseCallback
 from hf_cpt.callbacks.replay_mixer import ReplayMixerCallback
+from hf_cpt.collators.distill import DistillCollator, DistillConfig, precompute_distill_targets
 from hf_cpt.callbacks.rewarm import RewarmCallback, RewarmConfig, make_rewarm_optimizer, make_rewarm_scheduler
 from hf_cpt.config import DataConfig
 from hf_cpt.losses import apply_chunked_loss
 from hf_cpt.mixers.packing import DocumentMaskingGuard, probe_document_masking
-from hf_cpt.recipe.data import build_train_set
+from hf_cpt.recipe.data import build_eval_sets, build_train_set
 from hf_cpt.testing import make_tiny_llama, make_tiny_tokenizer, read_embedded
 from hf_cpt.utils import is_sharded_model
 
 out, mode, per_device = sys.argv[1], sys.argv[2], int(sys.argv[3])
 sharded = len(sys.argv) > 4 and sys.argv[4] == "fsdp"
+PHASE = sys.argv[5] if len(sys.argv) > 5 else "full"  # resume mode: full | kill (SIGKILL rank 0 at step 3) | resume
 MAX_STEPS = 6 if mode.startswith("rewarm") else 4
+HEAD_UNIT = mode.endswith("_head")  # untied lm_head, its own FSDP unit (every Linear is a unit)
+DISTILL = DistillConfig(weight=0.5, tokens="replay", top_k=8)
 REWARM = RewarmConfig(schedule="rewarm", warmup_steps=2, min_lr_ratio=0.1,
                       embedding_lr_ratio=0.5 if mode == "rewarm_groups" else 1.0)
 
@@ -56,6 +69,52 @@ class Record(TrainerCallback):
         self.sharded = is_sharded_model(model)
         if state.global_step == 0:  # after clipping, before the first update: the gradient of the first loss
             self.grads = {n: full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+
+
+class RecordReset(TrainerCallback):
+    """Right after `ActiveForgettingCallback` (placed before this one) resets at update 2: the full embedding
+    matrix and the full Adam state of every parameter (the reset one must be cleared, the others kept)."""
+
+    def __init__(self):
+        self.weight, self.state = None, None
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if state.global_step == 2:
+            self.weight = full(model.get_input_embeddings().weight)
+            self.weights = {n: full(p) for n, p in model.named_parameters()}
+            opt = getattr(optimizer, "optimizer", optimizer)
+            names = {id(p): n for n, p in model.named_parameters()}
+            self.state = {names[id(p)]: {k: full(v) for k, v in st.items() if torch.is_tensor(v)}
+                          for p, st in opt.state.items()}
+
+
+class KLAfterUpdate(TrainerCallback):
+    """`evaluate_kl` straight after update 1 (no held-out evaluation in between: under FSDP2 the root unit is
+    resharded after the backward), as a user's own callback would."""
+
+    def __init__(self, ids, targets):
+        self.ids, self.targets, self.result = ids, targets, None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 1:
+            from hf_cpt.distill import evaluate_kl
+
+            self.result = evaluate_kl(model, self.ids, self.targets["ids"], self.targets["logprobs"], batch_size=4)
+
+
+class KillAt(TrainerCallback):
+    """SIGKILL the main process after update `step` (after the checkpoint of update 2 was written): no handler runs,
+    the other rank is left in its next collective and torchrun tears the job down."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step and args.process_index == 0:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class LoggedTokens(TrainerCallback):
@@ -96,26 +155,75 @@ class RewarmTrainer(Trainer):
         return self.lr_scheduler
 
 
+def untie(model):
+    """Give the tiny Llama its own `lm_head` weight (a copy of the embeddings), so the head can be an FSDP unit."""
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+    return model
+
+
 def main():
     tok = make_tiny_tokenizer()
     packing = "documents" if mode in ("mixer", "packing") else "concat"
     sources = {"domain": short_documents("python-docs"), "general": short_documents("kjv")} if packing == "documents" else None
-    mixer = build_train_set(DataConfig(block_size=32, replay_ratio=0.25, packing=packing), tok, sources=sources)
+    data_cfg = DataConfig(block_size=32, replay_ratio=0.25, packing=packing, max_eval_blocks=8)
+    distill = mode.startswith("distill")
+    num_blocks = MAX_STEPS * 4  # the global batch is 4 blocks in both runs
     model = make_tiny_llama(len(tok))
-    if mode == "chunked":
+    if mode == "vocab":  # before wrapping: every rank extends and initialises identically
+        from hf_cpt.vocab.extend import VocabConfig, extend_vocabulary
+
+        model, tok, vocab = extend_vocabulary(model, tok, VocabConfig(n_new_tokens=24, init="ofa", vector_dim=16),
+                                              read_embedded("python-docs", limit=40))
+        initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    if HEAD_UNIT:
+        untie(model)
+    mixer = build_train_set(data_cfg, tok, sources=sources, total_blocks=num_blocks if distill else None,
+                            emit_sources=distill)
+    collator, extra = default_data_collator, {}
+    if distill:  # base targets before any update, for the exact blocks the run reads (a second, equal mixer)
+        blocks = build_train_set(data_cfg, tok, total_blocks=num_blocks, emit_sources=True)
+        targets = precompute_distill_targets(iter(blocks), model, num_blocks, DISTILL, distilled_sources=[1])
+        collator = DistillCollator(DISTILL, targets=targets)
+    if mode == "kl":
+        eval_sets = build_eval_sets(data_cfg, tok)
+        kl = KLToBaseCallback(eval_sets, top_k=8, batch_size=4)
+        kl.compute_targets(model)  # on the base model, before wrapping: equal on every rank
+    if mode == "lora":
+        from hf_cpt.adapters import add_lora_for_cpt
+
+        model = add_lora_for_cpt(model, r=4, alpha=8, target_modules=["q_proj", "v_proj"], embeddings="none")
+    if mode in ("chunked", "chunked_head") or distill:
         apply_chunked_loss(model, chunk_size=16)  # 2 x 31 tokens per rank: several chunks, one of them partial
-    kw = dict(max_steps=MAX_STEPS, per_device_train_batch_size=per_device, learning_rate=1e-3, report_to="none",
+    kw = dict(max_steps=MAX_STEPS, per_device_train_batch_size=per_device, learning_rate=4e-3 if mode == "kl" else 1e-3, report_to="none",
               save_strategy="no", disable_tqdm=True, lr_scheduler_type="constant", logging_steps=1, seed=0,
               ignore_data_skip=True, use_cpu=True)
     if mode == "mixer":
         kw.update(save_strategy="steps", save_steps=2, save_only_model=True)
+    if mode == "resume":  # full checkpoints (model, optimizer, scheduler, RNG, callback states) every 2 updates
+        kw.update(save_strategy="steps", save_steps=2, restore_callback_states_from_checkpoint=True)
+    if distill:
+        kw.update(remove_unused_columns=False)  # block index and token sources reach the collator
+    if mode == "kl":
+        kw.update(eval_strategy="steps", eval_steps=2, eval_on_start=True, per_device_eval_batch_size=per_device)
     if sharded:
         fsdp_cpu.install()
-        kw.update(fsdp_cpu.fsdp_args())
+        kw.update(fsdp_cpu.fsdp_args(("LlamaDecoderLayer", "Linear") if HEAD_UNIT else ("LlamaDecoderLayer",)))
     args = TrainingArguments(f"{out}/trainer", **kw)
     record = Record()
     logged_tokens = LoggedTokens()
     callbacks = [record, ReplayMixerCallback(mixer), logged_tokens]
+    if mode == "resume":
+        extra["processing_class"] = tok  # the tokenizer goes with checkpoints and the final model
+        callbacks += [KillAt(3)] if PHASE == "kill" else []
+    if mode == "kl":
+        monitor = ForgettingMonitorCallback(ForgettingMonitorConfig(kl_top_k=8))
+        after_update = KLAfterUpdate(kl.inputs["general"], kl.targets["general"])
+        callbacks += [kl, monitor, after_update]  # the KL callback's on_log runs before the monitor's on_evaluate
+        extra["eval_dataset"] = eval_sets
+    reset = RecordReset()
+    if mode == "forget":
+        callbacks += [ActiveForgettingCallback(ActiveForgettingConfig(every_k_updates=2, seed=3)), reset]
     result = {}
     trainer_cls, optimizers = Trainer, (None, None)
     if mode.startswith("rewarm"):
@@ -129,19 +237,52 @@ def main():
             except RuntimeError as err:
                 result["optimizers_refused"] = str(err)
             trainer_cls, optimizers = RewarmTrainer, (None, None)
-    trainer = trainer_cls(model=model, args=args, train_dataset=mixer, data_collator=default_data_collator,
-                          callbacks=callbacks, optimizers=optimizers)
-    trainer.train()
+    trainer = trainer_cls(model=model, args=args, train_dataset=mixer, data_collator=collator,
+                          callbacks=callbacks, optimizers=optimizers, **extra)
+    if mode == "resume" and PHASE == "resume":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        result["resumed_from"] = get_last_checkpoint(args.output_dir)
+        trainer.train(resume_from_checkpoint=result["resumed_from"])
+    else:
+        trainer.train()
+    # a resumed Trainer rebuilds stateful callbacks from the checkpoint: read the one that ran
+    mixer_callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ReplayMixerCallback))
+    if mode == "resume":  # the final model as a user gets it: full safetensors + tokenizer, on the main process
+        trainer.save_model(f"{out}/final")
     result |= {
         "world": args.world_size, "distributed_type": str(trainer.accelerator.distributed_type),
         "sharded": record.sharded, "log_history": trainer.state.log_history, "lrs": record.lrs, "batch_keys": sorted(record.keys), "starts": record.starts,
-        "grads": record.grads, "mixer_state": callbacks[1].state(),
-        "tokens_per_source": callbacks[1].tokens_per_source,
+        "grads": record.grads, "mixer_state": mixer_callback.state(),
+        "tokens_per_source": mixer_callback.tokens_per_source,
         "logged_tokens": logged_tokens.logged,
         "weights": trainer.accelerator.get_state_dict(trainer.model_wrapped),  # full on rank 0 under FSDP2
     }
-    if mode == "chunked":
+    if mode in ("chunked", "chunked_head") or distill:
         result["chunked"] = hasattr(model, "hf_cpt_forward_patch")
+    if HEAD_UNIT:
+        from hf_cpt.utils import is_fsdp2_module
+
+        result["head_unit"] = is_fsdp2_module(model.lm_head)
+        result["head_loss_method"] = hasattr(model.lm_head, "_hf_cpt_head_loss")
+    if distill:
+        result["tokens_distilled"] = collator.tokens_distilled
+        result["num_targets"] = len(targets)
+    if mode == "kl":
+        result["history"], result["kl_after_update"] = monitor.history, after_update.result
+    if mode == "lora":
+        result["trainable"] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    if mode == "forget":
+        result["reset_weight"], result["reset_state"] = reset.weight, reset.state
+    if mode == "vocab":
+        from hf_cpt.callbacks.new_rows_first import NewRowsFirstCallback
+
+        result |= {"initial": initial, "old_vocab_size": vocab["old_vocab_size"], "vocab_size": len(tok)}
+        try:  # the new-rows-first phase on the trained (sharded) model
+            NewRowsFirstCallback(vocab["old_vocab_size"], 2).on_train_begin(args, trainer.state, trainer.control,
+                                                                            model=trainer.model_wrapped)
+        except ValueError as err:
+            result["new_rows_first_refused"] = str(err)
     if mode == "packing":
         guard = getattr(model, DocumentMaskingGuard.ATTRIBUTE, None)
         result["dropped_masks"] = None if guard is None else guard.dropped_masks

@@ -60,13 +60,30 @@ def test_requested_sharding_reads_the_arguments_and_the_launcher(monkeypatch):
     assert requested_sharding(args) == "DeepSpeed"
 
 
-def test_active_forgetting_guard_sees_fsdp_set_by_the_launcher(monkeypatch, tiny_model_dir):
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ValueError, match=r"`active_forgetting` does not support FSDP"):
+def test_active_forgetting_guard_sees_deepspeed_set_by_the_launcher(monkeypatch, tiny_model_dir):
+    """The callback resets FSDP2 (DTensor) embeddings (tests/distributed/test_fsdp_equal.py) and refuses DeepSpeed
+    and FSDP1; the recipe (`check_sharding`, owned by the registry refactor) still refuses FSDP before loading."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match=r"`active_forgetting` does not support DeepSpeed"):
         ActiveForgettingCallback(every_k_updates=2).on_train_begin(_Args(), None, None, model=make_tiny_llama(64))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # asked for, but the parameters are whole: nothing to refuse
+    ActiveForgettingCallback(every_k_updates=2).on_train_begin(_Args(), None, None, model=make_tiny_llama(64))
     cfg = CPTConfig.from_dict({**tiny_run_dict(tiny_model_dir), "active_forgetting": {"every_k_updates": 2}})
     with pytest.raises(ValueError, match=r"`active_forgetting` does not support FSDP"):
         check_sharding(cfg, _Args())  # the recipe refuses before loading the model
+
+
+def test_active_forgetting_refuses_fsdp1_flat_parameters():
+    """FSDP1 (a `FullyShardedDataParallel` module, flattened parameters that are not DTensors) is refused."""
+    import torch
+
+    fsdp1 = type("FullyShardedDataParallel", (torch.nn.Module,), {})()
+    model = make_tiny_llama(64)
+    model.model.fsdp1_marker = fsdp1  # what `is_sharded_model` looks for; the parameters stay plain tensors
+    assert is_sharded_model(model)
+    with pytest.raises(ValueError, match=r"supports FSDP2 .* but not FSDP1 or DeepSpeed ZeRO-3"):
+        ActiveForgettingCallback(every_k_updates=2).on_train_begin(_Args(), None, None, model=model)
 
 
 @pytest.mark.slow  # a Python process of its own
@@ -89,3 +106,15 @@ def test_is_sharded_model_sees_fsdp2_parameters(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["False", "True"]
     assert not is_sharded_model(make_tiny_llama(64))
+
+
+def test_new_rows_first_refuses_sharded_parameters():
+    """Under FSDP2 the phase's gradient hooks never fire (measured: old rows moved in a sharded run), so sharded
+    parameters are refused with the fix."""
+    from hf_cpt.callbacks.new_rows_first import NewRowsFirstCallback
+
+    model = make_tiny_llama(64)
+    NewRowsFirstCallback(60, steps=2).on_train_begin(_Args(), None, None, model=model)  # whole parameters: fine
+    model.model.fsdp1_marker = type("FullyShardedDataParallel", (__import__("torch").nn.Module,), {})()
+    with pytest.raises(ValueError, match=r"`vocab.new_rows_first_steps` .* does not support sharded training"):
+        NewRowsFirstCallback(60, steps=2).on_train_begin(_Args(), None, None, model=model)

@@ -2,9 +2,11 @@
 on 2 gloo CPU processes (test-only shim `fsdp_cpu.py`, DTensor parameters) give what one plain process gives with
 the same seed, data and global batch (2 ranks x 2 blocks vs 1 x 4), in fp32.
 
-Tolerance: 1e-5 relative everywhere (loss per step; gradients, weights: max |a - b| / max |b| per tensor), the
-order of float reductions being the only difference. Measured: about 1e-7 on losses, 5e-7 on gradients and
-2e-7..7e-6 on weights after 4-6 AdamW steps.
+Tolerance: 1e-5 relative (loss per step; gradients, weights: max |a - b| / max |b| per tensor), the order of
+float reductions being the only difference; KL to the base, a small difference of log-probs, 1e-7 nats absolute.
+Measured: about 1e-7 on losses, 5e-7 on gradients and 2e-7..7e-6 on weights after 4-6 AdamW steps. Equalities
+that involve no reduction (an active-forgetting reset, the initial weights after a vocabulary extension, a
+resumed run against an uninterrupted sharded run) are bitwise. docs/distributed.md lists what each test covers.
 """
 
 import os
@@ -144,3 +146,147 @@ def test_document_packing_loss_matches_one_process(tmp_path):
     assert min(single["starts"]) >= 2
     assert [a + b for a, b in zip(ranks[0]["starts"], ranks[1]["starts"])] == single["starts"]
     _assert_same_training(single, ranks)
+
+
+@pytest.mark.parametrize("mode", ["distill", "distill_head"])
+def test_distillation_replay_matches_one_process(tmp_path, mode):
+    """Chunked loss + distillation replay (`DistillCollator` with base top-k targets precomputed on the base model
+    before wrapping, `tokens: replay`): with the tied `lm_head` in the root unit, and with an untied `lm_head` as
+    its own FSDP unit (every `Linear` wrapped), where the loss runs as one of the head's FSDP forward methods."""
+    single, ranks = _one_and_sharded(tmp_path, mode)
+    for r in (single, *ranks):
+        assert r["chunked"] and {"base_topk_ids", "base_topk_logprobs", "distill_weights"} <= set(r["batch_keys"])
+    if mode == "distill_head":
+        assert all(r["head_unit"] and r["head_loss_method"] for r in ranks) and not single["head_unit"]
+        assert "lm_head.weight" in single["weights"]  # untied: its own parameter, trained and compared
+    # rank 0 collates every global batch (accelerate dispatches it): the same blocks get the same targets
+    assert single["num_targets"] == ranks[0]["num_targets"] > 0
+    assert ranks[0]["tokens_distilled"] == single["tokens_distilled"] > 0 and ranks[1]["tokens_distilled"] == 0
+    _assert_same_training(single, ranks)
+
+
+def test_chunked_loss_with_lm_head_as_its_own_unit_matches_one_process(tmp_path):
+    """Problem (2) of the first harness round: the patched forward read `lm_head.weight` around FSDP; the loss
+    now runs through the head as an FSDP forward method (gathered, gradient reduce-scattered)."""
+    single, ranks = _one_and_sharded(tmp_path, "chunked_head")
+    assert all(r["head_unit"] and r["head_loss_method"] for r in ranks)
+    _assert_same_training(single, ranks)
+
+
+def test_kl_to_base_and_held_out_evaluation_match_one_process(tmp_path):
+    """Held-out `general`/`domain` evaluation at steps 0, 2, 4 (the Trainer splits each set over the ranks and
+    gathers the losses), `KLToBaseCallback` (targets from the base before wrapping; every rank runs the KL on the
+    whole set through the gathered root unit) and `ForgettingMonitorCallback`'s history."""
+    single, ranks = _one_and_sharded(tmp_path, "kl")
+    want = single["history"]
+    assert [r["step"] for r in want] == [0, 2, 4]
+    assert want[0]["general_kl"] == pytest.approx(0, abs=1e-6) and want[0]["general_top1_agree"] == 1.0
+    assert want[-1]["general_kl"] > 5e-4 and want[-1]["general_top1_agree"] < 0.9  # moved away (LR 4e-3)
+    for r in ranks:  # every rank holds the same history
+        got = r["history"]
+        assert [g.keys() for g in got] == [w.keys() for w in want]
+        for g, w in zip(got, want):
+            for key in w:
+                if key.endswith("_loss"):
+                    assert g[key] == pytest.approx(w[key], rel=RTOL), (g["step"], key)
+                elif key.endswith("_kl"):  # a small difference of log-probs of ~6 nats: fp32 leaves ~1e-8 nats
+                    assert g[key] == pytest.approx(w[key], rel=0, abs=1e-7), (g["step"], key)
+                else:  # step, top-1 agreement: exact
+                    assert g[key] == w[key], (g["step"], key)
+        # `evaluate_kl` right after update 1, no evaluation in between: the root unit is gathered for it
+        kl_1, want_1 = r["kl_after_update"], single["kl_after_update"]
+        assert kl_1["top1_agree"] == want_1["top1_agree"] and kl_1["kl"] == pytest.approx(want_1["kl"], abs=1e-7)
+    _assert_same_training(single, ranks)
+
+
+def test_lora_matches_one_process(tmp_path):
+    """`add_lora_for_cpt` (PEFT LoRA r=4 on q_proj/v_proj, embeddings frozen) before wrapping: only the adapters
+    train, with the one-process gradients and weights."""
+    single, ranks = _one_and_sharded(tmp_path, "lora")
+    assert single["trainable"] == ranks[0]["trainable"] and all("lora_" in n for n in single["trainable"])
+    assert set(single["grads"]) == {n for n in single["trainable"]}
+    _assert_same_training(single, ranks)
+
+
+def test_active_forgetting_resets_sharded_embeddings_like_one_process(tmp_path):
+    """`ActiveForgettingCallback` every 2 updates on FSDP2-sharded embeddings: each rank writes its rows of the same
+    full draw, and the reset parameter's Adam state is cleared on its shard; right after the reset the full
+    embedding matrix equals the one-process reset (bitwise: the same draw) and so does every Adam state."""
+    single, ranks = _one_and_sharded(tmp_path, "forget")
+    for r in ranks:
+        assert torch.equal(r["reset_weight"], single["reset_weight"])
+        assert r["reset_state"].keys() == single["reset_state"].keys()
+    emb = "model.embed_tokens.weight"
+    assert all(float(v.abs().max()) == 0 for v in single["reset_state"][emb].values())  # moments and step zeroed
+    for name, state in single["reset_state"].items():
+        for key, value in state.items():
+            got = ranks[0]["reset_state"][name][key]
+            assert _rel(got.float(), value.float()) <= RTOL if value.abs().max() > 0 else torch.equal(got, value)
+    assert float(single["reset_state"]["model.norm.weight"]["exp_avg_sq"].abs().max()) > 0  # others kept
+    _assert_same_training(single, ranks)
+
+
+def test_vocabulary_extension_with_ofa_init_before_wrapping_matches_one_process(tmp_path):
+    """`extend_vocabulary` (24 learnt domain subwords, OFA init from corpus word vectors) on every rank before the
+    Trainer wraps the model: the ranks start from the one-process initial weights, bit for bit, and train the
+    grown matrix like one process. The new-rows-first phase refuses the sharded model (its gradient hooks would
+    not fire under FSDP2: measured, old rows moved)."""
+    single, ranks = _one_and_sharded(tmp_path, "vocab")
+    assert single["vocab_size"] == ranks[0]["vocab_size"] > single["old_vocab_size"] == 384
+    for r in ranks:
+        assert all(torch.equal(r["initial"][k], v) for k, v in single["initial"].items())
+        assert "does not support sharded training" in r["new_rows_first_refused"]
+    assert "new_rows_first_refused" not in single
+    emb = single["initial"]["model.embed_tokens.weight"]
+    assert emb.shape[0] == single["vocab_size"] and not torch.equal(emb[384:], torch.zeros_like(emb[384:]))
+    _assert_same_training(single, ranks)
+
+
+def _torchrun(out, *args, check=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_port()}",
+           str(WORKER), str(out), *args]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
+    if check:
+        assert proc.returncode == 0, f"{args} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def test_sigkill_during_a_sharded_run_then_resume_gives_bitwise_identical_weights(tmp_path):
+    """FSDP2 with `FULL_STATE_DICT` checkpoints every 2 updates: rank 0 is SIGKILLed after update 3 (torchrun tears
+    the job down), the run resumes from checkpoint-2 (model, optimizer, scheduler, both ranks' RNG, the mixer's
+    state) and ends with the weights, losses and tokens per source of an uninterrupted sharded run, bit for bit.
+    `trainer.save_model` writes the final model as one full `model.safetensors` with the tokenizer, no FSDP
+    shard files, and stock `from_pretrained` loads exactly those weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    ref.mkdir()
+    run.mkdir()
+    _torchrun(ref, "resume", "2", "fsdp", "full")
+    killed = _torchrun(run, "resume", "2", "fsdp", "kill", check=False)
+    assert killed.returncode != 0 and "SIGKILL" in killed.stderr
+    ckpts = sorted(p.name for p in (run / "trainer").iterdir())
+    assert ckpts == ["checkpoint-2"] and not (run / "final").exists()  # killed after update 3, before checkpoint 4
+    _torchrun(run, "resume", "2", "fsdp", "resume")
+    load = lambda p: torch.load(p, weights_only=False)  # noqa: E731
+    want, got = load(ref / "rank0.pt"), load(run / "rank0.pt")
+    assert got["resumed_from"].endswith("checkpoint-2")
+    assert got["weights"].keys() == want["weights"].keys()
+    assert all(torch.equal(got["weights"][k], v) for k, v in want["weights"].items())  # bitwise
+    assert _logged(got, "loss") == _logged(want, "loss") and len(_logged(want, "loss")) == 4
+    # the mixer resumed where it stopped (the callback the Trainer rebuilt from the checkpoint)
+    assert got["tokens_per_source"] == want["tokens_per_source"] == {"domain": 384, "general": 128}
+    assert got["mixer_state"]["attributes"]["saved_state"] == want["mixer_state"]["attributes"]["saved_state"]
+    final = run / "final"
+    names = sorted(p.name for p in final.iterdir())
+    assert "model.safetensors" in names and "tokenizer.json" in names and "config.json" in names
+    assert not [n for n in names if "fsdp" in n or n.endswith((".distcp", ".bin")) and n != "training_args.bin"]
+    saved = load_file(final / "model.safetensors")
+    # problem (3) of the first round, still so in the final file: the tied head is written too (equal values)
+    assert set(saved) - set(want["weights"]) == set() and torch.equal(saved["lm_head.weight"],
+                                                                     saved["model.embed_tokens.weight"])
+    model = AutoModelForCausalLM.from_pretrained(final)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in want["weights"].items())
+    assert len(AutoTokenizer.from_pretrained(final)) == model.config.vocab_size

@@ -205,7 +205,9 @@ def test_each_document_gets_its_logits_alone_on_smollm2(attn, checkpointing):
         model.train()  # SmolLM2 has no dropout: training mode changes nothing but the checkpointing
     with torch.set_grad_enabled(checkpointing):
         assert _max_doc_diff(model, blocks) <= 1e-4
-    assert probe_document_masking(model) <= 1e-4
+    # the probe passes under its own bound (1e-3); its 24-token documents sit near 1e-4 here, by thread count
+    # (1.1e-4 with one OpenMP thread, below 1e-4 with two): float32 sums in another order, not masking
+    assert probe_document_masking(model) <= 5e-4
 
 
 # --- through a real Trainer step ------------------------------------------------------------------------------------
