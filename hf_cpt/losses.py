@@ -24,7 +24,9 @@ log-sum-exp with the top-k entries masked to -inf, so r_q is exact even when it 
 
 from __future__ import annotations
 
+import functools
 import logging
+import types
 from typing import Any
 
 import torch

@@ -136,6 +136,7 @@ class ExercisedModules:
         if self.unexercised:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
+    @pytest.hookimpl(optionalhook=True)  # an xdist hook: without xdist it never runs
     def pytest_testnodedown(self, node, error):  # xdist controller: a module counts if any worker exercised it
         missed = getattr(node, "workeroutput", {}).get(_KEY)
         if missed is not None:
