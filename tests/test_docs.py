@@ -169,7 +169,7 @@ Path("data/med/part-0.jsonl").write_text("".join(json.dumps({"text": t}) + "\\n"
 ''',
 }
 
-PY_DOCS = sorted({d for d, _, lang, _, _ in BLOCKS if lang == "python"})
+PY_DOCS = sorted({d for d, _, lang, _, x in BLOCKS if lang == "python" and not x.startswith("skip")})
 
 
 @pytest.mark.slow

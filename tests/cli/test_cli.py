@@ -67,9 +67,11 @@ def test_init_for_any_domain_writes_a_config_that_trains(tmp_path, tiny_model_di
     study's recipe: self-synthesised replay with distillation, a guard on `general_self`); it trains as written,
     shrunk only in size."""
     (tmp_path / "chem").mkdir()
-    docs = [f"Compound {i} reacts with water to give a salt and hydrogen gas at room temperature." for i in range(60)]
-    (tmp_path / "chem" / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:50]))
-    (tmp_path / "chem" / "val.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[50:]))
+    from hf_cpt.testing import read_embedded
+
+    docs = read_embedded("python-docs", limit=12)  # distinct documents: data cleaning keeps them all
+    (tmp_path / "chem" / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:10]))
+    (tmp_path / "chem" / "val.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[10:]))
     out = tmp_path / "chem.yaml"
     result = runner.invoke(app, ["init", "--domain", "organic chemistry", "--train", str(tmp_path / "chem/*.jsonl"),
                                  "--eval", str(tmp_path / "chem" / "val.jsonl"), "--model", str(tiny_model_dir),
