@@ -1,23 +1,7 @@
 """Rewarming learning-rate schedules for continual pretraining.
 
-Paper: "Continual Pre-Training of Large Language Models: How to (re)warm your model?" (Gupta et al., 2023).
-Continuing pretraining from a checkpoint whose LR has decayed, the LR is *re-warmed* linearly to a new maximum
-and then *re-decayed*; this raises the loss at first but adapts better to the new data in the long run.
-
-A schedule is a list of cycles; each is ``warmup -> stable -> decay -> hold``. Within a cycle, at local step t
-(``W`` warmup, ``S`` stable, ``D`` decay steps; multipliers of the optimizer's base LR)::
-
-    t < W            start + (peak - start) * w(t / W)        w: linear p | cosine (1 - cos(pi p)) / 2 | 1-sqrt 1 - sqrt(1 - p)
-    t < W + S        peak
-    t < W + S + D    floor + (peak - floor) * d((t - W - S) / D)
-                     d: cosine (1 + cos(pi p)) / 2 | linear 1 - p | 1-sqrt 1 - sqrt(p) | none 1
-                     inverse_sqrt: max(floor, peak * sqrt(T / (T + t - W - S)))
-    otherwise        floor
-
-Presets (`RewarmConfig.schedule`) compile to cycles: `rewarm` (warmup then decay to `min_lr_ratio`), `wsd`
-(warmup-stable-decay), `infinite` (warmup, cooldown to `constant_lr_ratio`, constant, optional final anneal),
-`constant`, and explicit `cycles` (one per data stage; OLMo-core's WSDS). `cycle_steps` repeats the preset's
-cycle, re-warming every `cycle_steps` steps.
+The schedules and their formulas (the cycles, the presets, the paper) are described in `hf_cpt.schedules`, the
+pure core this module puts into a `Trainer`.
 
 Two ways to use it with a `Trainer`, both resume-safe (the LR is a pure function of the step counter the
 Trainer restores from the checkpoint):
