@@ -374,7 +374,7 @@ def init(
     """Write a commented YAML config to edit, then run it with `hf-cpt train FILE`: a preset (`--domain medical`),
     or any domain from your own text (`--domain chemistry --train data/chem/*.jsonl --eval data/chem/val.jsonl`).
     With no option, list the presets."""
-    from ..templates import custom_template_text, list_templates, write_template, write_text
+    from ..templates import custom_template_text, domain_slug, list_templates, write_template, write_text
 
     presets = list_templates()
     if domain is None:
@@ -402,8 +402,7 @@ def init(
                              "forgetting monitor measures the domain gain on it")
         for flag, value in (("--train", train_path), ("--eval", eval_path)):
             _check_local_data(flag, value)
-        slug = "".join(c if c.isalnum() else "-" for c in domain.lower()).strip("-")
-        path = output or Path(f"hf-cpt-{slug}.yaml")
+        path = output or Path(f"hf-cpt-{domain_slug(domain)}.yaml")
         text = custom_template_text(domain, train_path, eval_path, model=model, file=str(path))
         path = write_text(text, path, force=force)
     typer.echo(f"Wrote {path}. Edit it, then run: hf-cpt train {path}")

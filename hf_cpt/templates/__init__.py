@@ -38,6 +38,14 @@ def write_template(name: str, path: str | Path, force: bool = False) -> Path:
     return write_text(template_text(name), path, force)
 
 
+def domain_slug(domain: str) -> str:
+    """`domain` as a file and directory name: lower case, runs of other characters as one '-'
+    (`"Organic chemistry"` -> `"organic-chemistry"`)."""
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", domain.lower()).strip("-")
+
+
 def custom_template_text(domain: str, train: str, eval: str, model: str = "embedded:smollm2-135m",
                          file: str = "CONFIG.yaml") -> str:
     """The commented YAML of a run on any domain (`hf-cpt init --domain NAME --train ... --eval ...`): the
@@ -54,9 +62,8 @@ def custom_template_text(domain: str, train: str, eval: str, model: str = "embed
         if not value or any(c in value for c in "\n#'\"") or value.strip() != value:
             raise ValueError(f"`{flag}` {value!r}: give one path, glob, `embedded:` or `hub:` name, without quotes, "
                              "'#' or surrounding spaces")
-    slug = re.sub(r"[^a-z0-9]+", "-", domain.lower()).strip("-")
     text = Template((resources.files(__name__) / "custom.yaml.in").read_text(encoding="utf-8")).substitute(
-        domain=domain, train=train, eval=eval, model=model, file=file, slug=slug)
+        domain=domain, train=train, eval=eval, model=model, file=file, slug=domain_slug(domain))
     CPTConfig.from_dict(load_yaml(text, source="the custom template")).check_held_out_sets()
     return text
 
