@@ -26,7 +26,7 @@ kernel (a missing term, a bad scale, a dropped gradient path) is off by far more
 Distillation replay (`train.distill`, the top-k KL term inside the chunked loss; `choose_loss` turns Liger's loss
 off for it, but Liger's other kernels could run with it): base targets are random peaked top-64 distributions,
 and the KL term is the chunked loss with targets minus the loss without. (i) fp32: the chunked KL term equals
-`hf_cpt.distill.topk_kl` on the full fp32 logits (rel. 1e-4: both are fp32, only summation order differs); (ii)
+`hf_cpt.base_targets.topk_kl` on the full fp32 logits (rel. 1e-4: both are fp32, only summation order differs); (ii)
 bf16 without Liger and (iii) bf16 with Liger's RMSNorm/RoPE/SwiGLU patched in (its fused CE off, the chunked loss
 on): each against (i), (iii) within 2 err_(ii) + 2e-3 relative.
 
@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from gpu_common import LLAMA3_VOCAB, build_llama, device_line, use_cuda, write_json  # noqa: E402
-from hf_cpt.distill import topk_kl, topk_targets  # noqa: E402
+from hf_cpt.base_targets import topk_kl, topk_targets  # noqa: E402
 from hf_cpt.import_utils import is_liger_available  # noqa: E402
 from hf_cpt.liger import choose_loss  # noqa: E402
 from hf_cpt.losses import apply_chunked_loss, remove_chunked_loss  # noqa: E402

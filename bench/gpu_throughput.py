@@ -203,7 +203,7 @@ def _hfcpt(model: Any, blocks: Any, a: Any, tmp: Path, use_liger: str = "auto", 
     train = PreparedMixer(store, config, num_blocks=n)
     collator = None
     if distill:
-        from hf_cpt.collators.distill import DistillCollator, DistillConfig, precompute_distill_targets
+        from hf_cpt.collators.distill_replay import DistillCollator, DistillConfig, precompute_distill_targets
 
         dcfg = DistillConfig()
         targets = precompute_distill_targets((train.block(i) for i in range(n)), model, n, dcfg,

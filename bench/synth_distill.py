@@ -29,7 +29,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from hf_cpt.distill import compute_base_targets  # noqa: E402
+from hf_cpt.base_targets import compute_base_targets  # noqa: E402
 from hf_cpt.losses import apply_chunked_loss  # noqa: E402
 from hf_cpt.synth import synthesize_text, weights_fingerprint  # noqa: E402
 from hf_cpt.testing import read_embedded  # noqa: E402

@@ -44,8 +44,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .callbacks.downstream import DownstreamConfig, DownstreamEvalCallback, attach_downstream_eval
     from .callbacks.forgetting import ForgettingMonitorCallback, ForgettingMonitorConfig
     from .callbacks.kl_to_base import KLToBaseCallback, attach_kl_to_base
-    from .collators.distill import DistillCollator, DistillConfig, precompute_distill_targets
-    from .distill import compute_base_targets, evaluate_kl, make_frozen_copy
+    from .collators.distill_replay import DistillCollator, DistillConfig, precompute_distill_targets
+    from .base_targets import compute_base_targets, evaluate_kl, make_frozen_copy
     from .evaluation import check_tasks, evaluate_tasks, offline_tasks_dir
     from .synth import SynthConfig, load_or_synthesize, synthesize_text
     from .callbacks.masking_stats import MaskingStatsCallback

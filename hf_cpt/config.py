@@ -28,7 +28,7 @@ from .callbacks.downstream import DownstreamConfig
 from .callbacks.forgetting import ForgettingMonitorConfig
 from .callbacks.rewarm import RewarmConfig
 from .callbacks.weight_averaging import WeightAveragingConfig
-from .collators.distill import DistillConfig
+from .collators.distill_replay import DistillConfig
 from .collators.masking import MASKING_KINDS, MaskingConfig
 from .data_clean import DecontaminateConfig, DedupConfig  # data cleaning (issue 34)
 from .hub import HubConfig

@@ -10,8 +10,8 @@ PyTorch so it runs on CPU and accepts per-token weights).
 `apply_chunked_loss(model)` makes a Hugging Face causal LM use it whenever `labels` are passed, so it works
 unchanged inside `Trainer`, TRL trainers and accelerate loops; Liger (`hf_cpt.liger`) is preferred on CUDA.
 
-Distillation replay (`hf_cpt.distill`) rides in the same pass: given the base model's top-k ids and log-probs per
-token, the loss adds d_t * KL_k(p_base || q_t) with the top-k + rest estimator of `hf_cpt.distill.topk_kl`, whose
+Distillation replay (`hf_cpt.base_targets`) rides in the same pass: given the base model's top-k ids and log-probs per
+token, the loss adds d_t * KL_k(p_base || q_t) with the top-k + rest estimator of `hf_cpt.base_targets.topk_kl`, whose
 exact gradient w.r.t. the logits z (q = softmax(z), S the top-k ids, P = sum_S p_i, r_p = 1 - P, r_q = 1 - sum_S
 q_i) is
 
@@ -165,7 +165,7 @@ def chunked_linear_cross_entropy(
 
     With base-model targets (`distill_ids`, `distill_logprobs`) the loss becomes
     ``(sum_i w_i CE_i + sum_i d_i KL_k,i) / divisor`` with KL_k the top-k + rest estimator of
-    `hf_cpt.distill.topk_kl` and the same divisor as the cross-entropy alone (``sum_i w_i`` for mean, `num_items`,
+    `hf_cpt.base_targets.topk_kl` and the same divisor as the cross-entropy alone (``sum_i w_i`` for mean, `num_items`,
     or 1 for sum), so a distillation weight d is measured in units of one token's CE. Only if no token has a CE
     weight does mean divide by the number of distilled tokens instead. Gradients stay exact and chunked.
 
@@ -310,7 +310,7 @@ def apply_chunked_loss(model: torch.nn.Module, chunk_size: int | None = None) ->
     """Make `model.forward(..., labels=...)` use [`chunked_linear_cross_entropy`] (returns no logits then).
 
     Also accepts `token_weights` (batch x seq, e.g. from the lexicon/LEM causal collators), the Trainer's
-    `num_items_in_batch`, and distillation targets (see `hf_cpt.distill`): `base_topk_ids` and
+    `num_items_in_batch`, and distillation targets (see `hf_cpt.base_targets`): `base_topk_ids` and
     `base_topk_logprobs` (batch x seq x k, the base model's top-k at every position, i.e. predicting the next
     token, unshifted like `input_ids`) with optional `distill_weights` (batch x seq, aligned like `labels` and
     `token_weights`: the weight of predicting that token; default 1 on every labelled token). Without labels the

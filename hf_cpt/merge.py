@@ -292,11 +292,11 @@ from .registry import Technique, names  # noqa: E402  (stdlib only; kept with th
 
 TECHNIQUE = Technique(
     name="merging with the base",
-    key=None,  # no block: `hf-cpt merge` / `merge_with_base` work on a finished run (recipe/merge.py)
+    key=None,  # no block: `hf-cpt merge` / `merge_with_base` work on a finished run (recipe/merge_run.py)
     exports={**names("merge", "merge_checkpoints", "interpolate_tensor", "MergeSummary"),
              "merge_lora_checkpoint": "merge_lora",
              **names("merge_sweep", "pareto_front", "knee_point", "pick_row", "plot_merge_sweep"),
-             **names("recipe.merge", "merge_with_base", "MergeResult")},
+             **names("recipe.merge_run", "merge_with_base", "MergeResult")},
     functional={"interpolate_tensor": "merge", "lora_delta": "merge_lora",
                 **names("merge_sweep", "knee_point", "pareto_front", "pick_row")},
 )

@@ -42,7 +42,7 @@ TECHNIQUE_MODULES: list[str] = [
     "hf_cpt.callbacks.weight_averaging",  # weight averaging      `weight_averaging`
     "hf_cpt.merge",                    # merging with the base     (`hf-cpt merge`)
     "hf_cpt.synth",                    # self-synthesised data     `data.synth`
-    "hf_cpt.collators.distill",        # distillation replay       `train.distill`
+    "hf_cpt.collators.distill_replay",        # distillation replay       `train.distill`
     "hf_cpt.liger",                    # memory: chunked loss      `train.chunked_loss`, `train.use_liger`
     "hf_cpt.collators.masking",        # masking                   `masking`
     "hf_cpt.vocab.extend",             # vocabulary extension      `vocab`

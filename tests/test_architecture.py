@@ -16,7 +16,7 @@ import hf_cpt
 
 PKG = Path(hf_cpt.__file__).resolve().parent
 TECHNIQUES = ("hf_cpt.callbacks", "hf_cpt.mixers", "hf_cpt.collators", "hf_cpt.vocab", "hf_cpt.losses",
-              "hf_cpt.liger", "hf_cpt.adapters", "hf_cpt.synth", "hf_cpt.distill", "hf_cpt.dynamics",
+              "hf_cpt.liger", "hf_cpt.adapters", "hf_cpt.synth", "hf_cpt.base_targets", "hf_cpt.dynamics",
               "hf_cpt.validation", "hf_cpt.utils", "hf_cpt.import_utils", "hf_cpt.evaluation", "hf_cpt.output_lock",
               "hf_cpt.yaml_loader", "hf_cpt.registry", "hf_cpt.monitoring", "hf_cpt.schedules", "hf_cpt.plasticity",
               "hf_cpt.data_clean")
@@ -231,3 +231,14 @@ def test_every_functional_core_lives_in_a_module_without_transformers():
     heavy = sorted(f"{name} (hf_cpt.{module})" for name, module in functional_cores().items()
                    if "transformers" in _loads(f"hf_cpt.{module}", graph))
     assert not heavy
+
+
+def test_no_two_modules_share_a_file_name():
+    """A file name names one concept: `distill.py` three times over (vocab init, the replay collator, the KL
+    estimator) is what this guards against. Package `__init__.py` files and the CLI's `__main__` are exempt."""
+    seen: dict[str, list[str]] = {}
+    for path in PKG.rglob("*.py"):
+        if path.name not in ("__init__.py", "__main__.py"):
+            seen.setdefault(path.name, []).append(str(path.relative_to(PKG)))
+    shared = {name: paths for name, paths in seen.items() if len(paths) > 1}
+    assert not shared, f"modules sharing a file name: {shared}"

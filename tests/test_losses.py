@@ -81,7 +81,7 @@ def test_bad_input_is_a_clear_error():
 
 # --- distillation in the chunked loss -------------------------------------------------------------------------------
 def naive_topk_kl(logits, ids, lp):
-    """KL_k from full softmax with autograd: explicit tail sums (the estimator of hf_cpt.distill)."""
+    """KL_k from full softmax with autograd: explicit tail sums (the estimator of hf_cpt.base_targets)."""
     logq = torch.log_softmax(logits, -1)
     q = logq.exp()
     top = torch.zeros_like(q, dtype=torch.bool).scatter(-1, ids, True)

@@ -232,7 +232,7 @@ TECHNIQUE = Technique(
     config=ForgettingMonitorConfig,
     exports={**names("callbacks.forgetting", "ForgettingMonitorConfig", "ForgettingMonitorCallback"),
              "plot_forgetting": "plotting", **names("callbacks.kl_to_base", "KLToBaseCallback", "attach_kl_to_base"),
-             **names("distill", "compute_base_targets", "evaluate_kl")},
+             **names("base_targets", "compute_base_targets", "evaluate_kl")},
     functional=names("monitoring", "compute_forgetting", "exceeds_tolerance", "tolerance_bound"),
     enabled=_kl_enabled,
     preflight=_preflight,

@@ -4,7 +4,7 @@ A general held-out *loss* only shows forgetting when the held-out text is someth
 learning again (the King James Bible, for SmolLM2, is learnt: its loss falls while the model drifts). The KL from
 the base model's next-token distribution to the current one is zero at step 0 and can only rise as the model
 forgets, whatever the text. The base log-probs are kept compactly: the top-k ids and log-probs per token
-(8 x k bytes per token), and the KL is the top-k + rest estimator of `hf_cpt.distill.topk_kl` (a lower bound of
+(8 x k bytes per token), and the KL is the top-k + rest estimator of `hf_cpt.base_targets.topk_kl` (a lower bound of
 the full KL; exact when k = vocabulary size).
 
 The callback computes the KL in `on_log`, right when the Trainer logs ``eval_<set>_loss``, and adds
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ..distill import compute_base_targets, evaluate_kl
+from ..base_targets import compute_base_targets, evaluate_kl
 from ..utils import add_callback_before_integrations, unwrap_model
 from ..validation import check_int
 

@@ -553,7 +553,7 @@ def plan(
     typer.echo(f"  plot: {plot}" + (f"  plan: {output_json}" if output_json else ""))
 
 
-# --- hf-cpt merge (issue 33): one command, the logic is in hf_cpt.recipe.merge --------------------------------------
+# --- hf-cpt merge (issue 33): one command, the logic is in hf_cpt.recipe.merge_run --------------------------------------
 @app.command()
 @_user_errors
 def merge(
@@ -571,7 +571,7 @@ def merge(
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output directory.")] = False,
 ) -> None:
     """Merge an adapted model with its base, base + alpha x (adapted - base), streaming tensor by tensor."""
-    from ..recipe.merge import merge_with_base
+    from ..recipe.merge_run import merge_with_base
 
     alphas = _floats("--alpha", alpha) or []
     result = merge_with_base(run_dir, alphas if len(alphas) != 1 else alphas[0], output, base=base, pick=pick,

@@ -4,7 +4,7 @@ vocabulary checkpoints). Techniques never import this package; the CLI only call
 from .cmr_pilot import pilot_configs, run_cmr_pilot, write_cmr_config
 from .evaluate import EvalComparison, compare_models
 from .data import build_eval_sets, build_train_set, check_data_paths, load_split, tokenize_and_pack
-from .merge import MergeResult, merge_with_base
+from .merge_run import MergeResult, merge_with_base
 from .models import load_model_and_tokenizer, resolve_model_path
 from .prepare import prepare_config, prepare_sources
 from .resolve import default_output_dir, load_config

@@ -18,7 +18,7 @@ import torch
 
 from ..registry import Technique, TrainerParts, names
 from ..validation import check_choice, check_int, check_number
-from .distill import DISTILL_PRECISIONS
+from .token_distillation import DISTILL_PRECISIONS
 from .init import EMBEDDING_INITS, InitInputs
 from .vectors import (
     WordVectors,
@@ -194,7 +194,7 @@ def extend_model(model: Any, tokenizer: Any, new_tokens: Sequence[str], init: st
         inputs.target_vectors = subword_vectors(tokenizer, word_vectors, ids)
         coverage = float((inputs.target_vectors.abs().sum(1) > 0).double().mean())
     if spec.needs_contexts:
-        from .distill import mine_distill_contexts
+        from .token_distillation import mine_distill_contexts
 
         inputs.model = model
         inputs.contexts = mine_distill_contexts(

@@ -181,7 +181,7 @@ def _distill_rows(x: InitInputs) -> torch.Tensor:
         # Token Distillation learns input rows; an untied head's rows stay at the subword mean (the reference learns
         # them by next-token prediction instead, which is what continual pretraining then does anyway)
         return start
-    from .distill import init_distill
+    from .token_distillation import init_distill
 
     o = x.options
     rows, stats = init_distill(x.model, x.old, start, x.contexts, steps=o.get("distill_steps", 1),

@@ -7,7 +7,7 @@ from transformers import Trainer, TrainerControl, TrainerState, TrainingArgument
 from hf_cpt.callbacks.forgetting import ForgettingMonitorCallback, ForgettingMonitorConfig, compute_forgetting
 from hf_cpt.callbacks.kl_to_base import KLToBaseCallback, attach_kl_to_base
 from hf_cpt.config import DataConfig
-from hf_cpt.distill import compute_base_targets, evaluate_kl
+from hf_cpt.base_targets import compute_base_targets, evaluate_kl
 from hf_cpt.recipe.data import build_eval_sets, build_train_set
 from hf_cpt.testing import make_tiny_llama
 

@@ -25,7 +25,7 @@ from hf_cpt.callbacks.active_forgetting import ActiveForgettingCallback, ActiveF
 from hf_cpt.callbacks.forgetting import ForgettingMonitorCallback, ForgettingMonitorConfig
 from hf_cpt.callbacks.kl_to_base import KLToBaseCallback
 from hf_cpt.callbacks.replay_mixer import ReplayMixerCallback
-from hf_cpt.collators.distill import DistillCollator, DistillConfig, precompute_distill_targets
+from hf_cpt.collators.distill_replay import DistillCollator, DistillConfig, precompute_distill_targets
 from hf_cpt.callbacks.rewarm import RewarmCallback, RewarmConfig, make_rewarm_optimizer, make_rewarm_scheduler
 from hf_cpt.config import DataConfig
 from hf_cpt.losses import apply_chunked_loss
@@ -97,7 +97,7 @@ class KLAfterUpdate(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step == 1:
-            from hf_cpt.distill import evaluate_kl
+            from hf_cpt.base_targets import evaluate_kl
 
             self.result = evaluate_kl(model, self.ids, self.targets["ids"], self.targets["logprobs"], batch_size=4)
 

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-import hf_cpt.distill as distill_mod
+import hf_cpt.base_targets as distill_mod
 from hf_cpt.config import CPTConfig
 from hf_cpt.mixers.packing import DocumentMaskingGuard
 from hf_cpt.mixers.prepared import MANIFEST, PreparedStore

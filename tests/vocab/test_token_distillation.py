@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_cpt.testing import make_tiny_llama, make_tiny_tokenizer, read_embedded
-from hf_cpt.vocab.distill import distill_mismatch, init_distill, mine_distill_contexts, resolve_precision
+from hf_cpt.vocab.token_distillation import distill_mismatch, init_distill, mine_distill_contexts, resolve_precision
 from hf_cpt.vocab.extend import VocabConfig, extend_model, extend_vocabulary
 from hf_cpt.vocab.init import init_subword_mean
 from hf_cpt.vocab.tokens import learn_domain_tokens

@@ -1,7 +1,7 @@
 """Distillation replay: anchor the model to its base on replay (or all) tokens, in the chunked loss.
 
 Learning without Forgetting for continual pretraining: next to the next-token loss, the training loss gets
-``weight * KL_k(p_base || p_theta)`` on the chosen tokens (the top-k + rest estimator of `hf_cpt.distill.topk_kl`,
+``weight * KL_k(p_base || p_theta)`` on the chosen tokens (the top-k + rest estimator of `hf_cpt.base_targets.topk_kl`,
 exact gradients, no tokens x vocabulary logits tensor; see `hf_cpt.losses`). The base model's top-k per token is
 either precomputed once before training for the exact blocks the run will read ([`precompute_distill_targets`]:
 no second model in memory while training, 8 x k bytes per distilled token) or computed per batch from a frozen
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from ..distill import compute_base_targets
+from ..base_targets import compute_base_targets
 from ..registry import DataParts, Technique, names
 from ..utils import check_top_k
 from ..validation import check_choice, check_int, check_number
@@ -117,7 +117,7 @@ class DistillCollator:
 
     Args:
         targets: precomputed `{block_index: {"ids", "logprobs", "weights"}}` ([`precompute_distill_targets`]).
-        frozen_model: or a frozen base model computing targets per batch ([`hf_cpt.distill.make_frozen_copy`]).
+        frozen_model: or a frozen base model computing targets per batch ([`hf_cpt.base_targets.make_frozen_copy`]).
         config: the [`DistillConfig`] (weight, `tokens`, top_k).
         distilled_sources: source indices distilled when `config.tokens == "replay"`.
         base_collator: collates the plain keys; default `transformers.default_data_collator`.
@@ -198,7 +198,7 @@ def _collator(parts: DataParts) -> DistillCollator:
     settings), or computed on the fly from a frozen copy of the base."""
     distill = parts.cfg.train.distill
     if distill.targets == "frozen_copy":
-        from ..distill import make_frozen_copy
+        from ..base_targets import make_frozen_copy
 
         return DistillCollator(distill, frozen_model=make_frozen_copy(parts.model))
     targets = precompute_distill_targets(iter(parts.blocks()), parts.model, parts.num_blocks, distill,
@@ -221,10 +221,10 @@ TECHNIQUE = Technique(
     name="distillation replay",
     key="train.distill",
     config=DistillConfig,
-    exports={**names("collators.distill", "DistillConfig", "DistillCollator", "precompute_distill_targets"),
-             "make_frozen_copy": "distill"},
-    functional={"distill_token_weights": "collators.distill",
-                **names("distill", "top1_agreement", "topk_kl", "topk_targets")},
+    exports={**names("collators.distill_replay", "DistillConfig", "DistillCollator", "precompute_distill_targets"),
+             "make_frozen_copy": "base_targets"},
+    functional={"distill_token_weights": "collators.distill_replay",
+                **names("base_targets", "top1_agreement", "topk_kl", "topk_targets")},
     check=_check,
     preflight=_preflight,
     block_sources=True,  # targets ride with each block's index and per-token sources

@@ -4,7 +4,7 @@
 import torch
 from accelerate.utils import concatenate
 
-from hf_cpt.collators.distill import DistillCollator, DistillConfig
+from hf_cpt.collators.distill_replay import DistillCollator, DistillConfig
 
 K, T = 3, 5
 

@@ -266,7 +266,7 @@ class HeldOutEvaluator:
 
     def evaluate(self, model: Any) -> dict[str, Any]:
         """`{"domain_loss", "kl" (max over general sets), "<set>_loss", "<set>_kl", "<set>_top1_agree", ...}`."""
-        from ..distill import evaluate_kl
+        from ..base_targets import evaluate_kl
 
         losses = self._losses(model)
         row: dict[str, Any] = {"domain_loss": losses[self.domain], "kl": 0.0}

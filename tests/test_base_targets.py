@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hf_cpt.distill import (
+from hf_cpt.base_targets import (
     compute_base_targets,
     evaluate_kl,
     make_frozen_copy,

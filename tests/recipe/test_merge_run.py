@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from hf_cpt.cli.main import app
 from hf_cpt.config import CPTConfig
 from hf_cpt.merge import CheckpointReader
-from hf_cpt.recipe.merge import MERGE_RECORD, SWEEP_FILE, SWEEP_PLOT, merge_with_base
+from hf_cpt.recipe.merge_run import MERGE_RECORD, SWEEP_FILE, SWEEP_PLOT, merge_with_base
 from hf_cpt.testing import make_tiny_llama, make_tiny_tokenizer
 from tests.conftest import tiny_run_dict
 
