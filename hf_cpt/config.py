@@ -199,7 +199,8 @@ class DataConfig:
         if replays_self and self.general.streaming:
             raise ValueError("`general.streaming`: self-synthesised text is generated once and held in memory; "
                              "set `general.streaming: false`")
-        check_int("block_size", self.block_size)
+        # a 1-token block has no next token to predict: every label is masked and the loss divides by zero
+        check_int("block_size", self.block_size, minimum=2)
         check_int("max_eval_blocks", self.max_eval_blocks, minimum=0)
         check_int("shuffle_seed", self.shuffle_seed, minimum=0)
         check_int("num_proc", self.num_proc, minimum=1)
@@ -426,6 +427,11 @@ class CPTConfig:
     def from_yaml(cls, path: str | Path) -> CPTConfig:
         """Read a YAML file written by `hf-cpt init` (or by hand)."""
         path = Path(path)
+        if path.is_dir():
+            recipe = path / CONFIG_FILE
+            inside = f" (it holds a run's recipe: give {str(recipe)!r})" if recipe.is_file() else ""
+            raise ValueError(f"config file {str(path)!r} is a directory, not a YAML file{inside}; give the path of "
+                             "the .yaml file")
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} does not exist")
         try:

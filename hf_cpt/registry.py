@@ -103,6 +103,9 @@ class Technique:
             own block first); raises `ValueError` naming the fields. Field checks stay in the config dataclass.
         unsharded: why it cannot run under FSDP/DeepSpeed (the recipe refuses such a launch before loading the
             model), or None.
+        config_preflight: `(cfg, model_config, tokenizer)`: checks that need the model's config or tokenizer but
+            no weights (a top-k above the vocabulary, a missing lexicon file, unknown lm-eval tasks); run once,
+            with the recipe's other pre-checks, before any weights load, for enabled techniques.
         preflight: `(cfg, model, args)`: checks that need the loaded model or the launcher; run once, after the
             model is loaded and before any data is built or synthesised, for enabled techniques.
         block_sources: its collator reads each training block's `block_index` and `source_ids` (the mixer emits
@@ -123,6 +126,7 @@ class Technique:
     enabled: Callable[[CPTConfig], bool] | None = None
     check: Callable[[CPTConfig], None] | None = None
     unsharded: str | None = None
+    config_preflight: Callable[[CPTConfig, Any, Any], None] | None = None
     preflight: Callable[[CPTConfig, Any, Any], None] | None = None
     block_sources: bool = False
     collator: Callable[[DataParts], Any] | None = None

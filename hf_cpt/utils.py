@@ -70,8 +70,15 @@ def check_unsharded(key: str, why: str, sharding: str | None) -> None:
 
 
 def check_top_k(name: str, k: int, model: Any) -> None:
-    """Refuse a top-k larger than `model`'s output vocabulary (the field is named `name` in the error)."""
-    vocab = model.get_output_embeddings().weight.shape[0]
+    """Refuse a top-k larger than the output vocabulary (the field is named `name` in the error) of `model`: a
+    loaded model, or its transformers config (`vocab_size`, checked before any weights load)."""
+    if hasattr(model, "get_output_embeddings"):
+        vocab = model.get_output_embeddings().weight.shape[0]
+    else:
+        text = model.get_text_config() if hasattr(model, "get_text_config") else model
+        vocab = getattr(text, "vocab_size", None)
+        if not isinstance(vocab, int):
+            return
     if k > vocab:
         raise ValueError(f"`{name}` ({k}) is larger than the model's vocabulary ({vocab}): use at most {vocab}")
 
@@ -168,6 +175,38 @@ def get_processing_class(kwargs: dict[str, Any]) -> Any:
 def is_nonempty_dir(path: str | os.PathLike) -> bool:
     p = Path(path)
     return p.exists() and (not p.is_dir() or any(p.iterdir()))
+
+
+class DiskFullError(OSError):
+    """The disk (or quota) filled up while a run wrote its checkpoints or outputs: bad circumstances, not a bug,
+    so the CLI shows it as one line; raised from the library's own error (torch, safetensors and the Trainer
+    each report a full disk in their own words)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+_FULL_ERRNOS = (28, 122)  # ENOSPC, EDQUOT
+_FULL_WORDS = ("no space left on device", "disk quota exceeded", "file write failed")
+
+
+def disk_full_error(error: BaseException, *places: str | os.PathLike) -> DiskFullError | None:
+    """A [`DiskFullError`] naming the place when `error` (or an error it came from) says the disk is full, or one
+    of `places` has under 1 MiB free (torch reports ENOSPC as "file write failed"); else None."""
+    seen: BaseException | None = error
+    full = False
+    while seen is not None and not full:
+        full = (isinstance(seen, OSError) and seen.errno in _FULL_ERRNOS) or any(
+            w in str(seen).lower() for w in _FULL_WORDS)
+        seen = seen.__cause__ or seen.__context__
+    where = next((str(p) for p in places if os.path.exists(p)), None)
+    if not full and where is not None:
+        full = shutil.disk_usage(where).free < (1 << 20)
+    if not full:
+        return None
+    return DiskFullError(28, f"no space left on the disk holding {where or 'the output'!r} while the run wrote its "
+                             "checkpoints or outputs; free space (or point `output_dir` at a larger disk) and run "
+                             "again (with --resume if a checkpoint was kept)")
 
 
 def make_staging_dir(final: str | os.PathLike, overwrite: bool = False) -> Path:

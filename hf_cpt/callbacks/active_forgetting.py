@@ -99,6 +99,14 @@ class ActiveForgettingCallback(TrainerCallback):
 
 
 # --- registry entry ---------------------------------------------------------------------------------------------------
+def _config_preflight(cfg: CPTConfig, model_config: Any, tokenizer: Any) -> None:
+    af = cfg.active_forgetting
+    if af is not None and af.every_k_updates > cfg.train.max_steps:
+        logger.warning("`active_forgetting.every_k_updates` (%d) is above `train.max_steps` (%d): this run never "
+                       "resets the embeddings; lower it to reset during the run", af.every_k_updates,
+                       cfg.train.max_steps)
+
+
 def _preflight(cfg: CPTConfig, model: Any, args: Any) -> None:
     if cfg.active_forgetting is not None:  # a model without token embeddings fails here, before any data
         embedding_parameters(unwrap_model(model), cfg.active_forgetting.reset_untied_output)
@@ -134,6 +142,7 @@ TECHNIQUE = Technique(
     # the reset phase (`active_forgetting:`) and the relearning phase (`train.trainable: embeddings`)
     enabled=lambda cfg: cfg.active_forgetting is not None or cfg.train.trainable == "embeddings",
     unsharded=UNSHARDED,
+    config_preflight=_config_preflight,
     preflight=_preflight,
     setup=_setup,
     card=_card,

@@ -306,8 +306,8 @@ def _check(cfg: CPTConfig) -> None:
                          "`objective: mlm`")
 
 
-def _preflight(cfg: CPTConfig, model: Any, args: Any) -> None:
-    cfg.downstream.check()  # lm-eval installed, task names and metrics known: before any data is built
+def _config_preflight(cfg: CPTConfig, model_config: Any, tokenizer: Any) -> None:
+    cfg.downstream.check()  # lm-eval installed, task names and metrics known: before any weights load
 
 
 def _setup(parts: TrainerParts) -> Any:
@@ -325,6 +325,6 @@ TECHNIQUE = Technique(
     functional={**names("monitoring", "downstream_breached", "summarize_downstream"),
                 "flatten_results": "evaluation"},
     check=_check,
-    preflight=_preflight,
+    config_preflight=_config_preflight,
     setup=_setup,
 )

@@ -212,8 +212,12 @@ def _kl_enabled(cfg: CPTConfig) -> bool:
     return cfg.objective == "clm" and cfg.monitor.kl
 
 
+def _config_preflight(cfg: CPTConfig, model_config: Any, tokenizer: Any) -> None:
+    check_top_k("monitor.kl_top_k", cfg.monitor.kl_top_k, model_config)  # before the weights load
+
+
 def _preflight(cfg: CPTConfig, model: Any, args: Any) -> None:
-    check_top_k("monitor.kl_top_k", cfg.monitor.kl_top_k, model)
+    check_top_k("monitor.kl_top_k", cfg.monitor.kl_top_k, model)  # again: `vocab:` may have changed the rows
 
 
 def _setup(parts: TrainerParts) -> Any:
@@ -235,6 +239,7 @@ TECHNIQUE = Technique(
              **names("base_targets", "compute_base_targets", "evaluate_kl")},
     functional=names("monitoring", "compute_forgetting", "exceeds_tolerance", "tolerance_bound"),
     enabled=_kl_enabled,
+    config_preflight=_config_preflight,
     preflight=_preflight,
     setup=_setup,
 )

@@ -28,7 +28,7 @@ import os
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from transformers import TrainerCallback
@@ -37,6 +37,9 @@ from ..averaging import average_due, ema_update, window_average  # noqa: F401  (
 from ..registry import Technique, TrainerParts, names
 from ..utils import is_sharded_model, unwrap_model
 from ..validation import check_bool, check_choice, check_int, check_number
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import CPTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -285,6 +288,13 @@ def _card(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
                else "evaluated beside the live model (`avg_*` sets); these weights are the live model")]
 
 
+def _check(cfg: CPTConfig) -> None:
+    wa = cfg.weight_averaging
+    if wa is not None and wa.start_step >= cfg.train.max_steps:
+        raise ValueError(f"`weight_averaging.start_step` ({wa.start_step}) is not before the end of the run "
+                         f"(`train.max_steps`={cfg.train.max_steps}): no update would be averaged; lower it")
+
+
 TECHNIQUE = Technique(
     name="weight averaging",
     key="weight_averaging",
@@ -292,6 +302,7 @@ TECHNIQUE = Technique(
     exports=names("callbacks.weight_averaging", "WeightAveragingConfig", "WeightAveragingCallback"),
     functional=names("averaging", "ema_update", "window_average", "average_due"),
     unsharded="weight averaging keeps a full copy of the weights on the main process",
+    check=_check,
     setup=_setup,
     card=_card,
 )

@@ -39,13 +39,16 @@ app = typer.Typer(
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     """What bad input raises: a value the library refuses (`ValueError`, naming the field), a missing or existing
-    file, a denied permission, a wrong type in a config (`ConfigTypeError`) and a missing optional package
-    (`MissingDependencyError`). Any other exception (a bare `TypeError`, `ImportError`, `AttributeError`, ...) is
+    file, a denied permission, a wrong type in a config (`ConfigTypeError`), a missing optional package
+    (`MissingDependencyError`) and a full disk (`DiskFullError`). Any other exception (a bare `TypeError`,
+    `ImportError`, `AttributeError`, ...) is
     a bug and keeps its traceback."""
     from ..import_utils import MissingDependencyError
+    from ..utils import DiskFullError
     from ..validation import ConfigTypeError
 
-    return (ValueError, FileNotFoundError, FileExistsError, PermissionError, ConfigTypeError, MissingDependencyError)
+    return (ValueError, FileNotFoundError, FileExistsError, PermissionError, ConfigTypeError, MissingDependencyError,
+            DiskFullError)
 
 
 def _user_errors(fn):

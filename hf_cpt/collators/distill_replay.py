@@ -189,8 +189,12 @@ def _check(cfg: CPTConfig) -> None:
                          "`data.general` and `data.replay_ratio` > 0, or `train.distill.tokens: all`")
 
 
+def _config_preflight(cfg: CPTConfig, model_config: Any, tokenizer: Any) -> None:
+    check_top_k("train.distill.top_k", cfg.train.distill.top_k, model_config)  # before the weights load
+
+
 def _preflight(cfg: CPTConfig, model: Any, args: Any) -> None:
-    check_top_k("train.distill.top_k", cfg.train.distill.top_k, model)
+    check_top_k("train.distill.top_k", cfg.train.distill.top_k, model)  # again: `vocab:` may have changed the rows
 
 
 def _collator(parts: DataParts) -> DistillCollator:
@@ -226,6 +230,7 @@ TECHNIQUE = Technique(
     functional={"distill_token_weights": "collators.distill_replay",
                 **names("base_targets", "top1_agreement", "topk_kl", "topk_targets")},
     check=_check,
+    config_preflight=_config_preflight,
     preflight=_preflight,
     block_sources=True,  # targets ride with each block's index and per-token sources
     collator=_collator,

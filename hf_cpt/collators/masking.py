@@ -416,6 +416,13 @@ def _check(cfg: CPTConfig) -> None:
                              f"probability and do not support {what}; remove it (default: {default!r})")
 
 
+def _config_preflight(cfg: CPTConfig, model_config: Any, tokenizer: Any) -> None:
+    if cfg.masking.kind == "lexicon" and cfg.masking.lexicon is not None:  # a missing or empty file, before weights
+        from .spans import read_lexicon
+
+        read_lexicon(cfg.masking.lexicon)
+
+
 def _card(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
     masking = config.get("masking")
     if masking and masking.get("kind", "none") != "none":
@@ -434,5 +441,6 @@ TECHNIQUE = Technique(
     functional={**names("collators.masking", "apply_replacement", "choose_one_per_span", "lexicon_budget_mask"),
                 **names("collators.spans", "char_to_token_spans", "lexicon_spans")},
     check=_check,
+    config_preflight=_config_preflight,
     card=_card,
 )

@@ -163,6 +163,9 @@ def read_records(path: str | Path) -> list[CMRRecord]:
                 out.append(CMRRecord(*(float(row[c]) for c in RECORD_FIELDS)))
             except (TypeError, ValueError):
                 raise ValueError(f"{str(path)!r} line {line}: not a number in {row}") from None
+    if not out:
+        raise ValueError(f"records file {str(path)!r} holds a header and no records: run `hf-cpt cmr pilot` to "
+                         "write them, or point at the pilot's records.csv")
     return out
 
 

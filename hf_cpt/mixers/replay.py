@@ -19,7 +19,7 @@ import weakref
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from ..registry import Technique, names
 from ..validation import check_choice, check_int
 from .core import RatioStage, allocate_shares, check_mixer_state, check_ratios, ratios_at
 from .packing import ADD_BOS, PACKINGS, bos_for, document_tokens, make_block
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import CPTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -475,6 +478,14 @@ def _card(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _config_preflight(cfg: CPTConfig, model_config: Any, tokenizer: Any) -> None:
+    data = cfg.data
+    if data.general is not None and data.replay_ratio == 1 and all(s.replay_ratio == 1 for s in data.replay_stages):
+        # legitimate (a CMR pilot's general-only point), but not adaptation: said once, before the run starts
+        logger.warning("`data.replay_ratio` is 1: every training token comes from `data.general` and the domain "
+                       "corpus gets none (the run measures general-only training); lower it to adapt to the domain")
+
+
 TECHNIQUE = Technique(
     name="replay mixing",
     key="data",
@@ -482,5 +493,6 @@ TECHNIQUE = Technique(
              "ReplayMixerCallback": "callbacks.replay_mixer"},
     functional=names("mixers.core", "allocate_shares", "assign_blocks", "check_ratios", "pack_blocks", "ratios_at"),
     enabled=lambda cfg: True,  # every run mixes (a replay ratio of 0 is all domain text)
+    config_preflight=_config_preflight,
     card=_card,
 )

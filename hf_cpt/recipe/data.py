@@ -130,7 +130,12 @@ def tokenize_and_pack(ds, tokenizer, text_field: str, block_size: int, desc: str
     columns = ds.column_names
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
-        texts = [t for t in batch[text_field] if isinstance(t, str) and t.strip()]
+        wrong = next((t for t in batch[text_field] if not isinstance(t, str)), "")
+        if not isinstance(wrong, str):  # past the rows checked up front (`check_data_rows`): never dropped silently
+            raise ValueError(f"`text_field`: a {desc or 'corpus'} row's {text_field!r} is "
+                             f"{'null' if wrong is None else type(wrong).__name__}, not a string; every row's text "
+                             "must be a string (fix or drop that row)")
+        texts = [t for t in batch[text_field] if t.strip()]
         return {"input_ids": tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []}
 
     def group(batch: dict[str, list]) -> dict[str, list]:
@@ -292,18 +297,142 @@ def check_data_paths(cfg: DataConfig) -> None:
             continue
         for split in ("train", "eval"):
             spec = getattr(source, split)
-            if spec is not None and not spec.startswith("hub:") and spec != SELF:
+            if spec is not None and spec.startswith("hub:"):
+                check_hub_dataset(spec, f"data.{name}.{split}")
+            elif spec is not None and spec != SELF:
                 builder, files = resolve_data_files(spec, f"data.{name}.{split}")
                 if not spec.startswith("embedded:"):
+                    budget = [_SCANNED_BYTES]  # what is left of the split's row-by-row scan
                     for i, path in enumerate(files):
                         check_data_file(path, builder, f"data.{name}.{split}", f"data.{name}.text_field",
                                         source.text_field, peek=i < _PEEKED_FILES)
+                        if budget[0] > 0:
+                            budget[0] -= check_data_rows(path, builder, f"data.{name}.{split}",
+                                                         f"data.{name}.text_field", source.text_field, budget[0])
     if cfg.prepared_dir is not None and not (Path(cfg.prepared_dir).expanduser() / MANIFEST).is_file():
         PreparedStore(cfg.prepared_dir, field="data.prepared_dir")  # raises: no store there, run `hf-cpt prepare`
 
 
 _PEEKED_FILES = 100  # files of a split whose first bytes are read up front (all are checked for emptiness)
 _PEEK_BYTES = 1 << 16
+# bytes of a split read row by row before the model loads (a few seconds of JSON parsing); rows past it are
+# checked by type when tokenized (`tokenize_and_pack`), without a line number
+_SCANNED_BYTES = 256 << 20
+
+
+def check_hub_dataset(spec: str, field: str) -> None:
+    """Refuse, naming `field`, a `hub:ID[:SPLIT]` dataset that cannot be reached or found (offline and not in the
+    cache, a wrong id), before the model loads; the split itself is checked when it is loaded."""
+    import datasets
+
+    repo = spec[4:].partition(":")[0]
+    try:
+        datasets.load_dataset_builder(repo)
+    except (OSError, ConnectionError, datasets.exceptions.DatasetNotFoundError, ValueError) as e:
+        offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+                      for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+        why = ("it is not in the local cache and HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set; load it once online "
+               "or point at local files" if offline else
+               f"{type(e).__name__}: {' '.join(str(e).split())[:200]}; check the id and your connection")
+        raise ValueError(f"`{field}`: the Hub dataset {repo!r} cannot be loaded ({why})") from None
+
+
+def check_data_rows(path: str, builder: str, field: str, text_field_name: str, text_field: str,
+                    budget: int = _SCANNED_BYTES) -> int:
+    """Read a data file row by row (up to `budget` bytes) and refuse, naming the file, the line and the field, a row
+    that is not UTF-8, not JSON, not an object, lacks the text column, holds a non-string text, or a CSV with a
+    header and no rows; also a damaged gzip stream. Returns the bytes read. Parquet is checked by its schema
+    (`_check_parquet`): a text column that is not of string type."""
+    import gzip
+    import zlib
+
+    name = os.path.basename(path)
+    if builder == "parquet":
+        return 0
+    opener = gzip.open if path.endswith(".gz") else open
+    seen, texts, lineno = 0, 0, 0
+    try:
+        with opener(path, "rb") as fh:
+            if builder == "json" and not path.endswith((".jsonl", ".jsonl.gz")):
+                head = fh.read(_PEEK_BYTES).lstrip(b"\xef\xbb\xbf \t\r\n")
+                if head.startswith(b"["):  # one JSON array of records
+                    return _check_json_array(head + fh.read(), name, field, text_field_name, text_field)
+                fh.seek(0)
+            reader = _rows(fh, name, field)
+            header: list[str] | None = None
+            for lineno, line in reader:
+                seen += len(line)
+                if seen > budget:
+                    return seen
+                if builder == "text":
+                    texts += bool(line.strip())
+                elif builder == "csv":
+                    if header is None:
+                        header = next(csv.reader([line]), None) if line.strip() else None
+                    elif line.strip():
+                        texts += 1
+                elif line.strip():
+                    texts += _check_json_row(line, lineno, name, field, text_field_name, text_field)
+    except (OSError, EOFError, zlib.error) as e:
+        raise ValueError(f"`{field}`: {name!r} is damaged after line {lineno} ({e}); the file is truncated or not "
+                         f"{'gzip' if path.endswith('.gz') else builder}: create it again") from None
+    if builder == "csv" and header is not None and not texts:
+        raise ValueError(f"`{field}`: {name!r} holds a header ({', '.join(header[:8])}) and no rows; point it at "
+                         "a file holding documents")
+    if builder == "json" and lineno and not texts:
+        raise ValueError(f"`{text_field_name}`: every {text_field!r} in {name!r} is blank; point it at a file "
+                         "holding documents")
+    return seen
+
+
+def _rows(fh: Any, name: str, field: str):
+    """`(line number, text)` of a binary file's lines, refusing a line that is not UTF-8."""
+    for lineno, raw in enumerate(fh, 1):
+        try:
+            yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"`{field}`: {name!r} line {lineno} is not UTF-8 text (byte {e.start} of the line); "
+                             "re-encode the file as UTF-8") from None
+
+
+def _check_json_row(line: str, lineno: int, name: str, field: str, text_field_name: str, text_field: str) -> int:
+    """1 when the JSON Lines row holds a non-blank text, 0 for a blank one; raises for a malformed row."""
+    try:
+        record = json.loads(line)
+    except ValueError as e:
+        raise ValueError(f"`{field}`: {name!r} line {lineno} is not valid JSON ({getattr(e, 'msg', e)}); JSON Lines "
+                         "files hold one object per line") from None
+    return _check_record(record, f"line {lineno}", name, field, text_field_name, text_field)
+
+
+def _check_record(record: Any, where: str, name: str, field: str, text_field_name: str, text_field: str) -> int:
+    if not isinstance(record, dict):
+        raise ValueError(f"`{field}`: {name!r} {where} is a JSON {type(record).__name__}, not an object with a "
+                         f"{text_field!r} key")
+    if text_field not in record:
+        raise ValueError(f"`{text_field_name}`: {name!r} {where} has no {text_field!r} key (keys: "
+                         f"{list(record)[:8]}); every row needs the text column")
+    value = record[text_field]
+    if not isinstance(value, str):
+        shown = "null" if value is None else f"a {type(value).__name__} ({str(value)[:40]!r})"
+        raise ValueError(f"`{text_field_name}`: {name!r} {where}: {text_field!r} is {shown}, not a string; every "
+                         "row's text must be a string (fix or drop that row)")
+    return int(bool(value.strip()))
+
+
+def _check_json_array(content: bytes, name: str, field: str, text_field_name: str, text_field: str) -> int:
+    try:
+        records = json.loads(content.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"`{field}`: {name!r} is not UTF-8 text (byte {e.start}); re-encode it as UTF-8") from None
+    except ValueError as e:
+        raise ValueError(f"`{field}`: {name!r} is not valid JSON ({e}); fix it, or write one object per line as "
+                         ".jsonl") from None
+    texts = sum(_check_record(r, f"item {i}", name, field, text_field_name, text_field) for i, r in enumerate(records))
+    if not texts:
+        raise ValueError(f"`{text_field_name}`: every {text_field!r} in {name!r} is blank; point it at a file "
+                         "holding documents")
+    return len(content)
 
 
 def check_data_file(path: str, builder: str, field: str, text_field_name: str, text_field: str,
@@ -326,7 +455,9 @@ def check_data_file(path: str, builder: str, field: str, text_field_name: str, t
         with opener(path, "rb") as fh:
             head = fh.read(_PEEK_BYTES)
     except (OSError, EOFError, zlib.error) as e:
-        raise ValueError(f"`{field}`: {name!r} cannot be read ({e}); check that it is a {builder} file") from None
+        what = "a damaged or truncated gzip file" if path.endswith(".gz") else "unreadable"
+        raise ValueError(f"`{field}`: {name!r} is {what} ({e}); create it again as {builder}"
+                         + (" compressed with gzip" if path.endswith(".gz") else "")) from None
     if b"\0" in head:
         raise ValueError(f"`{field}`: {name!r} is binary (NUL bytes), not {builder} text; point it at a text corpus")
     try:
@@ -369,6 +500,12 @@ def _check_parquet(path: str, field: str, text_field_name: str, text_field: str)
     if text_field not in columns:
         raise ValueError(f"`{text_field_name}`: column {text_field!r} not found in {name!r} (columns: "
                          f"{columns[:8]}); set `text_field` to the column holding the text")
+    import pyarrow as pa
+
+    kind = pq.read_schema(path).field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise ValueError(f"`{text_field_name}`: column {text_field!r} of {name!r} holds {kind}, not strings; "
+                         "store the text as a string column")
 
 
 def synthesize_general(cfg: DataConfig, model: Any, tokenizer: Any) -> dict[str, Any]:

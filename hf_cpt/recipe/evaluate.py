@@ -64,6 +64,10 @@ def resolve_eval_settings(adapted: str, base: str | None = None, tasks: list[str
         ValueError: no tasks given and the run has no `downstream` block.
     """
     run = Path(adapted).expanduser()
+    if run.is_dir() and not (run / CONFIG_FILE).is_file() and not (run / "config.json").is_file():
+        raise FileNotFoundError(f"`MODEL` {adapted!r} is a directory but neither an `hf-cpt train` output (no "
+                                f"{CONFIG_FILE}) nor a model directory (no config.json); give the directory the run "
+                                "wrote (`Adapted model written to ...`)")
     cfg = CPTConfig.from_pretrained(run) if (run / CONFIG_FILE).is_file() else None
     recorded = cfg.downstream if cfg is not None else None
     if not tasks and recorded is None:
@@ -107,6 +111,11 @@ def compare_models(adapted: str, base: str | None = None, tasks: list[str] | Non
     check_int("bootstrap_iters", bootstrap_iters, minimum=0)
     path = _output_path(output, adapted)
     cfg.check()  # lm-eval installed, names and metrics known: before any model loads
+    from .models import inspect_model
+
+    for name in (base, adapted):  # both models' files, configs and tokenizers, before either's weights load
+        if name is not None:
+            inspect_model(ModelConfig(name_or_path=str(name), dtype=dtype))
     scores: dict[str, dict[str, float]] = {}
     for role, name in (("base", base), ("adapted", adapted)):
         if name is None:

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -188,29 +189,134 @@ def check_model_fits(model_config: Any, tokenizer: Any, name: str, block_size: i
                          f"{limit[0]} in {name!r}); use `data.block_size` <= {limit[0]}")
 
 
+@dataclass
+class ModelInspection:
+    """What [`inspect_model`] read without loading weights: the resolved path, the model's config, its tokenizer."""
+
+    path: str
+    config: Any
+    tokenizer: Any
+
+
+# files whose presence in a local model directory means it holds weights `from_pretrained` can read
+_WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.bin.index.json", "*.gguf",
+                 "tf_model.h5", "flax_model.msgpack")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                    "spiece.model", "sentencepiece.bpe.model")
+
+
+def inspect_model(cfg: ModelConfig, objective: str = "clm", block_size: int | None = None,
+                  weights: bool = True) -> ModelInspection:
+    """Read the model's config and tokenizer (no weights) and run every check they allow, so a model that cannot
+    train as configured fails in a second, before any weights load: files missing from a local model directory
+    (`config.json`, tokenizer files, weights when `weights`), the objective against the architecture
+    ([`check_objective`]), a tokenizer without EOS for a causal run, more tokenizer ids than embedding rows and a
+    `block_size` above the position limit ([`check_model_fits`]).
+
+    Raises:
+        FileNotFoundError / ValueError: naming `model.name_or_path` (or `objective`, `data.block_size`) and the fix.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = resolve_model_path(cfg.name_or_path)
+    if os.path.isdir(path):
+        check_model_files(path, cfg.name_or_path, weights=weights)
+    common: dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    try:
+        config = AutoConfig.from_pretrained(path, **common)
+        tokenizer = AutoTokenizer.from_pretrained(path, **common)
+    except OSError as e:
+        raise FileNotFoundError(_could_not_load(cfg.name_or_path, path, e)) from None
+    except ValueError as e:  # e.g. a config.json whose `model_type` transformers does not know
+        raise ValueError(f"`model.name_or_path`: {cfg.name_or_path!r} could not be read "
+                         f"({' '.join(str(e).split())[:300]}); check its config.json") from None
+    check_objective(config, objective, cfg.name_or_path)
+    if objective == "clm" and tokenizer.eos_token_id is None:
+        raise ValueError(f"`model.name_or_path` {cfg.name_or_path!r}: its tokenizer has no EOS token, which ends "
+                         "every document in a causal run (packed documents would run into each other); add one "
+                         "(`tokenizer.add_special_tokens({'eos_token': '</s>'})`, resize the embeddings, save both) "
+                         "or use `objective: mlm` for an encoder")
+    check_model_fits(config, tokenizer, cfg.name_or_path, block_size)
+    return ModelInspection(path, config, tokenizer)
+
+
+def check_model_files(path: str, name: str, weights: bool = True) -> None:
+    """Refuse a local model directory without `config.json`, tokenizer files or (when `weights`) weight files,
+    naming the directory and what is missing (transformers' own message names neither)."""
+    folder = Path(path)
+    missing = []
+    if not (folder / "config.json").is_file():
+        missing.append("config.json")
+    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        missing.append("tokenizer files (tokenizer.json / tokenizer_config.json)")
+    if weights and not any(any(folder.glob(pattern)) for pattern in _WEIGHT_FILES):
+        missing.append("weights (model.safetensors)")
+    if missing:
+        raise FileNotFoundError(f"`model.name_or_path`: the model directory {str(folder)!r} has no "
+                                f"{' and no '.join(missing)}; save the model there with `model.save_pretrained(dir)` "
+                                "and `tokenizer.save_pretrained(dir)`, or point at a complete checkpoint")
+
+
+def check_objective(model_config: Any, objective: str, name: str) -> None:
+    """Refuse, from the model's config alone, an objective its architecture cannot train: `mlm` on a model with
+    no masked-LM head class (a decoder such as Llama or GPT-2), `clm` on a bidirectional encoder (BERT, RoBERTa:
+    without `is_decoder` every token would attend to the tokens it predicts)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    kind = getattr(model_config, "model_type", "") or type(model_config).__name__
+    if getattr(model_config, "auto_map", None):  # remote code (trust_remote_code) declares its own classes
+        return
+    if objective == "mlm" and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        raise ValueError(f"`objective` is mlm but {name!r} is a {kind} model, which has no masked-LM head; use "
+                         "`objective: clm` for a decoder, or a BERT-style encoder for masked-LM training")
+    if objective == "clm":
+        if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise ValueError(f"`objective` is clm but {name!r} is a {kind} model, which has no causal-LM head; use "
+                             "`objective: mlm` for an encoder, or a causal LM")
+        decoder = (getattr(model_config, "is_decoder", False) or getattr(model_config, "is_encoder_decoder", False)
+                   or getattr(model_config, "causal", False))
+        if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not decoder:
+            raise ValueError(f"`objective` is clm but {name!r} is a {kind} encoder: its attention is bidirectional, "
+                             "so every token would see the tokens it learns to predict; set `objective: mlm`, or "
+                             "`is_decoder: true` in its config.json to train it as a causal decoder")
+
+
+def _could_not_load(name: str, path: str, error: BaseException) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    if not os.path.isdir(path) and offline:
+        return (f"`model.name_or_path`: {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                "download it once online (`hf download " + name + "`) or give a local model directory")
+    return (f"`model.name_or_path`: could not load {name!r} ({error.__class__.__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}). Give an existing model directory or a Hub id "
+            "you can reach.")
+
+
 def load_model_and_tokenizer(cfg: ModelConfig, objective: str = "clm",
                              block_size: int | None = None) -> tuple[Any, Any]:
     """Load a causal LM (`objective="clm"`) or masked LM (`"mlm"`) and its tokenizer as `cfg` says. The tokenizer
     gets a pad token if it has none. A masked-LM head missing from the checkpoint (e.g. a sentence encoder) is
-    initialised by transformers. The pair is checked first ([`check_model_fits`], with `block_size` when given)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    initialised by transformers. The model's config and tokenizer are checked first ([`inspect_model`]); weights
+    that cannot be read (a truncated or corrupt safetensors file) are one error naming the directory."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
-    path = resolve_model_path(cfg.name_or_path)
-    common: dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    seen = inspect_model(cfg, objective, block_size)
+    tokenizer = seen.tokenizer
+    kwargs: dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    kwargs["dtype"] = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    auto = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **common)
-        check_model_fits(AutoConfig.from_pretrained(path, **common), tokenizer, cfg.name_or_path, block_size)
-        kwargs: dict[str, Any] = dict(common)
-        kwargs["dtype"] = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-        if cfg.attn_implementation:
-            kwargs["attn_implementation"] = cfg.attn_implementation
-        auto = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
-        model = auto.from_pretrained(path, **kwargs)
+        model = auto.from_pretrained(seen.path, **kwargs)
     except OSError as e:
-        raise FileNotFoundError(
-            f"`model.name_or_path`: could not load {cfg.name_or_path!r} ({e.__class__.__name__}: "
-            f"{str(e).splitlines()[0]}). Give an existing model directory or a Hub id you can reach."
-        ) from None
+        raise FileNotFoundError(_could_not_load(cfg.name_or_path, seen.path, e)) from None
+    except SafetensorError as e:  # a damaged file (transformers passes safetensors' own error through)
+        raise ValueError(f"`model.name_or_path`: the weights in {seen.path!r} cannot be read ({e}): the file is "
+                         "truncated or damaged; copy or save the checkpoint again") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

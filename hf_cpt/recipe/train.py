@@ -24,7 +24,7 @@ from ..callbacks.rewarm import make_rewarm_optimizers
 from ..config import CONFIG_FILE, SELF_EVAL_SET, CPTConfig
 from ..output_lock import OutputDirLock
 from ..registry import DataParts, TrainerParts, enabled_techniques, techniques
-from ..utils import check_unsharded, commit_staging_dir, make_staging_dir, requested_sharding
+from ..utils import check_unsharded, commit_staging_dir, disk_full_error, make_staging_dir, requested_sharding
 from .outputs import write_outputs
 
 logger = logging.getLogger(__name__)
@@ -121,6 +121,23 @@ def check_sharding(cfg: CPTConfig, args: Any) -> None:
             "with every rank holding the whole model: on CPU use `hf-cpt train --nproc N` (DDP), or launch on GPUs")
 
 
+def config_preflight(cfg: CPTConfig) -> None:
+    """Every check that needs the model's config or tokenizer but no weights, before any weights load: the model
+    itself ([`inspect_model`]: its files, the objective against its architecture, EOS, vocabulary and position
+    limits) and each enabled technique's `config_preflight` (hf_cpt.registry), e.g. a top-k above the
+    vocabulary, a missing lexicon file, unknown lm-eval tasks."""
+    from .models import inspect_model
+
+    seen = inspect_model(cfg.model, cfg.objective, block_size=cfg.data.block_size)
+    if cfg.train.save_steps > cfg.train.max_steps:  # legitimate, but the user may count on checkpoints
+        logger.warning("`train.save_steps` (%d) is above `train.max_steps` (%d): no checkpoint is written before "
+                       "the end, so an interrupted run cannot be resumed; lower it to checkpoint during the run",
+                       cfg.train.save_steps, cfg.train.max_steps)
+    for technique in enabled_techniques(cfg):
+        if technique.config_preflight is not None:
+            technique.config_preflight(cfg, seen.config, seen.tokenizer)
+
+
 def preflight(cfg: CPTConfig, model: Any, args: Any) -> None:
     """Every check that needs the loaded model or the launcher, in one place: each enabled technique's
     `preflight` (hf_cpt.registry), run once the model is loaded and before any data is built, synthesised or
@@ -173,7 +190,45 @@ def find_resume_checkpoint(cfg: CPTConfig, ckpt_dir: Path, resume: bool) -> str 
         raise ValueError(f"the checkpoints in {str(ckpt_dir)!r} were written with another config ("
                          + "; ".join(diffs[:6]) + "); resuming would silently mix two recipes. Restore the "
                          "original values, or delete the checkpoints to start over")
+    check_checkpoint_files(Path(existing))
     return existing
+
+
+def check_checkpoint_files(checkpoint: Path) -> None:
+    """Refuse, before anything loads, a checkpoint with a damaged file: a safetensors file whose header does not
+    cover it (truncated), or a torch file (`optimizer.pt`, `rng_state.pth`, `scheduler.pt`, ...: zip archives)
+    that is empty, truncated or fails its CRC check. The message names the file and both ways on.
+
+    Raises:
+        ValueError: naming the file, the checkpoint to fall back to, and how to start over.
+    """
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(checkpoint.iterdir()):
+        problem = None
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt") as fh:
+                    fh.keys()
+            except (SafetensorError, OSError) as e:
+                problem = str(e)
+        elif path.suffix in (".pt", ".pth", ".bin"):
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip()
+                problem = f"member {bad} fails its CRC check" if bad is not None else None
+            except (zipfile.BadZipFile, OSError, EOFError) as e:
+                problem = str(e) or type(e).__name__
+        if problem is not None:
+            earlier = sorted((p.name for p in checkpoint.parent.glob("checkpoint-*") if p != checkpoint
+                              and p.name[11:].isdigit() and int(p.name[11:]) < int(checkpoint.name[11:])),
+                             key=lambda n: int(n[11:]))
+            back = (f"delete {str(checkpoint)!r} to resume from {earlier[-1]}" if earlier else
+                    f"delete {str(checkpoint.parent)!r} to start over")
+            raise ValueError(f"`resume`: {path.name} in {str(checkpoint)!r} is damaged ({problem}); the checkpoint "
+                             f"cannot be restored: {back}")
 
 
 def last_complete_checkpoint(ckpt_dir: Path, remove_partial: bool = False) -> str | None:
@@ -397,6 +452,7 @@ def _run_owned(cfg: CPTConfig, args: Any, state: Any, final: Path, overwrite: bo
 
     cfg.check_held_out_sets()  # the monitor's general and domain sets exist
     check_data_paths(cfg.data)  # a bad path or file fails here, before the output dir or the model
+    config_preflight(cfg)  # the model's config and tokenizer, and what techniques check on them: no weights yet
     push_token = None
     if cfg.hub.push_to_hub and state.is_main_process:  # fail before training, not after it
         from ..hub import check_push_access
@@ -409,12 +465,15 @@ def _run_owned(cfg: CPTConfig, args: Any, state: Any, final: Path, overwrite: bo
             cfg.save_pretrained(ckpt)  # what a later --resume compares itself against
         metrics = _train_and_write(cfg, args, tmp, last, start)
         state.wait_for_everyone()
-    except BaseException:
+    except BaseException as e:
+        full = disk_full_error(e, tmp, ckpt) if isinstance(e, Exception) else None  # before the cleanup frees it
         if state.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             # a save cut short (e.g. by Ctrl-C) is no checkpoint; with no complete one left, nothing to resume
             if cfg.train.save_steps and last_complete_checkpoint(ckpt, remove_partial=True) is None:
                 shutil.rmtree(ckpt, ignore_errors=True)
+        if full is not None:
+            raise full from e
         raise
     if state.is_main_process:
         shutil.rmtree(tmp / "checkpoints", ignore_errors=True)
