@@ -668,6 +668,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         (item,) = typing.get_args(tp) or (Any,)
         if dataclasses.is_dataclass(item):
             return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        if item in (str, int, float, bool):  # each item as a field of that type (`report_to: [1]` is refused)
+            return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict and not isinstance(value, dict):
         raise ValueError(f"`{path}` must be a mapping, got {value!r}")
     return value

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..registry import Technique, names
-from ..validation import check_fraction
+from ..validation import check_fraction, check_int
 from .spans import POS_TYPES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -374,6 +374,7 @@ class MaskingConfig:
             check_fraction(name, getattr(self, name))
         if self.span_probability is not None:
             check_fraction("span_probability", self.span_probability)
+        check_int("tag_num_proc", self.tag_num_proc, optional=True)
         if self.kind == "lexicon" and not self.lexicon:
             raise ValueError("`kind` is lexicon but `lexicon` is not set: give a file with one term per line")
         if self.tlm_fields is not None and len(self.tlm_fields) != 2:
