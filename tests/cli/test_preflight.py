@@ -230,3 +230,43 @@ def test_a_legitimate_but_degenerate_setting_is_warned_once_before_weights(tmp_p
         invoke_like_main(["train", str(path), "-o", str(tmp_path / "out")])
     said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert sum(expected in m for m in said) == 1, said
+
+
+def _empty_dir(tmp: Path) -> list[str]:
+    (tmp / "not-a-run").mkdir()
+    (tmp / "not-a-run" / "notes.txt").write_text("an unrelated folder")
+    return ["eval", str(tmp / "not-a-run"), "--tasks", "hf_cpt_kjv_mc"]
+
+
+def _header_only_records(tmp: Path) -> list[str]:
+    (tmp / "records.csv").write_text("ratio,tokens,general_loss,domain_loss\n")
+    return ["cmr", "fit", str(tmp / "records.csv"), "--budget-tokens", "1e6"]
+
+
+def _eval_model_without_weights(tmp: Path, model: Path) -> list[str]:
+    import shutil
+
+    shutil.copytree(model, tmp / "m")
+    for p in (tmp / "m").glob("*.safetensors"):
+        p.unlink()
+    return ["eval", str(tmp / "m"), "--tasks", "hf_cpt_kjv_mc"]
+
+
+OTHER_COMMANDS = [
+    ("eval-on-a-folder-that-is-not-a-run", lambda tmp, model: _empty_dir(tmp), "neither an `hf-cpt train` output"),
+    ("cmr-records-header-only", lambda tmp, model: _header_only_records(tmp), "records.csv' holds a header"),
+    ("eval-model-without-weights", _eval_model_without_weights, "has no weights"),
+]
+
+
+@pytest.mark.parametrize("build, expected", [c[1:] for c in OTHER_COMMANDS], ids=[c[0] for c in OTHER_COMMANDS])
+def test_other_commands_refuse_bad_input_in_one_line_before_weights(tmp_path, tiny_model_dir, monkeypatch,
+                                                                    no_weights, build, expected):
+    monkeypatch.chdir(tmp_path)
+    args = build(tmp_path, tiny_model_dir)
+    before = _tree(tmp_path)
+    code, stderr = invoke_like_main(args)
+    lines_ = [line for line in stderr.splitlines() if line.strip() and not line.startswith("hf-cpt: ")]
+    assert code == 2 and "Traceback" not in stderr and "WeightsLoaded" not in stderr, stderr[-3000:]
+    assert len(lines_) == 1 and lines_[0].startswith("Error: ") and expected in lines_[0], stderr
+    assert _tree(tmp_path) == before
