@@ -23,7 +23,8 @@ def test_resolve_model_path_errors(tmp_path):
 
 def test_unreachable_hub_id_is_a_clear_error():
     # tests run with HF_HUB_OFFLINE=1: nothing is downloaded
-    with pytest.raises(FileNotFoundError, match="`model.name_or_path`: could not load 'no-such-org/no-such-model'"):
+    with pytest.raises(FileNotFoundError, match="`model.name_or_path`: 'no-such-org/no-such-model' is not in the "
+                       "local Hugging Face cache and HF_HUB_OFFLINE is set; download it once online"):
         load_model_and_tokenizer(ModelConfig("no-such-org/no-such-model"))
 
 

@@ -80,6 +80,7 @@ def test_a_toy_technique_is_trained_carded_and_recorded(toy, tmp_path, tiny_mode
 
     cfg = CPTConfig.from_dict({**tiny_run_dict(tiny_model_dir, max_steps=2, eval_steps=2), "toy": {"every": 1}})
     result = run_cpt(cfg, output_dir=tmp_path / "out")
+    assert toy.CALLS["config_preflight"] == [("LlamaConfig", [])]  # once, with the config, before the model loads
     assert toy.CALLS["preflight"] == ["LlamaForCausalLM"]  # once, with the loaded model
     assert len(toy.CALLS["attached"]) == 1  # the hook its setup returned got the built Trainer
     assert type(toy.CALLS["attached"][0]).__name__ == "Trainer"
@@ -146,6 +147,7 @@ def _technique_words() -> list[str]:
 
 
 @pytest.mark.parametrize("target", ["hf_cpt.recipe.train:build_trainer", "hf_cpt.recipe.train:preflight",
+                                    "hf_cpt.recipe.train:config_preflight",
                                     "hf_cpt.recipe.train:check_sharding", "hf_cpt.recipe.train:build_data",
                                     "hf_cpt.model_card:recipe_lines", "hf_cpt.config:CPTConfig.__post_init__"])
 def test_no_if_chain_names_a_technique(target):

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from hf_cpt.config import CPTConfig
 
 MODULE = "tests.toy_technique"
-CALLS: dict[str, list[Any]] = {"preflight": [], "attached": []}  # what the hooks saw, for the test to read
+CALLS: dict[str, list[Any]] = {"config_preflight": [], "preflight": [], "attached": []}  # what the hooks saw, for the test to read
 
 
 @dataclass
@@ -59,6 +59,10 @@ def _check(cfg: CPTConfig) -> None:
                          f"{cfg.train.max_steps})")
 
 
+def _config_preflight(cfg: CPTConfig, model_config: Any, tokenizer: Any) -> None:
+    CALLS["config_preflight"].append((type(model_config).__name__, list(CALLS["preflight"])))
+
+
 def _preflight(cfg: CPTConfig, model: Any, args: Any) -> None:
     CALLS["preflight"].append(type(model).__name__)
 
@@ -80,6 +84,7 @@ TECHNIQUE = Technique(
     exports=names(MODULE, "ToyConfig", "ToyCallback"),
     functional=names(MODULE, "count_updates"),
     check=_check,
+    config_preflight=_config_preflight,
     preflight=_preflight,
     setup=_setup,
     card=_card,

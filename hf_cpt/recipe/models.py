@@ -220,7 +220,7 @@ def inspect_model(cfg: ModelConfig, objective: str = "clm", block_size: int | No
 
     path = resolve_model_path(cfg.name_or_path)
     if os.path.isdir(path):
-        check_model_files(path, cfg.name_or_path, weights=weights)
+        check_model_files(path, cfg.name_or_path, weights=False)  # what the checks below read
     common: dict[str, Any] = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
     try:
         config = AutoConfig.from_pretrained(path, **common)
@@ -237,6 +237,8 @@ def inspect_model(cfg: ModelConfig, objective: str = "clm", block_size: int | No
                          "(`tokenizer.add_special_tokens({'eos_token': '</s>'})`, resize the embeddings, save both) "
                          "or use `objective: mlm` for an encoder")
     check_model_fits(config, tokenizer, cfg.name_or_path, block_size)
+    if weights and os.path.isdir(path):  # last: a wrong model is worth saying before a missing file
+        check_model_files(path, cfg.name_or_path, weights=True)
     return ModelInspection(path, config, tokenizer)
 
 
