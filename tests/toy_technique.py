@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from hf_cpt.config import CPTConfig
 
 MODULE = "tests.toy_technique"
-CALLS: dict[str, list[Any]] = {"config_preflight": [], "preflight": [], "attached": []}  # what the hooks saw, for the test to read
+# what the hooks saw, for the test to read
+CALLS: dict[str, list[Any]] = {"config_preflight": [], "preflight": [], "attached": []}
 
 
 @dataclass

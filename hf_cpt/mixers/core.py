@@ -119,6 +119,24 @@ def assign_blocks(num_blocks: int, ratios: Mapping[str, float]) -> list[str]:
     return out
 
 
+def document_indices(texts: Sequence[Any], where: str = "corpus") -> list[int]:
+    """Indices of the documents to train on in a batch of text values: blank strings are skipped (empty lines of
+    a corpus); a value that is not a string (null, a number, a list) is refused, never dropped without a word.
+
+    Raises:
+        ValueError: naming `text_field` and `where` (the corpus or split).
+    """
+    keep = []
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            shown = "null" if text is None else f"a {type(text).__name__}"
+            raise ValueError(f"`text_field`: a row of {where} holds {shown} ({str(text)[:40]!r}) where the text "
+                             "should be, not a string; every row's text must be a string (fix or drop that row)")
+        if text.strip():
+            keep.append(i)
+    return keep
+
+
 def pack_blocks(token_lists: list[list[int]], block_size: int, sep_id: int | None) -> list[list[int]]:
     """Concatenate documents (each followed by `sep_id`) and cut them into full blocks of `block_size`.
 

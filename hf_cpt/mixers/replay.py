@@ -26,7 +26,7 @@ import torch
 
 from ..registry import Technique, names
 from ..validation import check_choice, check_int
-from .core import RatioStage, allocate_shares, check_mixer_state, check_ratios, ratios_at
+from .core import RatioStage, allocate_shares, check_mixer_state, check_ratios, document_indices, ratios_at
 from .packing import ADD_BOS, PACKINGS, bos_for, document_tokens, make_block
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -188,7 +188,7 @@ class _SourceReader:
                     self._iter = iter(self._stream_pass(self.pass_idx))
                 logger.info("replay mixer: source %r starts pass %d", self.name, self.pass_idx)
                 continue
-            keep = [(self.next_doc + i, t) for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
+            keep = [(self.next_doc + i, texts[i]) for i in document_indices(texts, f"source {self.name!r}")]
             self.next_doc += len(texts)
             if keep:
                 ids = self.tokenizer([t for _, t in keep], add_special_tokens=False)["input_ids"]

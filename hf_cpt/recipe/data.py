@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from ..config import SELF, DataConfig, SourceConfig
-from ..mixers.core import pack_blocks
+from ..mixers.core import document_indices, pack_blocks
 from ..mixers.packing import bos_for, pack_documents
-from ..mixers.prepared import (MANIFEST, STORE_VERSION, PreparedMixer, PreparedStore, files_fingerprint,
-                               tokenizer_fingerprint)
+from ..mixers.prepared import (MANIFEST, STORE_VERSION, PreparedMixer, PreparedStore, document_separator,
+                               files_fingerprint, tokenizer_fingerprint)
 from ..mixers.replay import ReplayMixer, ReplayMixerConfig
 from ..validation import ConfigTypeError
 
@@ -124,18 +124,14 @@ def tokenize_and_pack(ds, tokenizer, text_field: str, block_size: int, desc: str
     """
     import datasets
 
-    sep = tokenizer.eos_token_id
+    sep = document_separator(tokenizer)  # EOS, else SEP: as the training mixers
     bos = bos_for(tokenizer, add_bos) if packing == "documents" else None
     is_map = isinstance(ds, datasets.Dataset)
     columns = ds.column_names
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
-        wrong = next((t for t in batch[text_field] if not isinstance(t, str)), "")
-        if not isinstance(wrong, str):  # past the rows checked up front (`check_data_rows`): never dropped silently
-            raise ValueError(f"`text_field`: a {desc or 'corpus'} row's {text_field!r} is "
-                             f"{'null' if wrong is None else type(wrong).__name__}, not a string; every row's text "
-                             "must be a string (fix or drop that row)")
-        texts = [t for t in batch[text_field] if t.strip()]
+        # past the rows checked up front (`check_data_rows`): a non-string text is refused, never dropped
+        texts = [batch[text_field][i] for i in document_indices(batch[text_field], desc or "the corpus")]
         return {"input_ids": tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []}
 
     def group(batch: dict[str, list]) -> dict[str, list]:

@@ -231,9 +231,10 @@ def inspect_model(cfg: ModelConfig, objective: str = "clm", block_size: int | No
         raise ValueError(f"`model.name_or_path`: {cfg.name_or_path!r} could not be read "
                          f"({' '.join(str(e).split())[:300]}); check its config.json") from None
     check_objective(config, objective, cfg.name_or_path)
-    if objective == "clm" and tokenizer.eos_token_id is None:
-        raise ValueError(f"`model.name_or_path` {cfg.name_or_path!r}: its tokenizer has no EOS token, which ends "
-                         "every document in a causal run (packed documents would run into each other); add one "
+    if objective == "clm" and tokenizer.eos_token_id is None and tokenizer.sep_token_id is None:
+        # documents end with EOS, else SEP (`mixers.prepared.document_separator`); with neither they would run on
+        raise ValueError(f"`model.name_or_path` {cfg.name_or_path!r}: its tokenizer has no EOS (or SEP) token, which "
+                         "ends every document in a causal run (packed documents would run into each other); add one "
                          "(`tokenizer.add_special_tokens({'eos_token': '</s>'})`, resize the embeddings, save both) "
                          "or use `objective: mlm` for an encoder")
     check_model_fits(config, tokenizer, cfg.name_or_path, block_size)

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..config import CPTConfig
 from ..data_clean import DecontaminateConfig, DedupConfig
+from ..mixers.core import document_indices
 from ..mixers.packing import document_tokens
 from ..mixers.prepared import MANIFEST, PreparedStore, describe_difference, document_separator
 from ..utils import commit_staging_dir, make_staging_dir
@@ -47,7 +48,7 @@ def tokenize_documents(ds: Any, tokenizer: Any, text_field: str, num_proc: int =
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
         texts = batch[text_field]
-        keep = [i for i, t in enumerate(texts) if isinstance(t, str) and t.strip()]
+        keep = document_indices(texts, f"{text_field!r} column")
         ids: list[list[int]] = [[] for _ in texts]
         if keep:
             encoded = tokenizer([texts[i] for i in keep], add_special_tokens=False)["input_ids"]

@@ -100,9 +100,11 @@ def model_dir(kind: str):
         elif kind == "no-weights":
             for p in out.glob("*.safetensors"):
                 p.unlink()
-        elif kind == "no-eos":
+        elif kind in ("no-eos", "sep-not-eos"):
             tok = json.loads((out / "tokenizer_config.json").read_text())
             tok["eos_token"] = None
+            if kind == "sep-not-eos":  # the documented fallback: documents end with SEP
+                tok["sep_token"] = "<eos>"  # the same token, declared as SEP only
             (out / "tokenizer_config.json").write_text(json.dumps(tok))
             (out / "special_tokens_map.json").unlink(missing_ok=True)
         elif kind == "encoder":  # a BERT config beside the tokenizer: an encoder trained with the causal loss
@@ -270,3 +272,15 @@ def test_other_commands_refuse_bad_input_in_one_line_before_weights(tmp_path, ti
     assert code == 2 and "Traceback" not in stderr and "WeightsLoaded" not in stderr, stderr[-3000:]
     assert len(lines_) == 1 and lines_[0].startswith("Error: ") and expected in lines_[0], stderr
     assert _tree(tmp_path) == before
+
+
+def test_a_tokenizer_with_sep_but_no_eos_ends_documents_with_sep(tmp_path, tiny_model_dir, monkeypatch, no_weights):
+    """The documented fallback (as `mixers.prepared.document_separator`): no EOS, but a SEP token, passes every
+    check before the weights."""
+    args = _train_args(tmp_path, tiny_model_dir, model_dir("sep-not-eos"))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tmp_path / "model-sep-not-eos")
+    assert tok.eos_token_id is None and tok.sep_token_id is not None
+    with pytest.raises(WeightsLoaded):
+        invoke_like_main(args)

@@ -237,3 +237,13 @@ def test_bad_input_is_a_clear_error():
         ReplayMixerConfig(ratios={"a": 1.0}, stages=[RatioStage(0.5, {"a": 1.0})])
     with pytest.raises(ValueError, match="`granularity` must be one of"):
         ReplayMixerConfig(ratios={"a": 1.0}, granularity="doc")
+
+
+@pytest.mark.parametrize("bad", [None, 7, ["1", "2"]])
+def test_a_text_that_is_not_a_string_is_refused_not_dropped(bad):
+    """Rows past the up-front row check (streams, Hub datasets, a large corpus) meet the same rule in the mixer:
+    a blank text is skipped, anything but a string stops the run naming `text_field` and the source."""
+    mixer = ReplayMixer({"domain": [{"text": "1 2 3"}, {"text": "  "}, {"text": bad}, {"text": "4 5"}]}, TOK,
+                        ratios={"domain": 1.0}, block_size=2)
+    with pytest.raises(ValueError, match=r"`text_field`: a row of source 'domain' holds .* not a string"):
+        take(mixer, 4)
