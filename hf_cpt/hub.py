@@ -89,6 +89,12 @@ def _auth_error(endpoint: str, what: str) -> PermissionError:
     )
 
 
+def _unreachable(error: BaseException) -> bool:
+    """Whether `error` says the Hub cannot be reached: offline mode, a refused or failed connection (an `OSError`
+    such as `ConnectionError`, or the HTTP client's transport error)."""
+    return isinstance(error, OSError) or any(c.__name__ == "TransportError" for c in type(error).__mro__)
+
+
 def check_push_access(repo_id: str, token: str | None = None, endpoint: str | None = None) -> str:
     """Check, before anything is uploaded (or trained), that a token exists, the Hub accepts it, and its owner may
     write to `repo_id`'s namespace. Returns the token (for the caller to pass on, never to show).
@@ -97,7 +103,7 @@ def check_push_access(repo_id: str, token: str | None = None, endpoint: str | No
         PermissionError: naming the problem and the fix, without the token.
     """
     from huggingface_hub import HfApi, get_token
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     check_repo_id(repo_id)
     api = HfApi(endpoint=endpoint)
@@ -110,6 +116,13 @@ def check_push_access(repo_id: str, token: str | None = None, endpoint: str | No
         if e.response is not None and e.response.status_code == 401:
             raise _auth_error(api.endpoint, "the Hugging Face token was rejected (invalid or expired)") from None
         raise
+    except Exception as e:
+        if not _unreachable(e):
+            raise
+        why = "HF_HUB_OFFLINE is set" if isinstance(e, OfflineModeIsEnabled) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"`hub.push_to_hub`: the Hub at {api.endpoint} cannot be reached ({why}); go online and "
+                         "run again (a training run may set `hub.push_to_hub: false` and push later with "
+                         "`hf-cpt push`)") from None
     namespace = repo_id.split("/")[0]
     allowed = {who.get("name")} | {o.get("name") for o in who.get("orgs", [])}
     if namespace not in allowed:
@@ -179,6 +192,12 @@ def push_adapted(
                 "else or the token may be read-only; use a repo in your namespace or a token with write access"
             ) from None
         raise
+    except Exception as e:  # the connection dropped during the upload
+        if not _unreachable(e):
+            raise
+        raise ValueError(f"`hub.push_to_hub`: the upload of {str(folder)!r} to {repo_id!r} failed, the Hub could not "
+                         f"be reached ({type(e).__name__}: {e}); the model is complete there: push it later with "
+                         f"`hf-cpt push {folder} --repo-id {repo_id}`") from None
     logger.info("pushed %s to %s (%d files)", folder, info.commit_url, len(ops))
     return info.commit_url
 

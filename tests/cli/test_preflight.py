@@ -284,3 +284,34 @@ def test_a_tokenizer_with_sep_but_no_eos_ends_documents_with_sep(tmp_path, tiny_
     assert tok.eos_token_id is None and tok.sep_token_id is not None
     with pytest.raises(WeightsLoaded):
         invoke_like_main(args)
+
+
+def test_a_push_while_offline_is_one_line_before_any_weights_load(tmp_path, tiny_model_dir, monkeypatch,
+                                                                   no_weights):
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")  # the token exists; the Hub cannot be reached
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    args = _train_args(tmp_path, tiny_model_dir, field("hub", {"push_to_hub": True, "repo_id": "me/medical"}))
+    before = _tree(tmp_path)
+    code, stderr = invoke_like_main(args)
+    lines_ = [line for line in stderr.splitlines() if line.strip() and not line.startswith("hf-cpt: ")]
+    assert code == 2 and "Traceback" not in stderr and "WeightsLoaded" not in stderr, stderr[-3000:]
+    assert len(lines_) == 1 and lines_[0].startswith("Error: `hub.push_to_hub`: the Hub at ") and \
+        "cannot be reached (HF_HUB_OFFLINE is set)" in lines_[0], stderr
+    assert _tree(tmp_path) == before
+
+
+def test_truncated_weights_are_one_line_naming_the_directory(tmp_path, tiny_model_dir, monkeypatch):
+    """Damaged weights can only show when they load; then it is one line naming the folder, not a traceback."""
+    import shutil
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    args = _train_args(tmp_path, broken, lambda tmp, cfg: cfg)
+    code, stderr = invoke_like_main(args)
+    lines_ = [line for line in stderr.splitlines() if line.strip() and not line.startswith("hf-cpt: ")]
+    assert code == 2 and "Traceback" not in stderr, stderr[-3000:]
+    assert len(lines_) == 1 and lines_[0].startswith(f"Error: `model.name_or_path`: the weights in {str(broken)!r} "
+                                                     "cannot be read"), stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken-model", "run.yaml"]
