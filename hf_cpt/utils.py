@@ -200,7 +200,7 @@ def disk_full_error(error: BaseException, *places: str | os.PathLike) -> DiskFul
             w in str(seen).lower() for w in _FULL_WORDS)
         seen = seen.__cause__ or seen.__context__
     where = next((str(p) for p in places if os.path.exists(p)), None)
-    if not full and where is not None:
+    if not full and where is not None and not isinstance(error, ValueError):  # a refusal is never a full disk
         full = shutil.disk_usage(where).free < (1 << 20)
     if not full:
         return None

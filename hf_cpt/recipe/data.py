@@ -281,8 +281,9 @@ def _prepared_train_set(cfg: DataConfig, tokenizer, names: list[str], total_bloc
     return mixer
 
 
-def check_data_paths(cfg: DataConfig) -> None:
-    """Resolve every data path of `cfg` and check the held-out splits the monitor needs, without loading data.
+def check_data_paths(cfg: DataConfig, store: bool = True) -> None:
+    """Resolve every data path of `cfg`, check each local file row by row ([`check_data_rows`]) and, with `store`,
+    that `prepared_dir` holds a store, without loading data or a model.
 
     Raises:
         FileNotFoundError / ValueError: naming the field (`data.domain.train`, ...).
@@ -305,7 +306,7 @@ def check_data_paths(cfg: DataConfig) -> None:
                         if budget[0] > 0:
                             budget[0] -= check_data_rows(path, builder, f"data.{name}.{split}",
                                                          f"data.{name}.text_field", source.text_field, budget[0])
-    if cfg.prepared_dir is not None and not (Path(cfg.prepared_dir).expanduser() / MANIFEST).is_file():
+    if store and cfg.prepared_dir is not None and not (Path(cfg.prepared_dir).expanduser() / MANIFEST).is_file():
         PreparedStore(cfg.prepared_dir, field="data.prepared_dir")  # raises: no store there, run `hf-cpt prepare`
 
 

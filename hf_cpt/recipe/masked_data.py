@@ -19,6 +19,7 @@ import torch
 
 from ..collators.masking import CausalSpanCollator, LEMCollator, LexiconMaskingCollator, MaskingConfig
 from ..config import CPTConfig
+from ..mixers.core import document_indices
 from .data import load_split
 
 # ~4 characters per token in English subword vocabularies: chunks of block_size tokens fit without truncation
@@ -116,7 +117,8 @@ def _prepare(ds: Any, cfg: CPTConfig, tokenizer: Any, text_field: str, what: str
     fields = tuple(masking.tlm_fields) if masking.tlm_fields else ("text",)
     if masking.tlm_fields is None:  # one text column, chunked to about a block each
         def chunk(batch: dict[str, list]) -> dict[str, list]:
-            return {"text": [c for t in batch[text_field] for c in chunk_text(t, block * CHARS_PER_TOKEN)]}
+            texts = [batch[text_field][i] for i in document_indices(batch[text_field], what)]  # non-strings refused
+            return {"text": [c for t in texts for c in chunk_text(t, block * CHARS_PER_TOKEN)]}
 
         ds = ds.map(chunk, batched=True, remove_columns=ds.column_names, desc=f"Chunking {what}")
     else:

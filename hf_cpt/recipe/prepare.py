@@ -25,7 +25,7 @@ from ..mixers.core import document_indices
 from ..mixers.packing import document_tokens
 from ..mixers.prepared import MANIFEST, PreparedStore, describe_difference, document_separator
 from ..utils import commit_staging_dir, make_staging_dir
-from .data import config_sources, load_split, store_fingerprint
+from .data import check_data_paths, config_sources, load_split, store_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -240,6 +240,7 @@ def prepare_config(cfg: CPTConfig, tokenizer: Any = None, *, num_proc: int | Non
     if data.prepared_dir is None and not dry_run:
         raise ValueError("`data.prepared_dir` is not set: add `prepared_dir: path/to/store` under `data:` (CLI: "
                          "--prepared-dir PATH), where the pretokenized store goes")
+    check_data_paths(data, store=False)  # every file, row by row, before the tokenizer loads or anything is written
     sources, fields = config_sources(data)
     n = _check_num_proc(num_proc, "num_proc") if num_proc is not None else data.num_proc
     w = _check_num_proc(workers, "workers", "processes that hash documents for cleaning") if workers is not None else n

@@ -254,7 +254,17 @@ def _eval_model_without_weights(tmp: Path, model: Path) -> list[str]:
     return ["eval", str(tmp / "m"), "--tasks", "hf_cpt_kjv_mc"]
 
 
+def _prepare_bad_row(tmp: Path, model: Path) -> list[str]:
+    cfg = tiny_run_dict(model)
+    (tmp / "d.jsonl").write_bytes(lines(*GOOD, {"text": 3}))
+    cfg["data"].update(domain={"train": str(tmp / "d.jsonl")}, general=None, replay_ratio=0.0,
+                       prepared_dir=str(tmp / "store"))
+    (tmp / "run.yaml").write_text(yaml.safe_dump(cfg))
+    return ["prepare", str(tmp / "run.yaml")]
+
+
 OTHER_COMMANDS = [
+    ("prepare-bad-row", _prepare_bad_row, "'d.jsonl' line 6: 'text' is a int"),
     ("eval-on-a-folder-that-is-not-a-run", lambda tmp, model: _empty_dir(tmp), "neither an `hf-cpt train` output"),
     ("cmr-records-header-only", lambda tmp, model: _header_only_records(tmp), "records.csv' holds a header"),
     ("eval-model-without-weights", _eval_model_without_weights, "has no weights"),
