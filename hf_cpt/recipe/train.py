@@ -435,13 +435,38 @@ def _train_and_write(cfg: CPTConfig, args: Any, tmp: Path, last: str | None, sta
     with _quiet_empty_epoch(finished):
         train_out = trainer.train(resume_from_checkpoint=last)
     metrics = collect_metrics(cfg, trainer, train_out, data, last, vocab_summary)
-    trainer.save_model(str(tmp))
+    save_full_model(trainer, tmp)
     # training_args.bin is a pickle; the recipe is recorded as YAML instead (safetensors/text only)
     (tmp / "training_args.bin").unlink(missing_ok=True)
     if trainer.is_world_process_zero():
         metrics["total_runtime_s"] = time.perf_counter() - start
         write_outputs(cfg, tmp, metrics)
     return metrics
+
+
+def save_full_model(trainer: Any, directory: str | Path) -> None:
+    """The trained model as full safetensors (with the tokenizer) in `directory`, from the main process, whatever
+    the process layout; every process must call it.
+
+    Without FSDP this is `Trainer.save_model`. Under FSDP that writes nothing with `SHARDED_STATE_DICT` (the
+    shipped accelerate config) and, with `FULL_STATE_DICT`, writes a tied head twice: the gathered tensors no
+    longer share storage, so `save_pretrained` cannot see the tie. Here every process joins the gather of the
+    full state dict and the main process writes it with tied parameters aliased again, so `save_pretrained` keeps
+    one copy as in a one-process save (tests/distributed/test_fsdp_equal.py)."""
+    if not trainer.is_fsdp_enabled:
+        trainer.save_model(str(directory))
+        return
+    state = trainer.accelerator.get_state_dict(trainer.model)  # a collective; the full tensors on the main process
+    if not trainer.args.should_save:
+        return
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name in state:  # tied parameters: one object under several names
+            state[name] = state[first.setdefault(id(param), name)]
+    model.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
+    if trainer.processing_class is not None:
+        trainer.processing_class.save_pretrained(str(directory))
 
 
 def _checkpoint_step(checkpoint: str) -> int:
