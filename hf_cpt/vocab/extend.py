@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +29,9 @@ from .vectors import (
     subword_vectors,
     vectors_from_dictionary,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import CPTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +275,7 @@ def extend_vocabulary(model: Any, tokenizer: Any, cfg: VocabConfig, domain_texts
 
 
 # --- registry entry ---------------------------------------------------------------------------------------------------
-def _preflight(cfg: Any, model: Any, args: Any) -> None:
+def _preflight(cfg: CPTConfig, model: Any, args: Any) -> None:
     # under FSDP the phase's hooks never reach the trained (gathered) copies: refuse before any data is built
     # (measured in tests/distributed; the callback refuses a sharded model at train start too)
     if cfg.vocab is not None and cfg.vocab.new_rows_first_steps and requested_sharding(args):
