@@ -51,7 +51,8 @@ def build_training_args(cfg: CPTConfig, output_dir: str | Path):
         output_dir=str(output_dir),
         max_steps=t.max_steps,
         learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler_type,
+        # null: a technique builds the scheduler (and names its shape in `args` when it sets up the Trainer)
+        lr_scheduler_type=t.lr_scheduler_type or "constant",
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
         per_device_train_batch_size=t.per_device_train_batch_size,
