@@ -418,6 +418,10 @@ class CPTConfig:
                                                              if wanted == "general" else ""))
             raise ValueError(f"`monitor.{role}` is {wanted!r}, which is not a held-out set of this run "
                              f"(sets: {names})")
+        for i, guard in enumerate(self.monitor.guards):
+            if guard.set not in names:
+                raise ValueError(f"`monitor.guards[{i}].set` is {guard.set!r}, which is not a held-out set of this "
+                                 f"run (sets: {names})")
 
     @property
     def needs_chunked_loss(self) -> bool:

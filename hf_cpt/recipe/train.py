@@ -22,6 +22,7 @@ import torch
 from ..callbacks.forgetting import ForgettingMonitorCallback
 from ..callbacks.replay_mixer import ReplayMixerCallback
 from ..config import CONFIG_FILE, SELF_EVAL_SET, CPTConfig
+from ..monitoring import summarize_run
 from ..output_lock import OutputDirLock
 from ..registry import (DataParts, TrainerParts, enabled_techniques, merged_training_args, single_hook,
                         techniques)
@@ -388,7 +389,7 @@ def _run_owned(cfg: CPTConfig, args: Any, state: Any, final: Path, overwrite: bo
         args.output_dir = str(ckpt if cfg.train.save_steps else tmp / "checkpoints")
         if cfg.train.save_steps and state.is_main_process:
             cfg.save_pretrained(ckpt)  # what a later --resume compares itself against
-        metrics = _train_and_write(cfg, args, tmp, last, start)
+        metrics = _train_and_write(cfg, args, tmp, last, start, final)
         state.wait_for_everyone()
     except BaseException:
         if state.is_main_process:
@@ -419,8 +420,10 @@ def _shared_staging_dir(final: Path, overwrite: bool, state: Any) -> Path:
     return tmp
 
 
-def _train_and_write(cfg: CPTConfig, args: Any, tmp: Path, last: str | None, start: float) -> dict[str, Any]:
-    """Build, train (resuming from `last`), and write the results into the staging directory `tmp`."""
+def _train_and_write(cfg: CPTConfig, args: Any, tmp: Path, last: str | None, start: float,
+                     final: Path) -> dict[str, Any]:
+    """Build, train (resuming from `last`), and write the results into the staging directory `tmp` (committed to
+    `final` afterwards: the summary sentence names it)."""
     model, tokenizer, vocab_summary = build_model(cfg)
     preflight(cfg, model, args)  # what needs the model or the launcher, before any data is built
     data = build_data(cfg, model, tokenizer, args)
@@ -441,6 +444,7 @@ def _train_and_write(cfg: CPTConfig, args: Any, tmp: Path, last: str | None, sta
     (tmp / "training_args.bin").unlink(missing_ok=True)
     if trainer.is_world_process_zero():
         metrics["total_runtime_s"] = time.perf_counter() - start
+        metrics["summary"] = summarize_run(metrics["forgetting"], cfg.monitor.domain, str(final))
         write_outputs(cfg, tmp, metrics)
     return metrics
 
