@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..callbacks.forgetting import ForgettingMonitorCallback
+from ..callbacks.progress import swap_progress_bar
 from ..callbacks.replay_mixer import ReplayMixerCallback
 from ..config import CONFIG_FILE, SELF_EVAL_SET, CPTConfig
 from ..monitoring import summarize_run
@@ -267,6 +268,7 @@ def build_trainer(cfg: CPTConfig, args: Any, model: Any, tokenizer: Any, data: R
                          f"run would not be sharded; check the accelerate config, or drop {wanted} to run DDP")
     for hook in after:
         hook(trainer)
+    swap_progress_bar(trainer, cfg.data.block_size)  # one bar, tokens/s, evaluations inside it (not nested)
     return trainer
 
 
