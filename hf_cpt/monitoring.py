@@ -92,11 +92,11 @@ def describe_guards(summary: dict[str, Any]) -> str:
 def summarize_run(forgetting: dict[str, Any], domain: str, output_dir: str) -> str:
     """The one sentence that ends a run (`hf-cpt train`, `metrics.json` `summary`, the model card): the domain
     gain, the KL to the base on every guarded set (the held-out loss where a guard watches the loss), the guards'
-    status and where the files are. E.g. ``Domain loss 3.10 -> 2.50 (-0.60 nats/token); KL to the base 0.041 on
+    status and where the files are. E.g. ``Domain loss 3.100 -> 2.500 (-0.600 nats/token); KL to the base 0.041 on
     `general_self` (bound 0.200); guard held; model, metrics.json, forgetting.png and card in runs/quickstart.``"""
     start, end = forgetting.get(f"{domain}_loss_start"), forgetting.get(f"{domain}_loss_end")
     gain = ("domain loss n/a" if start is None or end is None
-            else f"Domain loss {start:.2f} -> {end:.2f} ({end - start:+.2f} nats/token)")
+            else f"Domain loss {start:.3f} -> {end:.3f} ({end - start:+.3f} nats/token)")
     parts, guards = [], forgetting_guards(forgetting)
     for g in guards:
         name, metric = g.get("guarded_set"), g.get("tolerance_metric")
@@ -108,7 +108,8 @@ def summarize_run(forgetting: dict[str, Any], domain: str, output_dir: str) -> s
         parts.append(f"{what} {'n/a' if value is None else f'{value:.3f}'} on `{name}`"
                      + (f" (bound {bound:.3f})" if bound is not None else ""))
     # forgetting as KL on the guarded sets even where a guard watches the loss
-    for name in dict.fromkeys(g.get("guarded_set") for g in guards if g.get("tolerance_metric") != "kl"):
+    kl_guarded = {g.get("guarded_set") for g in guards if g.get("tolerance_metric") == "kl"}
+    for name in dict.fromkeys(g.get("guarded_set") for g in guards if g.get("guarded_set") not in kl_guarded):
         kl = forgetting.get(f"{name}_kl_end")
         if kl is not None:
             parts.append(f"KL to the base {kl:.3f} on `{name}`")

@@ -154,6 +154,9 @@ def test_saved_recipe_names_the_schedule_that_ran(tmp_path):
     args = build_training_args(cfg, tmp_path / "out")
     name_schedule_in_args(args, cfg.schedule)  # what the schedule's setup does to the Trainer's arguments
     assert (args.lr_scheduler_type, args.warmup_steps) == ("constant_with_warmup", 2)
+    from hf_cpt.model_card import recipe_lines
+
+    assert any("to 5e-05, then held constant," in line for line in recipe_lines(cfg.to_dict(), {}))
     wsd = CPTConfig.from_dict({"schedule": {"schedule": "wsd", "warmup_steps": 1, "decay_steps": 2},
                                "train": {"max_steps": 8}})
     wsd_args = build_training_args(wsd, tmp_path / "out")

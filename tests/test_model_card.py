@@ -58,9 +58,12 @@ def test_card_says_per_guarded_set_which_bound_applies_and_the_summary():
                      "tolerance_mode": "absolute", "start": 3.3, "end": 3.45, "tolerance_bound": 3.4,
                      "tolerance_breached": True, "breach_step": 20}]}
     summary = summarize_run(f, "domain", "runs/x")
-    assert summary == ("Domain loss 3.20 -> 3.00 (-0.20 nats/token); KL to the base 0.150 on `general_self` (bound "
-                       "0.200); loss 3.450 on `general` (bound 3.400); KL to the base 0.310 on `general`; guard "
+    assert summary == ("Domain loss 3.200 -> 3.000 (-0.200 nats/token); KL to the base 0.150 on `general_self` "
+                       "(bound 0.200); loss 3.450 on `general` (bound 3.400); KL to the base 0.310 on `general`; guard "
                        "breached on `general` loss (step 20); model, metrics.json, forgetting.png and card in runs/x.")
+    # a set with a KL guard and a loss guard: its KL is named once
+    both = {**f, "guards": [{**f["guards"][0], "guarded_set": "general"}, f["guards"][1]]}
+    assert summarize_run(both, "domain", "o").count("KL to the base") == 1
     metrics = {**_metrics(), "forgetting": f, "summary": summary}
     card = render_model_card(CPTConfig().to_dict(), metrics)
     assert ("| general_self | KL to base | 0.2000 | 0.1500 | no | KL to the base on `general_self` <= 0.2000 nats "

@@ -185,7 +185,8 @@ def _card(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
     if schedule:
         return [f"LR schedule: `{schedule.get('schedule', 'rewarm')}`: {schedule.get('warmup', 'linear')} "
                 f"re-warmup over {schedule.get('warmup_steps')} updates to {train.get('learning_rate')}, then "
-                f"{schedule.get('decay', 'cosine')} re-decay" + "".join(
+                + ("held constant" if schedule.get("decay") == "none" else f"{schedule.get('decay', 'cosine')} re-decay")
+                + "".join(
                     f", {k}={v}" for k, v in schedule.items()
                     if k not in ("schedule", "warmup", "warmup_steps", "decay") and v not in (None, [], {}))]
     return [f"LR schedule: {train.get('lr_scheduler_type')} from {train.get('learning_rate')} "
