@@ -363,7 +363,7 @@ TECHNIQUE = Technique(
     name="forgetting monitor",
     key="monitor",
     config=ForgettingMonitorConfig,
-    exports={**names("callbacks.forgetting", "ForgettingMonitorConfig", "ForgettingMonitorCallback"),
+    exports={**names("callbacks.forgetting", "ForgettingMonitorConfig", "ForgettingMonitorCallback", "GuardConfig"),
              "plot_forgetting": "plotting", **names("callbacks.kl_to_base", "KLToBaseCallback", "attach_kl_to_base"),
              **names("base_targets", "compute_base_targets", "evaluate_kl")},
     functional=names("monitoring", "compute_forgetting", "exceeds_tolerance", "tolerance_bound"),
