@@ -20,8 +20,10 @@ from typing import Any
 import torch
 
 from ..callbacks.forgetting import ForgettingMonitorCallback
+from ..callbacks.progress import swap_progress_bar
 from ..callbacks.replay_mixer import ReplayMixerCallback
 from ..config import CONFIG_FILE, SELF_EVAL_SET, CPTConfig
+from ..monitoring import summarize_run
 from ..output_lock import OutputDirLock
 from ..registry import (DataParts, TrainerParts, enabled_techniques, merged_training_args, single_hook,
                         techniques)
@@ -51,7 +53,8 @@ def build_training_args(cfg: CPTConfig, output_dir: str | Path):
         output_dir=str(output_dir),
         max_steps=t.max_steps,
         learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler_type,
+        # null: a technique builds the scheduler (and names its shape in `args` when it sets up the Trainer)
+        lr_scheduler_type=t.lr_scheduler_type or "constant",
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
         per_device_train_batch_size=t.per_device_train_batch_size,
@@ -265,6 +268,7 @@ def build_trainer(cfg: CPTConfig, args: Any, model: Any, tokenizer: Any, data: R
                          f"run would not be sharded; check the accelerate config, or drop {wanted} to run DDP")
     for hook in after:
         hook(trainer)
+    swap_progress_bar(trainer, cfg.data.block_size)  # one bar, tokens/s, evaluations inside it (not nested)
     return trainer
 
 
@@ -387,7 +391,7 @@ def _run_owned(cfg: CPTConfig, args: Any, state: Any, final: Path, overwrite: bo
         args.output_dir = str(ckpt if cfg.train.save_steps else tmp / "checkpoints")
         if cfg.train.save_steps and state.is_main_process:
             cfg.save_pretrained(ckpt)  # what a later --resume compares itself against
-        metrics = _train_and_write(cfg, args, tmp, last, start)
+        metrics = _train_and_write(cfg, args, tmp, last, start, final)
         state.wait_for_everyone()
     except BaseException:
         if state.is_main_process:
@@ -418,8 +422,10 @@ def _shared_staging_dir(final: Path, overwrite: bool, state: Any) -> Path:
     return tmp
 
 
-def _train_and_write(cfg: CPTConfig, args: Any, tmp: Path, last: str | None, start: float) -> dict[str, Any]:
-    """Build, train (resuming from `last`), and write the results into the staging directory `tmp`."""
+def _train_and_write(cfg: CPTConfig, args: Any, tmp: Path, last: str | None, start: float,
+                     final: Path) -> dict[str, Any]:
+    """Build, train (resuming from `last`), and write the results into the staging directory `tmp` (committed to
+    `final` afterwards: the summary sentence names it)."""
     model, tokenizer, vocab_summary = build_model(cfg)
     preflight(cfg, model, args)  # what needs the model or the launcher, before any data is built
     data = build_data(cfg, model, tokenizer, args)
@@ -440,6 +446,7 @@ def _train_and_write(cfg: CPTConfig, args: Any, tmp: Path, last: str | None, sta
     (tmp / "training_args.bin").unlink(missing_ok=True)
     if trainer.is_world_process_zero():
         metrics["total_runtime_s"] = time.perf_counter() - start
+        metrics["summary"] = summarize_run(metrics["forgetting"], cfg.monitor.domain, str(final))
         write_outputs(cfg, tmp, metrics)
     return metrics
 
