@@ -21,7 +21,7 @@ EMBEDDING_MODES = ("new_rows", "all", "none")
 
 def add_lora_for_cpt(model: torch.nn.Module, r: int = 16, alpha: int = 32, dropout: float = 0.0,
                      target_modules: str | Sequence[str] = "all-linear", embeddings: str = "new_rows",
-                     new_token_ids: Sequence[int] | None = None) -> Any:
+                     new_token_ids: Sequence[int] | None = None, training_args: Any = None) -> Any:
     """Wrap `model` in a PEFT LoRA model for continual pretraining.
 
     Args:
@@ -30,10 +30,20 @@ def add_lora_for_cpt(model: torch.nn.Module, r: int = 16, alpha: int = 32, dropo
             peft's `trainable_token_indices`; old rows stay bit-identical), `all` (full embeddings and head
             trainable through `modules_to_save`) or `none`.
         new_token_ids: rows to train with `embeddings="new_rows"`.
+        training_args: the run's `TrainingArguments`, if at hand. Under FSDP (asked for by them or by `accelerate
+            launch`) only `embeddings="none"` is supported: with `new_rows` or `all`, peft's wrappers of a tied
+            embedding and head share parameters across FSDP units and `fully_shard` fails while the Trainer wraps
+            the model (measured on the tiny tied Llama, tests/distributed), so they are refused here.
     """
+    from .utils import requested_sharding
+
     peft = require("peft", "LoRA continual pretraining")
     if embeddings not in EMBEDDING_MODES:
         raise ValueError(f"`embeddings` must be one of {EMBEDDING_MODES}, got {embeddings!r}")
+    if embeddings != "none" and requested_sharding(training_args) == "FSDP":
+        raise ValueError(f"`embeddings={embeddings!r}` does not work under FSDP (peft's embedding wrappers share "
+                         "parameters across FSDP units and `fully_shard` fails): use `embeddings='none'` with FSDP, "
+                         "or train the embeddings with DDP or a single process")
     kwargs: dict[str, Any] = {}
     if embeddings == "new_rows":
         if not new_token_ids:

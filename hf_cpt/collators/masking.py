@@ -444,4 +444,8 @@ TECHNIQUE = Technique(
     check=_check,
     config_preflight=_config_preflight,
     card=_card,
+    # a data side of its own: map-style tagged chunks (recipe/masked_data.py), not the token-exact mixer, so the
+    # Trainer skips seen batches on resume and keeps the span columns for the collator
+    data="recipe.masked_data:build_masked_run_data",
+    training_args={"ignore_data_skip": False, "remove_unused_columns": False},
 )

@@ -8,24 +8,29 @@ forgetting plot and model card into the output directory, atomically.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..callbacks.forgetting import ForgettingMonitorCallback
+from ..callbacks.progress import swap_progress_bar
 from ..callbacks.replay_mixer import ReplayMixerCallback
-from ..callbacks.rewarm import make_rewarm_optimizers
 from ..config import CONFIG_FILE, SELF_EVAL_SET, CPTConfig
+from ..monitoring import summarize_run
 from ..output_lock import OutputDirLock
-from ..registry import DataParts, TrainerParts, enabled_techniques, techniques
-from ..utils import check_unsharded, commit_staging_dir, disk_full_error, make_staging_dir, requested_sharding
+from ..registry import (DataParts, TrainerParts, enabled_techniques, merged_training_args, single_hook,
+                        techniques)
+from ..utils import (check_unsharded, commit_staging_dir, disk_full_error, make_staging_dir,
+                     requested_sharding)
 from .outputs import write_outputs
+from .run_data import RunData
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +54,8 @@ def build_training_args(cfg: CPTConfig, output_dir: str | Path):
         output_dir=str(output_dir),
         max_steps=t.max_steps,
         learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler_type,
+        # null: a technique builds the scheduler (and names its shape in `args` when it sets up the Trainer)
+        lr_scheduler_type=t.lr_scheduler_type or "constant",
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
         per_device_train_batch_size=t.per_device_train_batch_size,
@@ -66,19 +72,19 @@ def build_training_args(cfg: CPTConfig, output_dir: str | Path):
         bf16=t.bf16,
         activation_checkpointing=t.gradient_checkpointing,  # the current name; `gradient_checkpointing` warns
         report_to=t.report_to or "none",
-        # the ReplayMixer restores its own position; map-style masked data is skipped by the Trainer as usual
-        ignore_data_skip=cfg.masking is None,
-        # span columns and distillation tags (block index, token sources) reach the collator
-        remove_unused_columns=cfg.masking is None and not any(t.block_sources for t in enabled_techniques(cfg)),
+        # the ReplayMixer restores its own position (a technique with a map-style data path of its own sets
+        # `ignore_data_skip: False` in its registry entry's `training_args`)
+        ignore_data_skip=True,
+        # distillation tags (block index, token sources) reach the collator
+        remove_unused_columns=not any(t.block_sources for t in enabled_techniques(cfg)),
         prediction_loss_only=True,  # evaluation needs the loss only; the chunked loss returns no logits
         restore_callback_states_from_checkpoint=True,
         dataloader_num_workers=cfg.data.num_workers,
-        # a prepared store is a map-style dataset whose item i is block start + i: read it in order
-        **({"train_sampling_strategy": "sequential"} if cfg.data.prepared_dir and cfg.masking is None else {}),
         dataloader_pin_memory=torch.cuda.is_available(),
         # several processes and no GPU (torchrun on CPU): accelerate only sets up gloo DDP when told `cpu`
         use_cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
     )
+    kwargs.update(merged_training_args(cfg))  # what the enabled techniques need (hf_cpt.registry)
     kwargs.update(t.training_args)
     try:
         args = TrainingArguments(**kwargs)
@@ -146,12 +152,6 @@ def preflight(cfg: CPTConfig, model: Any, args: Any) -> None:
     for technique in enabled_techniques(cfg):
         if technique.preflight is not None:
             technique.preflight(cfg, model, args)
-
-
-def build_rewarm_optimizers(model, cfg: CPTConfig, args) -> tuple:
-    """AdamW (embeddings in their own group at `schedule.embedding_lr_ratio`) and the rewarming scheduler,
-    with the betas/eps/weight decay of `args`, for `Trainer(optimizers=...)`."""
-    return make_rewarm_optimizers(model, cfg.schedule, args)
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -257,36 +257,19 @@ def build_model(cfg: CPTConfig) -> tuple[Any, Any, dict[str, Any] | None]:
     from .models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.objective, block_size=cfg.data.block_size)
-    if cfg.vocab is None:
+    adapting = single_hook(cfg, "model")  # a technique that changes the base model first (`Technique.model`)
+    if adapting is None:
         return model, tokenizer, None
-    from ..vocab.extend import extend_vocabulary
-    from .vocab import vocab_corpora
-
-    return extend_vocabulary(model, tokenizer, cfg.vocab, *vocab_corpora(cfg))
-
-
-@dataclass
-class RunData:
-    """The data side of a run: what the Trainer reads, and the callbacks that belong to it."""
-
-    train_set: Any
-    eval_sets: dict[str, Any]
-    collator: Any
-    callbacks: list[Any] = field(default_factory=list)
-    cleaning: dict[str, Any] | None = None  # data cleaning (issue 34): the report of `hf_cpt.recipe.cleaning`
+    return adapting[1](cfg, model, tokenizer)
 
 
 def build_data(cfg: CPTConfig, model: Any, tokenizer: Any, args: Any) -> RunData:
-    """Training stream and held-out sets: token-exact [`ReplayMixer`] blocks for causal runs (self-synthesised
-    general text and a technique's collator, e.g. distillation targets, come from `model`, still the base), tagged
-    and masked chunks for `masking:` runs."""
-    if cfg.masking is not None:  # a data path of its own: map-style tagged chunks, not the token-exact mixer
-        from ..callbacks.masking_stats import MaskingStatsCallback
-        from .masked_data import build_masked_data
-
-        train_set, eval_sets, collator, train_collator = build_masked_data(cfg, tokenizer)
-        callbacks = [MaskingStatsCallback(train_collator)] if hasattr(train_collator, "pop_stats") else []
-        return RunData(train_set, eval_sets, collator, callbacks, cleaning=collator.cleaning)
+    """Training stream and held-out sets: token-exact [`ReplayMixer`] blocks (self-synthesised general text and a
+    technique's collator, e.g. distillation targets, come from `model`, still the base), or the data side of the
+    one technique that owns it (`Technique.data`: tagged and masked chunks for `masking:` runs)."""
+    owning = single_hook(cfg, "data")
+    if owning is not None:
+        return owning[1](cfg, model, tokenizer, args)
     from transformers import default_data_collator
 
     from .data import build_eval_sets, build_train_set, synthesize_general
@@ -341,6 +324,7 @@ def build_trainer(cfg: CPTConfig, args: Any, model: Any, tokenizer: Any, data: R
                          f"run would not be sharded; check the accelerate config, or drop {wanted} to run DDP")
     for hook in after:
         hook(trainer)
+    swap_progress_bar(trainer, cfg.data.block_size)  # one bar, tokens/s, evaluations inside it (not nested)
     return trainer
 
 
@@ -453,17 +437,18 @@ def _run_owned(cfg: CPTConfig, args: Any, state: Any, final: Path, overwrite: bo
     cfg.check_held_out_sets()  # the monitor's general and domain sets exist
     check_data_paths(cfg.data)  # a bad path or file fails here, before the output dir or the model
     config_preflight(cfg)  # the model's config and tokenizer, and what techniques check on them: no weights yet
-    push_token = None
-    if cfg.hub.push_to_hub and state.is_main_process:  # fail before training, not after it
-        from ..hub import check_push_access
-
-        push_token = check_push_access(cfg.hub.repo_id, token=hub_token)
+    # techniques' first and last steps on the main process (`Technique.before_run` / `after_run`), e.g. the Hub
+    # checks its push token here, before training, and pushes once the output directory is complete
+    staged = [t for t in enabled_techniques(cfg) if t.before_run is not None or t.after_run is not None]
+    options = {"hub_token": hub_token}
+    run_state = {t.name: t.hook("before_run")(cfg, options) if t.before_run is not None else None
+                 for t in staged} if state.is_main_process else {}
     tmp = _shared_staging_dir(final, overwrite, state)
     try:
         args.output_dir = str(ckpt if cfg.train.save_steps else tmp / "checkpoints")
         if cfg.train.save_steps and state.is_main_process:
             cfg.save_pretrained(ckpt)  # what a later --resume compares itself against
-        metrics = _train_and_write(cfg, args, tmp, last, start)
+        metrics = _train_and_write(cfg, args, tmp, last, start, final)
         state.wait_for_everyone()
     except BaseException as e:
         full = disk_full_error(e, tmp, ckpt) if isinstance(e, Exception) else None  # before the cleanup frees it
@@ -480,11 +465,9 @@ def _run_owned(cfg: CPTConfig, args: Any, state: Any, final: Path, overwrite: bo
         commit_staging_dir(tmp, final)
         if cfg.train.save_steps and not cfg.train.keep_checkpoints:
             shutil.rmtree(ckpt, ignore_errors=True)
-        if cfg.hub.push_to_hub:
-            from ..hub import push_adapted
-
-            metrics["hub_commit_url"] = push_adapted(final, cfg.hub.repo_id, private=cfg.hub.private,
-                                                     revision=cfg.hub.revision, token=push_token)
+        for t in staged:
+            if t.after_run is not None:
+                t.hook("after_run")(cfg, final, metrics, run_state[t.name])
     state.wait_for_everyone()
     return CPTResult(output_dir=final, metrics=metrics)
 
@@ -499,16 +482,18 @@ def _shared_staging_dir(final: Path, overwrite: bool, state: Any) -> Path:
     return tmp
 
 
-def _train_and_write(cfg: CPTConfig, args: Any, tmp: Path, last: str | None, start: float) -> dict[str, Any]:
-    """Build, train (resuming from `last`), and write the results into the staging directory `tmp`."""
+def _train_and_write(cfg: CPTConfig, args: Any, tmp: Path, last: str | None, start: float,
+                     final: Path) -> dict[str, Any]:
+    """Build, train (resuming from `last`), and write the results into the staging directory `tmp` (committed to
+    `final` afterwards: the summary sentence names it)."""
     model, tokenizer, vocab_summary = build_model(cfg)
     preflight(cfg, model, args)  # what needs the model or the launcher, before any data is built
     data = build_data(cfg, model, tokenizer, args)
-    finished = last is not None and cfg.masking is None and _checkpoint_step(last) >= cfg.train.max_steps
+    finished = last is not None and data.stream and _checkpoint_step(last) >= cfg.train.max_steps
     if finished:
         # killed after its last checkpoint (e.g. while writing outputs): the Trainer would take one more step on
         # an iterable set, so it gets no blocks; it still restores weights and callback states, then stops
-        data = RunData(_NoBlocks(), data.eval_sets, data.collator, data.callbacks, cleaning=data.cleaning)
+        data = dataclasses.replace(data, train_set=_NoBlocks())
         args.accelerator_config.dispatch_batches = False  # accelerate's dispatcher refuses an empty stream
     trainer = build_trainer(cfg, args, model, tokenizer, data, vocab_summary)
     if last is not None:
@@ -516,13 +501,39 @@ def _train_and_write(cfg: CPTConfig, args: Any, tmp: Path, last: str | None, sta
     with _quiet_empty_epoch(finished):
         train_out = trainer.train(resume_from_checkpoint=last)
     metrics = collect_metrics(cfg, trainer, train_out, data, last, vocab_summary)
-    trainer.save_model(str(tmp))
+    save_full_model(trainer, tmp)
     # training_args.bin is a pickle; the recipe is recorded as YAML instead (safetensors/text only)
     (tmp / "training_args.bin").unlink(missing_ok=True)
     if trainer.is_world_process_zero():
         metrics["total_runtime_s"] = time.perf_counter() - start
+        metrics["summary"] = summarize_run(metrics["forgetting"], cfg.monitor.domain, str(final))
         write_outputs(cfg, tmp, metrics)
     return metrics
+
+
+def save_full_model(trainer: Any, directory: str | Path) -> None:
+    """The trained model as full safetensors (with the tokenizer) in `directory`, from the main process, whatever
+    the process layout; every process must call it.
+
+    Without FSDP this is `Trainer.save_model`. Under FSDP that writes nothing with `SHARDED_STATE_DICT` (the
+    shipped accelerate config) and, with `FULL_STATE_DICT`, writes a tied head twice: the gathered tensors no
+    longer share storage, so `save_pretrained` cannot see the tie. Here every process joins the gather of the
+    full state dict and the main process writes it with tied parameters aliased again, so `save_pretrained` keeps
+    one copy as in a one-process save (tests/distributed/test_fsdp_equal.py)."""
+    if not trainer.is_fsdp_enabled:
+        trainer.save_model(str(directory))
+        return
+    state = trainer.accelerator.get_state_dict(trainer.model)  # a collective; the full tensors on the main process
+    if not trainer.args.should_save:
+        return
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name in state:  # tied parameters: one object under several names
+            state[name] = state[first.setdefault(id(param), name)]
+    model.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
+    if trainer.processing_class is not None:
+        trainer.processing_class.save_pretrained(str(directory))
 
 
 def _checkpoint_step(checkpoint: str) -> int:
