@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..registry import Technique, names
-from ..validation import check_fraction, check_int
+from ..validation import check_fraction, check_int, check_number
 from .spans import POS_TYPES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -379,8 +379,7 @@ class MaskingConfig:
             raise ValueError("`kind` is lexicon but `lexicon` is not set: give a file with one term per line")
         if self.tlm_fields is not None and len(self.tlm_fields) != 2:
             raise ValueError(f"`tlm_fields` must name two columns [source, target], got {self.tlm_fields!r}")
-        if not (isinstance(self.span_weight, (int, float)) and self.span_weight > 0):
-            raise ValueError(f"`span_weight` must be > 0, got {self.span_weight!r}")
+        self.span_weight = check_number("span_weight", self.span_weight, 0.0, min_inclusive=False)  # not a bool
 
 
 # --- registry entry ---------------------------------------------------------------------------------------------------
