@@ -241,7 +241,14 @@ class TrainConfig:
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate."})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "Any transformers scheduler name."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW weight decay, on weight matrices only: never on norms or biases, and "
+                                       "on the embeddings only with `decay_embeddings` (OLMo's groups)."})
+    decay_embeddings: bool = field(
+        default=False, metadata={"help": "Also decay the token embeddings and output head (the Trainer's default; "
+                                         "hf-cpt's is off)."})
+    freeze_layers: int = field(
+        default=0, metadata={"help": "Freeze the bottom N transformer layers (no updates, no optimizer state)."})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Blocks per device per micro-batch."})
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Blocks per device per eval batch."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per update."})
@@ -279,15 +286,18 @@ class TrainConfig:
         for name in ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
                      "gradient_accumulation_steps", "eval_steps", "logging_steps"):
             check_int(name, getattr(self, name))
-        for name in ("warmup_steps", "loss_chunk_size", "save_steps", "seed"):
+        for name in ("warmup_steps", "loss_chunk_size", "save_steps", "seed", "freeze_layers"):
             check_int(name, getattr(self, name), minimum=0)
         self.use_liger = check_flag("use_liger", self.use_liger)
         self.chunked_loss = check_flag("chunked_loss", self.chunked_loss)
         check_choice("trainable", self.trainable, TRAINABLE)
-        for name in ("keep_checkpoints", "bf16", "gradient_checkpointing"):
+        for name in ("keep_checkpoints", "bf16", "gradient_checkpointing", "decay_embeddings"):
             check_bool(name, getattr(self, name))
         self.learning_rate = check_number("learning_rate", self.learning_rate, 0.0, min_inclusive=False)
         self.weight_decay = check_number("weight_decay", self.weight_decay, 0.0)
+        if self.freeze_layers and self.trainable != "all":
+            raise ValueError(f"`freeze_layers` is {self.freeze_layers} but `trainable` is {self.trainable!r}, which "
+                             "freezes the whole body already: remove one of them")
         if self.warmup_steps > self.max_steps:
             raise ValueError(
                 f"`warmup_steps` ({self.warmup_steps}) is longer than the run (`max_steps`={self.max_steps})"

@@ -47,6 +47,7 @@ TECHNIQUE_MODULES: list[str] = [
     "hf_cpt.collators.masking",        # masking                   `masking`
     "hf_cpt.vocab.extend",             # vocabulary extension      `vocab`
     "hf_cpt.callbacks.active_forgetting",  # active forgetting     `active_forgetting`
+    "hf_cpt.param_groups",             # weight decay groups, freezing  `train.decay_embeddings`, `train.freeze_layers`
     "hf_cpt.callbacks.rewarm",         # rewarming                 `schedule`
     "hf_cpt.hub",                      # Hub push                  `hub`
 ]
@@ -70,6 +71,8 @@ class TrainerParts:
     # refuses `Trainer(optimizers=...)`): `optimizer_factory(model)` and `scheduler_factory(optimizer, steps)`
     optimizer_factory: Callable[[Any], Any] | None = None
     scheduler_factory: Callable[[Any, int], Any] | None = None
+    # the names the Trainer's own optimizer decays (its `get_decay_parameter_names`), given the model it trains
+    decay_parameter_names: Callable[[Any], list[str]] | None = None
 
 
 @dataclass
