@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from .adapters import LoraAdapterConfig
 from .callbacks.active_forgetting import ActiveForgettingConfig
 from .callbacks.downstream import DownstreamConfig
 from .callbacks.forgetting import ForgettingMonitorConfig
@@ -424,6 +425,10 @@ class CPTConfig:
     weight_averaging: WeightAveragingConfig | None = field(
         default=None, metadata={"help": "An EMA or last-K average of the weights, evaluated beside the live model "
                                         "(`eval_avg_<set>_loss`); `ship: true` writes the average."}
+    )
+    lora: LoraAdapterConfig | None = field(
+        default=None, metadata={"help": "Train a LoRA adapter (peft) instead of every weight: `{r, alpha, dropout, "
+                                        "target_modules, modules_to_save, embeddings, save: merged|adapter}`."}
     )
     objective: str = field(default="clm", metadata={"help": "`clm` (causal LM) or `mlm` (masked LM, encoders)."})
     masking: MaskingConfig | str | None = field(

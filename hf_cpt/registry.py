@@ -44,6 +44,7 @@ TECHNIQUE_MODULES: list[str] = [
     "hf_cpt.synth",                    # self-synthesised data     `data.synth`
     "hf_cpt.collators.distill_replay",        # distillation replay       `train.distill`
     "hf_cpt.liger",                    # memory: chunked loss      `train.chunked_loss`, `train.use_liger`
+    "hf_cpt.adapters",                 # LoRA                      `lora` (after the loss: peft wraps the patched model)
     "hf_cpt.collators.masking",        # masking                   `masking`
     "hf_cpt.vocab.extend",             # vocabulary extension      `vocab`
     "hf_cpt.callbacks.active_forgetting",  # active forgetting     `active_forgetting`
@@ -114,6 +115,8 @@ class Technique:
             default: `transformers.default_data_collator`.
         setup: `(parts: TrainerParts)`: adds callbacks / optimizers / loss to the Trainer being built (enabled
             techniques only, in registry order); may return a function of the built Trainer, run once it exists.
+        finish: `(cfg, trainer, directory)`: rewrites the saved model in the run's staging `directory` after training
+            (e.g. merges a LoRA adapter into its base); called on every process, writes on the main one.
         card: `(config, metrics) -> lines`: the model card's recipe bullets, from `CPTConfig.to_dict()` and
             `metrics.json`; called for every technique (one that is off returns `[]` or describes the default).
     """
@@ -130,6 +133,7 @@ class Technique:
     block_sources: bool = False
     collator: Callable[[DataParts], Any] | None = None
     setup: Callable[[TrainerParts], Callable[[Any], None] | None] | None = None
+    finish: Callable[[CPTConfig, Any, Any], None] | None = None
     card: Callable[[dict[str, Any], dict[str, Any]], list[str]] | None = None
 
     def block(self, cfg: CPTConfig) -> Any:

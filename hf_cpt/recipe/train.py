@@ -278,7 +278,7 @@ def build_trainer(cfg: CPTConfig, args: Any, model: Any, tokenizer: Any, data: R
     if any(f is not None for f in (parts.optimizer_factory, parts.scheduler_factory, parts.decay_parameter_names)):
         trainer_class = _trainer_with_factories(Trainer, parts.optimizer_factory, parts.scheduler_factory,
                                                 parts.decay_parameter_names)
-    trainer = trainer_class(model=model, args=args, train_dataset=data.train_set, eval_dataset=data.eval_sets,
+    trainer = trainer_class(model=parts.model, args=args, train_dataset=data.train_set, eval_dataset=data.eval_sets,
                             data_collator=data.collator, processing_class=tokenizer, callbacks=parts.callbacks,
                             optimizers=parts.optimizers)
     wanted = requested_sharding(args)
@@ -466,6 +466,9 @@ def _train_and_write(cfg: CPTConfig, args: Any, tmp: Path, last: str | None, sta
         train_out = trainer.train(resume_from_checkpoint=last)
     metrics = collect_metrics(cfg, trainer, train_out, data, last, vocab_summary)
     trainer.save_model(str(tmp))
+    for technique in enabled_techniques(cfg):  # e.g. a LoRA adapter merged into its base
+        if technique.finish is not None:
+            technique.finish(cfg, trainer, tmp)
     # training_args.bin is a pickle; the recipe is recorded as YAML instead (safetensors/text only)
     (tmp / "training_args.bin").unlink(missing_ok=True)
     if trainer.is_world_process_zero():

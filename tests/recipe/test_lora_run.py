@@ -1,0 +1,53 @@
+"""LoRA from YAML (`lora:`): the recipe trains an adapter and ships it merged or alone."""
+
+import pytest
+import torch
+
+from hf_cpt.adapters import LoraAdapterConfig
+from hf_cpt.config import CPTConfig
+from tests.conftest import tiny_run_dict
+
+pytest.importorskip("peft")
+
+
+def test_the_block_is_checked_where_declared(tiny_model_dir):
+    run = tiny_run_dict(tiny_model_dir)
+    cfg = CPTConfig.from_dict({**run, "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}})
+    assert cfg.lora == LoraAdapterConfig(r=4, target_modules=["q_proj", "v_proj"])
+    for block, error in [({"r": 0}, r"`lora.r`"), ({"dropout": 1.0}, r"`lora.dropout`"),
+                         ({"save": "both"}, r"`lora.save` must be one of merged, adapter"),
+                         ({"target_modules": ["lm_head"]}, r"`lora.target_modules` includes lm_head"),
+                         ({"embeddings": "new_rows"}, r"`lora.embeddings` is new_rows but there is no `vocab:`")]:
+        with pytest.raises(ValueError, match=error):
+            CPTConfig.from_dict({**run, "lora": block})
+    with pytest.raises(ValueError, match=r"`lora` freezes the base"):
+        CPTConfig.from_dict({**run, "train": {**run["train"], "trainable": "embeddings"}, "lora": {}})
+    with pytest.raises(ValueError, match=r"`lora`: LoRA from the recipe wraps causal LMs"):
+        CPTConfig.from_dict({**run, "objective": "mlm", "lora": {}})
+
+
+@pytest.mark.slow  # two tiny training runs (~10 s each under load)
+def test_a_lora_run_ships_the_merged_model_or_the_adapter(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from hf_cpt.recipe import run_cpt
+
+    base = load_file(str(tiny_model_dir / "model.safetensors"))
+    run = tiny_run_dict(tiny_model_dir, max_steps=3, eval_steps=3, learning_rate=5e-2)
+    merged = run_cpt(CPTConfig.from_dict({**run, "lora": {"r": 4, "alpha": 8}}), output_dir=tmp_path / "merged")
+    out = merged.output_dir
+    assert not (out / "adapter_model.safetensors").exists() and (out / "model.safetensors").is_file()
+    weights = load_file(str(out / "model.safetensors"))
+    assert set(weights) == set(base)  # a plain checkpoint: no lora_A / lora_B keys
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(weights[key], base[key])  # the adapter was merged in
+    assert torch.equal(weights["model.embed_tokens.weight"], base["model.embed_tokens.weight"])  # embeddings: none
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert "LoRA: r=4, alpha=8.0" in card and "merged in" in card
+    assert merged.metrics["forgetting"]["general_kl_end"] > 0  # KL against the real base, not the wrapped one
+
+    adapter = run_cpt(CPTConfig.from_dict({**run, "lora": {"r": 4, "alpha": 8, "save": "adapter"}}),
+                      output_dir=tmp_path / "adapter")
+    files = {p.name for p in adapter.output_dir.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= files and "model.safetensors" not in files
+    assert "this is the adapter only" in (adapter.output_dir / "README.md").read_text(encoding="utf-8")
