@@ -586,6 +586,30 @@ def merge(
     typer.echo(f"Merged model (alpha {result.alpha:g}, base {r['base']}) written to {result.output_dir}{extra}")
 
 
+# --- hf-cpt study (issue 33): defences x seeds on any config; the logic is in hf_cpt.recipe.study ---------------------
+@app.command()
+@_user_errors
+def study(
+    configs: Annotated[list[Path], typer.Argument(help="hf-cpt YAML configs (one per domain); drawn on shared axes.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where runs, study.json and study.png go.")],
+    defences: Annotated[str, typer.Option(help="Comma-separated: naive (always run, the reference), rewarm, "
+                                               "replay, self_replay, distill, average, lora, freeze, merge.")] =
+        "naive,rewarm,self_replay,distill,merge",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds (train.seed and data.shuffle_seed).")] = "0",
+    steps: Annotated[Optional[int], typer.Option(help="Override `train.max_steps` of every config.")] = None,
+) -> None:
+    """Run forgetting defences x seeds on your configs; print the table, the Pareto front and a verdict."""
+    from ..recipe.study import run_study, study_table
+
+    seed_list = [int(x) for x in _floats("--seeds", seeds) or []]
+    result = run_study(configs, [d.strip() for d in defences.split(",") if d.strip()], seed_list, out, steps=steps,
+                       log=typer.echo)
+    typer.echo("\n" + study_table(result.summary) + "\n")
+    for line in result.verdict:
+        typer.echo(line)
+    typer.echo(f"plot: {result.plot}  table: {out / 'study.json'}")
+
+
 def main() -> None:
     import logging
 
