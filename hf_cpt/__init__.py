@@ -39,7 +39,8 @@ def _exports() -> dict[str, str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .adapters import add_lora_for_cpt
+    from .adapters import LoraAdapterConfig, add_lora_for_cpt
+    from .param_groups import decay_parameter_names, freeze_bottom_layers
     from .callbacks.active_forgetting import ActiveForgettingCallback, ActiveForgettingConfig, relearn_embeddings
     from .callbacks.downstream import DownstreamConfig, DownstreamEvalCallback, attach_downstream_eval
     from .callbacks.forgetting import ForgettingMonitorCallback, ForgettingMonitorConfig
