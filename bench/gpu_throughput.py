@@ -6,7 +6,7 @@ Variants (issue 31):
     trainer         (a) plain `Trainer` (its default optimizer, the model's own loss)
     trainer_liger   (b) `Trainer(use_liger_kernel=True)` (Liger's RMSNorm, RoPE, SwiGLU, fused linear CE)
     hfcpt           (c) hf-cpt's default path: `PreparedMixer` + `ReplayMixerCallback`, the rewarming schedule and
-                        its optimizer (`build_rewarm_optimizers`), the loss `choose_loss` picks (Liger on CUDA)
+                        its optimizer (`make_rewarm_optimizers`), the loss `choose_loss` picks (Liger on CUDA)
     hfcpt_chunked   (d) (c) with hf-cpt's chunked loss forced (`use_liger: false, chunked_loss: true`)
     hfcpt_distill   (e) (c) + distillation replay (`train.distill` defaults: weight 1, `tokens: replay`, top-64,
                         precomputed targets): 25 % of the blocks come from a second random "general" source and are
@@ -273,8 +273,7 @@ def _measure(name: str, a: Any, tmp: Path) -> dict[str, Any]:
     import torch
     from transformers import Trainer, TrainingArguments, default_data_collator
 
-    from hf_cpt.config import CPTConfig
-    from hf_cpt.recipe.train import build_rewarm_optimizers
+    from hf_cpt.callbacks.rewarm import make_rewarm_optimizers
 
     cuda = use_cuda(a.tiny)
     model = build_llama(a.shape, a.vocab, a.seq, torch.bfloat16 if cuda else torch.float32,
@@ -289,7 +288,7 @@ def _measure(name: str, a: Any, tmp: Path) -> dict[str, Any]:
     args = TrainingArguments(**{**kwargs, **setup.args})
     optimizers: tuple = (None, None)
     if setup.schedule is not None:  # as run_cpt does: AdamW with an embedding group + the rewarming scheduler
-        optimizers = build_rewarm_optimizers(model, CPTConfig(schedule=setup.schedule), args)
+        optimizers = make_rewarm_optimizers(model, setup.schedule, args)
     trainer = Trainer(model=model, args=args, train_dataset=setup.train_set,
                       data_collator=setup.collator or default_data_collator, callbacks=[timer, *setup.callbacks],
                       optimizers=optimizers)

@@ -14,11 +14,14 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from .registry import Technique, names
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import CPTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -184,10 +187,23 @@ def push_adapted(
 
 
 # --- registry entry ---------------------------------------------------------------------------------------------------
+def _before_run(cfg: CPTConfig, options: dict[str, Any]) -> str:
+    """Before training (main process): the token exists and may write to `hub.repo_id`; fail now, not after it."""
+    return check_push_access(cfg.hub.repo_id, token=options.get("hub_token"))
+
+
+def _after_run(cfg: CPTConfig, output_dir: Path, metrics: dict[str, Any], token: str) -> None:
+    """The run's last step (main process, the output directory complete): push it, record the commit."""
+    metrics["hub_commit_url"] = push_adapted(output_dir, cfg.hub.repo_id, private=cfg.hub.private,
+                                             revision=cfg.hub.revision, token=token)
+
+
 TECHNIQUE = Technique(
     name="hub",
     key="hub",
     config=HubConfig,
     exports={**names("hub", "push_adapted", "check_push_access", "HubConfig"), "render_model_card": "model_card"},
-    enabled=lambda cfg: cfg.hub.push_to_hub,  # the push itself is the recipe's last step (recipe/train.py)
+    enabled=lambda cfg: cfg.hub.push_to_hub,
+    before_run=_before_run,
+    after_run=_after_run,
 )

@@ -119,6 +119,24 @@ class Technique:
             (e.g. merges a LoRA adapter into its base); called on every process, writes on the main one.
         card: `(config, metrics) -> lines`: the model card's recipe bullets, from `CPTConfig.to_dict()` and
             `metrics.json`; called for every technique (one that is off returns `[]` or describes the default).
+        training_args: `TrainingArguments` settings the technique needs when enabled (e.g. a map-style data path
+            lets the Trainer skip seen batches on resume: ``{"ignore_data_skip": False}``). Two enabled entries
+            asking for different values of one setting is refused.
+
+    Hooks that belong to the recipe layer (they consume the whole `CPTConfig` and the recipe's helpers, which a
+    technique module may not import) are named as ``"module:function"`` strings, relative to `hf_cpt`, and
+    resolved by [`Technique.hook`] when the recipe calls them:
+
+        model: `(cfg, model, tokenizer) -> (model, tokenizer, summary)`: changes the loaded base model before
+            anything else sees it (vocabulary extension); `summary` goes to `metrics.json` (one technique at most).
+        data: `(cfg, model, tokenizer, args) -> RunData`: the technique owns the whole data side of the run (its
+            own training set, held-out sets, collator and callbacks) instead of the token-exact mixer (masking;
+            one technique at most).
+        before_run: `(cfg, options) -> state`: on the main process, once the output directory is locked and
+            before anything is written or loaded (e.g. the Hub checks the push token); `options` holds
+            `run_cpt`'s keyword arguments meant for techniques (`hub_token`).
+        after_run: `(cfg, output_dir, metrics, state)`: on the main process, once the output directory is
+            complete (e.g. the Hub push); may add entries to `metrics`.
     """
 
     name: str
@@ -135,6 +153,22 @@ class Technique:
     setup: Callable[[TrainerParts], Callable[[Any], None] | None] | None = None
     finish: Callable[[CPTConfig, Any, Any], None] | None = None
     card: Callable[[dict[str, Any], dict[str, Any]], list[str]] | None = None
+    training_args: Mapping[str, Any] = field(default_factory=dict)
+    model: str | None = None
+    data: str | None = None
+    before_run: Callable[[CPTConfig, Mapping[str, Any]], Any] | str | None = None
+    after_run: Callable[[CPTConfig, Any, dict[str, Any], Any], None] | str | None = None
+
+    def hook(self, name: str) -> Callable[..., Any] | None:
+        """The hook `name` (`"model"`, `"data"`, `"before_run"`, `"after_run"`) as a callable: a
+        ``"module:function"`` string is imported now (relative to `hf_cpt` for hf-cpt's own modules)."""
+        value = getattr(self, name)
+        if value is None or callable(value):
+            return value
+        module, _, function = value.partition(":")
+        if not function:
+            raise ValueError(f"registry entry {self.name!r}: `{name}` must be 'module:function', got {value!r}")
+        return getattr(importlib.import_module(module_path(module)), function)
 
     def block(self, cfg: CPTConfig) -> Any:
         """This technique's block of `cfg` (None when unset or when it has no key)."""
@@ -169,6 +203,33 @@ def techniques() -> dict[str, Technique]:
 def enabled_techniques(cfg: CPTConfig) -> list[Technique]:
     """The techniques `cfg` uses, in registry order."""
     return [t for t in techniques().values() if t.is_enabled(cfg)]
+
+
+def single_hook(cfg: CPTConfig, name: str) -> tuple[Technique, Callable[..., Any]] | None:
+    """The one enabled technique that provides hook `name` (`"model"`, `"data"`) and the hook, or None. Two
+    enabled techniques that each replace the same step cannot be combined: refused, naming both."""
+    found = [t for t in enabled_techniques(cfg) if getattr(t, name) is not None]
+    if len(found) > 1:
+        raise ValueError(f"{' and '.join(f'`{t.key}`' for t in found)} each replace the run's {name} step; a run can "
+                         "use one of them")
+    return (found[0], found[0].hook(name)) if found else None
+
+
+def merged_training_args(cfg: CPTConfig) -> dict[str, Any]:
+    """The `TrainingArguments` settings the enabled techniques ask for, merged in registry order.
+
+    Raises:
+        ValueError: two enabled techniques ask for different values of one setting.
+    """
+    out: dict[str, Any] = {}
+    owner: dict[str, str] = {}
+    for t in enabled_techniques(cfg):
+        for key, value in t.training_args.items():
+            if key in out and out[key] != value:
+                raise ValueError(f"`{owner[key]}` and `{t.key}` need different `{key}` ({out[key]!r} vs "
+                                 f"{value!r}); a run cannot use both")
+            out[key], owner[key] = value, t.key or t.name
+    return out
 
 
 def extension_techniques(declared: set[str]) -> dict[str, Technique]:

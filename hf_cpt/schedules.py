@@ -28,7 +28,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
-from typing import Any
 
 from .validation import check_choice, check_int, check_number
 

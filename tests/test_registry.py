@@ -11,6 +11,7 @@ import inspect
 import json
 import re
 import typing
+from pathlib import Path
 
 import pytest
 import yaml
@@ -91,6 +92,12 @@ def test_a_toy_technique_is_trained_carded_and_recorded(toy, tmp_path, tiny_mode
     saved = yaml.safe_load((tmp_path / "out" / "hf_cpt_config.yaml").read_text(encoding="utf-8"))
     assert saved["toy"] == {"every": 1}
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["global_step"] == 2
+    # the run-level hooks: the model first, the Trainer's settings, the first and last steps of the run
+    assert toy.CALLS["model"] == ["LlamaForCausalLM"]
+    assert trainer.args.logging_nan_inf_filter is False
+    assert toy.CALLS["before_run"] == [["hub_token"]]
+    assert toy.CALLS["after_run"] == [(True, "state from before_run")]  # once the output directory is complete
+    assert result.metrics["toy_after_run"] == "state from before_run"
 
 
 def test_a_toy_technique_is_exported(toy):
@@ -190,3 +197,36 @@ def test_the_architecture_map_has_one_row_per_technique_and_its_paths_exist():
             for path in re.findall(r"`([^`]+)`", cell):
                 assert (root / path).exists(), f"{name}: {path}"
         assert re.findall(r"`([^`]+)`", tests), f"{name} names no test"
+
+
+def test_two_techniques_replacing_one_step_or_wanting_different_trainer_settings_are_refused(monkeypatch):
+    """The registry's run-level hooks compose: one technique at most replaces the model / data step, and
+    `training_args` from several entries merge unless they disagree, each refusal naming both blocks."""
+    cfg = CPTConfig()
+    a = registry.Technique(name="a", key="a", enabled=lambda c: True, data="x:y",
+                           training_args={"ignore_data_skip": False, "seed": 1})
+    b = registry.Technique(name="b", key="b", enabled=lambda c: True, data="x:z",
+                           training_args={"ignore_data_skip": True})
+    c = registry.Technique(name="c", key="c", enabled=lambda c: True, training_args={"seed": 1})
+    monkeypatch.setattr(registry, "enabled_techniques", lambda cfg: [a, c])
+    assert registry.merged_training_args(cfg) == {"ignore_data_skip": False, "seed": 1}
+    monkeypatch.setattr(registry, "enabled_techniques", lambda cfg: [a, b])
+    with pytest.raises(ValueError, match=r"`a` and `b` need different `ignore_data_skip`"):
+        registry.merged_training_args(cfg)
+    with pytest.raises(ValueError, match=r"`a` and `b` each replace the run's data step"):
+        registry.single_hook(cfg, "data")
+    with pytest.raises(ValueError, match=r"`data` must be 'module:function'"):
+        registry.Technique(name="d", data="no_colon").hook("data")
+    assert registry.Technique(name="e", model="recipe.vocab:extend_run_model").hook("model").__name__ == \
+        "extend_run_model"
+
+
+def test_the_recipe_names_no_optional_technique():
+    """`recipe/train.py` learns about techniques from the registry only: it reads no optional technique's block
+    (`cfg.masking`, `cfg.hub`, `cfg.vocab`, ...); the always-on blocks (`data`, `train`, `monitor`) it may."""
+    source = (Path(hf_cpt.__file__).parent / "recipe" / "train.py").read_text(encoding="utf-8")
+    always = {"data", "train", "monitor", "model", "objective", "output_dir"}
+    optional = {t.key for t in registry.techniques().values() if t.key is not None} - always
+    named = sorted({k for k in optional if re.search(rf"\bcfg\.{re.escape(k)}\b", source)})
+    assert not named, f"recipe/train.py reads technique blocks directly: {named}"
+    assert {"masking", "hub", "vocab", "schedule", "data.prepared_dir"} <= optional  # the check sees them

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from hf_cpt.config import CPTConfig
 
 MODULE = "tests.toy_technique"
-CALLS: dict[str, list[Any]] = {"preflight": [], "attached": []}  # what the hooks saw, for the test to read
+CALLS: dict[str, list[Any]] = {"preflight": [], "attached": [], "model": [], "before_run": [], "after_run": []}  # what the hooks saw, for the test to read
 
 
 @dataclass
@@ -68,6 +68,22 @@ def _setup(parts: TrainerParts) -> Any:
     return CALLS["attached"].append
 
 
+def adapt_model(cfg: CPTConfig, model: Any, tokenizer: Any) -> tuple[Any, Any, None]:
+    """The `model` hook (named as "module:function", as recipe-layer hooks are): sees the base model first."""
+    CALLS["model"].append(type(model).__name__)
+    return model, tokenizer, None
+
+
+def _before_run(cfg: CPTConfig, options: dict[str, Any]) -> str:
+    CALLS["before_run"].append(sorted(options))
+    return "state from before_run"
+
+
+def _after_run(cfg: CPTConfig, output_dir: Any, metrics: dict[str, Any], state: str) -> None:
+    CALLS["after_run"].append((output_dir.is_dir(), state))
+    metrics["toy_after_run"] = state
+
+
 def _card(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
     toy = config.get("toy")
     return [f"toy: every {toy['every']}-th update counted"] if toy else []
@@ -83,4 +99,8 @@ TECHNIQUE = Technique(
     preflight=_preflight,
     setup=_setup,
     card=_card,
+    training_args={"logging_nan_inf_filter": False},
+    model=f"{MODULE}:adapt_model",
+    before_run=_before_run,
+    after_run=_after_run,
 )

@@ -435,4 +435,8 @@ TECHNIQUE = Technique(
                 **names("collators.spans", "char_to_token_spans", "lexicon_spans")},
     check=_check,
     card=_card,
+    # a data side of its own: map-style tagged chunks (recipe/masked_data.py), not the token-exact mixer, so the
+    # Trainer skips seen batches on resume and keeps the span columns for the collator
+    data="recipe.masked_data:build_masked_run_data",
+    training_args={"ignore_data_skip": False, "remove_unused_columns": False},
 )

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from ..validation import check_bool, check_choice, check_int, check_number
 from .decontam import DecontaminateConfig, NgramIndex
-from .report import STEPS, CleanReport
+from .report import CleanReport
 from .near import MINHASH_BACKENDS, NearDuplicateIndex, band_keys, choose_bands, minhash_function
 from .text import exact_key, normalize_words, word_shingles
 

@@ -499,4 +499,6 @@ TECHNIQUE = Technique(
              **names("recipe.prepare", "prepare_sources", "prepare_config")},
     functional=names("mixers.prepared", "build_mix_schedule"),
     check=_check,
+    # a store is a map-style dataset whose item i is block start + i: the Trainer reads it in order
+    training_args={"train_sampling_strategy": "sequential"},
 )

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..config import CPTConfig, DataConfig
+from ..config import CPTConfig
 from ..data_clean import EXACT, FLAGGED, DocumentCleaner, clean_documents, normalize_words, summary_line
 from ..data_clean.clean import DECISION_STEP
 

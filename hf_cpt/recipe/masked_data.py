@@ -20,6 +20,7 @@ import torch
 from ..collators.masking import CausalSpanCollator, LEMCollator, LexiconMaskingCollator, MaskingConfig
 from ..config import CPTConfig
 from .data import load_split
+from .run_data import RunData
 
 # ~4 characters per token in English subword vocabularies: chunks of block_size tokens fit without truncation
 CHARS_PER_TOKEN = 4
@@ -166,6 +167,16 @@ def premask(ds: Any, collator: Any, batch_size: int = 64) -> Any:
             if "token_type_ids" in out:
                 rows.setdefault("token_type_ids", []).append(out["token_type_ids"][b, :n].tolist())
     return datasets.Dataset.from_dict(rows)
+
+
+def build_masked_run_data(cfg: CPTConfig, model: Any, tokenizer: Any, args: Any) -> RunData:
+    """The `masking:` technique's `data` hook: the whole data side of a masked run (tagged chunks the Trainer reads
+    map-style, the held-out sets, the collator, and the masking statistics callback)."""
+    from ..callbacks.masking_stats import MaskingStatsCallback
+
+    train_set, eval_sets, collator, train_collator = build_masked_data(cfg, tokenizer)
+    callbacks = [MaskingStatsCallback(train_collator)] if hasattr(train_collator, "pop_stats") else []
+    return RunData(train_set, eval_sets, collator, callbacks, cleaning=collator.cleaning, stream=False)
 
 
 def build_masked_data(cfg: CPTConfig, tokenizer: Any) -> tuple[Any, dict[str, Any], PremaskedOrCollate, Any]:

@@ -8,11 +8,12 @@ forgetting plot and model card into the output directory, atomically.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,13 @@ import torch
 
 from ..callbacks.forgetting import ForgettingMonitorCallback
 from ..callbacks.replay_mixer import ReplayMixerCallback
-from ..callbacks.rewarm import make_rewarm_optimizers
 from ..config import CONFIG_FILE, SELF_EVAL_SET, CPTConfig
 from ..output_lock import OutputDirLock
-from ..registry import DataParts, TrainerParts, enabled_techniques, techniques
+from ..registry import (DataParts, TrainerParts, enabled_techniques, merged_training_args, single_hook,
+                        techniques)
 from ..utils import check_unsharded, commit_staging_dir, make_staging_dir, requested_sharding
 from .outputs import write_outputs
+from .run_data import RunData
 
 logger = logging.getLogger(__name__)
 
@@ -66,19 +68,19 @@ def build_training_args(cfg: CPTConfig, output_dir: str | Path):
         bf16=t.bf16,
         activation_checkpointing=t.gradient_checkpointing,  # the current name; `gradient_checkpointing` warns
         report_to=t.report_to or "none",
-        # the ReplayMixer restores its own position; map-style masked data is skipped by the Trainer as usual
-        ignore_data_skip=cfg.masking is None,
-        # span columns and distillation tags (block index, token sources) reach the collator
-        remove_unused_columns=cfg.masking is None and not any(t.block_sources for t in enabled_techniques(cfg)),
+        # the ReplayMixer restores its own position (a technique with a map-style data path of its own sets
+        # `ignore_data_skip: False` in its registry entry's `training_args`)
+        ignore_data_skip=True,
+        # distillation tags (block index, token sources) reach the collator
+        remove_unused_columns=not any(t.block_sources for t in enabled_techniques(cfg)),
         prediction_loss_only=True,  # evaluation needs the loss only; the chunked loss returns no logits
         restore_callback_states_from_checkpoint=True,
         dataloader_num_workers=cfg.data.num_workers,
-        # a prepared store is a map-style dataset whose item i is block start + i: read it in order
-        **({"train_sampling_strategy": "sequential"} if cfg.data.prepared_dir and cfg.masking is None else {}),
         dataloader_pin_memory=torch.cuda.is_available(),
         # several processes and no GPU (torchrun on CPU): accelerate only sets up gloo DDP when told `cpu`
         use_cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
     )
+    kwargs.update(merged_training_args(cfg))  # what the enabled techniques need (hf_cpt.registry)
     kwargs.update(t.training_args)
     try:
         args = TrainingArguments(**kwargs)
@@ -129,12 +131,6 @@ def preflight(cfg: CPTConfig, model: Any, args: Any) -> None:
     for technique in enabled_techniques(cfg):
         if technique.preflight is not None:
             technique.preflight(cfg, model, args)
-
-
-def build_rewarm_optimizers(model, cfg: CPTConfig, args) -> tuple:
-    """AdamW (embeddings in their own group at `schedule.embedding_lr_ratio`) and the rewarming scheduler,
-    with the betas/eps/weight decay of `args`, for `Trainer(optimizers=...)`."""
-    return make_rewarm_optimizers(model, cfg.schedule, args)
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -202,36 +198,19 @@ def build_model(cfg: CPTConfig) -> tuple[Any, Any, dict[str, Any] | None]:
     from .models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(cfg.model, cfg.objective, block_size=cfg.data.block_size)
-    if cfg.vocab is None:
+    adapting = single_hook(cfg, "model")  # a technique that changes the base model first (`Technique.model`)
+    if adapting is None:
         return model, tokenizer, None
-    from ..vocab.extend import extend_vocabulary
-    from .vocab import vocab_corpora
-
-    return extend_vocabulary(model, tokenizer, cfg.vocab, *vocab_corpora(cfg))
-
-
-@dataclass
-class RunData:
-    """The data side of a run: what the Trainer reads, and the callbacks that belong to it."""
-
-    train_set: Any
-    eval_sets: dict[str, Any]
-    collator: Any
-    callbacks: list[Any] = field(default_factory=list)
-    cleaning: dict[str, Any] | None = None  # data cleaning (issue 34): the report of `hf_cpt.recipe.cleaning`
+    return adapting[1](cfg, model, tokenizer)
 
 
 def build_data(cfg: CPTConfig, model: Any, tokenizer: Any, args: Any) -> RunData:
-    """Training stream and held-out sets: token-exact [`ReplayMixer`] blocks for causal runs (self-synthesised
-    general text and a technique's collator, e.g. distillation targets, come from `model`, still the base), tagged
-    and masked chunks for `masking:` runs."""
-    if cfg.masking is not None:  # a data path of its own: map-style tagged chunks, not the token-exact mixer
-        from ..callbacks.masking_stats import MaskingStatsCallback
-        from .masked_data import build_masked_data
-
-        train_set, eval_sets, collator, train_collator = build_masked_data(cfg, tokenizer)
-        callbacks = [MaskingStatsCallback(train_collator)] if hasattr(train_collator, "pop_stats") else []
-        return RunData(train_set, eval_sets, collator, callbacks, cleaning=collator.cleaning)
+    """Training stream and held-out sets: token-exact [`ReplayMixer`] blocks (self-synthesised general text and a
+    technique's collator, e.g. distillation targets, come from `model`, still the base), or the data side of the
+    one technique that owns it (`Technique.data`: tagged and masked chunks for `masking:` runs)."""
+    owning = single_hook(cfg, "data")
+    if owning is not None:
+        return owning[1](cfg, model, tokenizer, args)
     from transformers import default_data_collator
 
     from .data import build_eval_sets, build_train_set, synthesize_general
@@ -405,11 +384,12 @@ def _run_owned(cfg: CPTConfig, args: Any, state: Any, final: Path, overwrite: bo
 
     cfg.check_held_out_sets()  # the monitor's general and domain sets exist
     check_data_paths(cfg.data)  # a bad path or file fails here, before the output dir or the model
-    push_token = None
-    if cfg.hub.push_to_hub and state.is_main_process:  # fail before training, not after it
-        from ..hub import check_push_access
-
-        push_token = check_push_access(cfg.hub.repo_id, token=hub_token)
+    # techniques' first and last steps on the main process (`Technique.before_run` / `after_run`), e.g. the Hub
+    # checks its push token here, before training, and pushes once the output directory is complete
+    staged = [t for t in enabled_techniques(cfg) if t.before_run is not None or t.after_run is not None]
+    options = {"hub_token": hub_token}
+    run_state = {t.name: t.hook("before_run")(cfg, options) if t.before_run is not None else None
+                 for t in staged} if state.is_main_process else {}
     tmp = _shared_staging_dir(final, overwrite, state)
     try:
         args.output_dir = str(ckpt if cfg.train.save_steps else tmp / "checkpoints")
@@ -429,11 +409,9 @@ def _run_owned(cfg: CPTConfig, args: Any, state: Any, final: Path, overwrite: bo
         commit_staging_dir(tmp, final)
         if cfg.train.save_steps and not cfg.train.keep_checkpoints:
             shutil.rmtree(ckpt, ignore_errors=True)
-        if cfg.hub.push_to_hub:
-            from ..hub import push_adapted
-
-            metrics["hub_commit_url"] = push_adapted(final, cfg.hub.repo_id, private=cfg.hub.private,
-                                                     revision=cfg.hub.revision, token=push_token)
+        for t in staged:
+            if t.after_run is not None:
+                t.hook("after_run")(cfg, final, metrics, run_state[t.name])
     state.wait_for_everyone()
     return CPTResult(output_dir=final, metrics=metrics)
 
@@ -453,11 +431,11 @@ def _train_and_write(cfg: CPTConfig, args: Any, tmp: Path, last: str | None, sta
     model, tokenizer, vocab_summary = build_model(cfg)
     preflight(cfg, model, args)  # what needs the model or the launcher, before any data is built
     data = build_data(cfg, model, tokenizer, args)
-    finished = last is not None and cfg.masking is None and _checkpoint_step(last) >= cfg.train.max_steps
+    finished = last is not None and data.stream and _checkpoint_step(last) >= cfg.train.max_steps
     if finished:
         # killed after its last checkpoint (e.g. while writing outputs): the Trainer would take one more step on
         # an iterable set, so it gets no blocks; it still restores weights and callback states, then stops
-        data = RunData(_NoBlocks(), data.eval_sets, data.collator, data.callbacks, cleaning=data.cleaning)
+        data = dataclasses.replace(data, train_set=_NoBlocks())
         args.accelerator_config.dispatch_batches = False  # accelerate's dispatcher refuses an empty stream
     trainer = build_trainer(cfg, args, model, tokenizer, data, vocab_summary)
     if last is not None:

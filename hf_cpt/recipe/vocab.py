@@ -41,6 +41,12 @@ def vocab_corpora(cfg: CPTConfig, max_docs: int = 200_000
     return domain, general, heldout, general_heldout
 
 
+def extend_run_model(cfg: CPTConfig, model: Any, tokenizer: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """The `vocab:` technique's `model` hook for `hf-cpt train`: the loaded base model with its vocabulary
+    extended (deterministic, so a resumed run rebuilds the same extended model), its tokenizer and summary."""
+    return extend_vocabulary(model, tokenizer, cfg.vocab, *vocab_corpora(cfg))
+
+
 def extend_checkpoint(cfg: CPTConfig, output_dir: str, overwrite: bool = False) -> dict[str, Any]:
     """`hf-cpt extend-vocab`: load `cfg.model`, apply `cfg.vocab`, and write a stock checkpoint (safetensors,
     extended tokenizer, `hf_cpt_vocab.json`) to `output_dir` atomically. Returns the summary."""

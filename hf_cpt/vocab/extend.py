@@ -308,4 +308,5 @@ TECHNIQUE = Technique(
                      "init_subword_mean"),
     setup=_setup,
     card=_card,
+    model="recipe.vocab:extend_run_model",  # the base model's vocabulary is extended before anything else runs
 )
