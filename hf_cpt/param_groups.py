@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # the name patterns `transformers.Trainer.get_decay_parameter_names` uses, plus modules whose class is a norm
 _NO_DECAY_NAMES = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)", re.IGNORECASE)
+_TOKEN_ROWS = "trainable_tokens"  # peft's trainable-token rows (`trainable_tokens_delta`): embedding rows of LoRA runs
 
 
 def _is_norm(module: torch.nn.Module) -> bool:
@@ -57,7 +58,8 @@ def decay_parameter_names(model: torch.nn.Module, decay_embeddings: bool = False
     skip = embedding_parameter_ids(model) if not decay_embeddings else set()
     norm_ids = {id(p) for m in model.modules() if _is_norm(m) for p in m.parameters(recurse=False)}
     return [n for n, p in model.named_parameters()
-            if not _NO_DECAY_NAMES.search(n) and id(p) not in norm_ids and id(p) not in skip]
+            if not _NO_DECAY_NAMES.search(n) and id(p) not in norm_ids and id(p) not in skip
+            and (decay_embeddings or _TOKEN_ROWS not in n)]
 
 
 def layer_stack(model: torch.nn.Module) -> torch.nn.ModuleList:

@@ -113,3 +113,16 @@ def test_the_card_says_what_decays_and_what_is_frozen():
     assert lines == ["weight decay 0.1 on weight matrices; none on embeddings, norms or biases",
                      "bottom 2 transformer layers frozen"]
     assert TECHNIQUE.card({"train": {"weight_decay": 0.0}}, {}) == []
+
+
+def test_a_lora_models_token_rows_are_embeddings_too():
+    pytest.importorskip("peft")
+    from hf_cpt.adapters import add_lora_for_cpt
+
+    model = make_tiny_llama(100, hidden_size=8, num_layers=1)
+    model.resize_token_embeddings(104, mean_resizing=False)
+    lora = add_lora_for_cpt(model, r=2, embeddings="new_rows", new_token_ids=[100, 101, 102, 103])
+    trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
+    names = set(decay_parameter_names(lora)) & trainable
+    assert names and all("lora_" in n for n in names)  # of what trains, only the adapter matrices decay
+    assert any("trainable_tokens_delta" in n for n in decay_parameter_names(lora, decay_embeddings=True))
