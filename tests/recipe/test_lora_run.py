@@ -51,3 +51,21 @@ def test_a_lora_run_ships_the_merged_model_or_the_adapter(tiny_model_dir, tmp_pa
     files = {p.name for p in adapter.output_dir.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json"} <= files and "model.safetensors" not in files
     assert "this is the adapter only" in (adapter.output_dir / "README.md").read_text(encoding="utf-8")
+
+
+def test_auto_embeddings_train_the_new_rows_of_a_vocabulary_run(tiny_model_dir):
+    from hf_cpt.adapters import TECHNIQUE
+    from hf_cpt.registry import TrainerParts
+    from hf_cpt.testing import make_tiny_llama
+
+    model = make_tiny_llama(100, hidden_size=8, num_layers=1)
+    model.resize_token_embeddings(104, mean_resizing=False)
+    before = model.get_input_embeddings().weight.detach().clone()
+    cfg = CPTConfig.from_dict({**tiny_run_dict(tiny_model_dir), "lora": {"r": 2}})
+    parts = TrainerParts(cfg=cfg, args=None, model=model, tokenizer=None, data=None,
+                         vocab_summary={"added": 4, "old_vocab_size": 100})
+    TECHNIQUE.setup(parts)
+    trainable = [n for n, p in parts.model.named_parameters() if p.requires_grad]
+    assert any("trainable_tokens_delta" in n for n in trainable) and any("lora_A" in n for n in trainable)
+    delta = next(p for n, p in parts.model.named_parameters() if "trainable_tokens_delta" in n)
+    assert delta.shape == (4, before.shape[1])  # the 4 new rows only
