@@ -26,19 +26,30 @@ def test_the_block_is_checked_where_declared(tiny_model_dir):
         CPTConfig.from_dict({**run, "objective": "mlm", "lora": {}})
 
 
-@pytest.mark.slow  # two tiny training runs (~10 s each under load)
-def test_a_lora_run_ships_the_merged_model_or_the_adapter(tiny_model_dir, tmp_path):
+@pytest.mark.slow  # three tiny training runs, one resumed (~10 s each under load)
+def test_a_lora_run_ships_the_merged_model_or_the_adapter_and_resumes_exactly(tiny_model_dir, tmp_path):
+    import shutil
+
     from safetensors.torch import load_file
 
     from hf_cpt.recipe import run_cpt
 
     base = load_file(str(tiny_model_dir / "model.safetensors"))
-    run = tiny_run_dict(tiny_model_dir, max_steps=3, eval_steps=3, learning_rate=5e-2)
-    merged = run_cpt(CPTConfig.from_dict({**run, "lora": {"r": 4, "alpha": 8}}), output_dir=tmp_path / "merged")
+    run = tiny_run_dict(tiny_model_dir, max_steps=3, eval_steps=3, learning_rate=5e-2, save_steps=1,
+                        keep_checkpoints=True)
+    cfg = CPTConfig.from_dict({**run, "lora": {"r": 4, "alpha": 8}})
+    merged = run_cpt(cfg, output_dir=tmp_path / "merged")
+    # a run killed after its first checkpoint, resumed: the same merged weights, bit for bit
+    shutil.copytree(tmp_path / "merged.checkpoints", tmp_path / "resumed.checkpoints",
+                    ignore=shutil.ignore_patterns("checkpoint-2", "checkpoint-3"))
+    resumed = run_cpt(cfg, output_dir=tmp_path / "resumed", resume=True)
+    assert resumed.metrics["resumed_from"].endswith("checkpoint-1")
+    again = load_file(str(resumed.output_dir / "model.safetensors"))
     out = merged.output_dir
     assert not (out / "adapter_model.safetensors").exists() and (out / "model.safetensors").is_file()
     weights = load_file(str(out / "model.safetensors"))
     assert set(weights) == set(base)  # a plain checkpoint: no lora_A / lora_B keys
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
     key = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(weights[key], base[key])  # the adapter was merged in
     assert torch.equal(weights["model.embed_tokens.weight"], base["model.embed_tokens.weight"])  # embeddings: none
@@ -46,7 +57,7 @@ def test_a_lora_run_ships_the_merged_model_or_the_adapter(tiny_model_dir, tmp_pa
     assert "LoRA: r=4, alpha=8.0" in card and "merged in" in card
     assert merged.metrics["forgetting"]["general_kl_end"] > 0  # KL against the real base, not the wrapped one
 
-    adapter = run_cpt(CPTConfig.from_dict({**run, "lora": {"r": 4, "alpha": 8, "save": "adapter"}}),
+    adapter = run_cpt(cfg.override({"lora.save": "adapter", "train.save_steps": 0}),
                       output_dir=tmp_path / "adapter")
     files = {p.name for p in adapter.output_dir.iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json"} <= files and "model.safetensors" not in files
