@@ -746,6 +746,7 @@ def smol_config(schedule: str, steps: int, replay: float):
     cfg = load_template("quickstart")
     return cfg.override({"data.general.train": "self", "data.synth.train_tokens": 12_000, "data.replay_ratio": replay,
                          "monitor.general": "general_self", "monitor.kl": False, "monitor.action": "none",
+                         "monitor.guards": [{"set": "general_self", "metric": "loss"}],  # no KL measured
                          "downstream": None, "train.max_steps": steps, "train.eval_steps": 2, "schedule": sched,
                          "train.logging_steps": 2})  # 12 evaluations per pilot: the law needs >= 16 per ratio
 

@@ -71,7 +71,8 @@ class LoraAdapterConfig:
 
 def add_lora_for_cpt(model: torch.nn.Module, r: int = 16, alpha: int = 32, dropout: float = 0.0,
                      target_modules: str | Sequence[str] = "all-linear", embeddings: str = "new_rows",
-                     new_token_ids: Sequence[int] | None = None, modules_to_save: Sequence[str] = ()) -> Any:
+                     new_token_ids: Sequence[int] | None = None, training_args: Any = None,
+                     modules_to_save: Sequence[str] = ()) -> Any:
     """Wrap `model` in a PEFT LoRA model for continual pretraining.
 
     Args:
@@ -80,11 +81,21 @@ def add_lora_for_cpt(model: torch.nn.Module, r: int = 16, alpha: int = 32, dropo
             peft's `trainable_token_indices`; old rows stay bit-identical), `all` (full embeddings and head
             trainable through `modules_to_save`) or `none`.
         new_token_ids: rows to train with `embeddings="new_rows"`.
+        training_args: the run's `TrainingArguments`, if at hand. Under FSDP (asked for by them or by `accelerate
+            launch`) only `embeddings="none"` is supported: with `new_rows` or `all`, peft's wrappers of a tied
+            embedding and head share parameters across FSDP units and `fully_shard` fails while the Trainer wraps
+            the model (measured on the tiny tied Llama, tests/distributed), so they are refused here.
         modules_to_save: more modules trained in full and saved with the adapter.
     """
+    from .utils import requested_sharding
+
     peft = require("peft", "LoRA continual pretraining")
     if embeddings not in EMBEDDING_MODES:
         raise ValueError(f"`embeddings` must be one of {EMBEDDING_MODES}, got {embeddings!r}")
+    if embeddings != "none" and requested_sharding(training_args) == "FSDP":
+        raise ValueError(f"`embeddings={embeddings!r}` does not work under FSDP (peft's embedding wrappers share "
+                         "parameters across FSDP units and `fully_shard` fails): use `embeddings='none'` with FSDP, "
+                         "or train the embeddings with DDP or a single process")
     kwargs: dict[str, Any] = {}
     if embeddings == "new_rows":
         if not new_token_ids:
@@ -145,7 +156,7 @@ def _setup(parts: TrainerParts) -> None:
     # the model the Trainer gets: the base (vocabulary-extended, its loss chosen) wrapped in the adapter
     parts.model = add_lora_for_cpt(parts.model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                                    target_modules=lora.target_modules, embeddings=embeddings, new_token_ids=new_ids,
-                                   modules_to_save=lora.modules_to_save)
+                                   training_args=parts.args, modules_to_save=lora.modules_to_save)
     parts.callbacks.append(TrainedParametersCallback(check_after=3, action="warn"))
 
 

@@ -315,7 +315,9 @@ class TrainConfig:
 
     max_steps: int = field(default=100, metadata={"help": "Optimizer updates to run."})
     learning_rate: float = field(default=5e-5, metadata={"help": "Peak learning rate."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Any transformers scheduler name."})
+    lr_scheduler_type: str | None = field(
+        default="cosine", metadata={"help": "Any transformers scheduler name; null where a `schedule` block sets "
+                                            "the LR (the saved recipe of such a run says null)."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps."})
     weight_decay: float = field(
         default=0.0, metadata={"help": "AdamW weight decay, on weight matrices only: never on norms or biases, and "
@@ -397,8 +399,9 @@ class TrainConfig:
         from transformers.trainer_utils import SchedulerType
         from transformers.training_args import OptimizerNames
 
-        check_known_name("lr_scheduler_type", self.lr_scheduler_type, [s.value for s in SchedulerType],
-                         "transformers scheduler")
+        if self.lr_scheduler_type is not None:
+            check_known_name("lr_scheduler_type", self.lr_scheduler_type, [s.value for s in SchedulerType],
+                             "transformers scheduler")
         if "optim" in self.training_args:
             check_known_name("training_args.optim", self.training_args["optim"], [o.value for o in OptimizerNames],
                              "transformers optimizer")
@@ -458,6 +461,11 @@ class CPTConfig:
             self.masking = MaskingConfig(kind=self.masking)
         if self.objective == "mlm" and self.masking is None:
             self.masking = MaskingConfig(kind="random")
+        # what runs: a `schedule` block replaces the transformers scheduler, so the recipe (and the saved
+        # hf_cpt_config.yaml) records none rather than the unused default (`cosine`, also what earlier versions
+        # saved); a scheduler named besides the block is refused by the schedule's own check
+        if self.schedule is not None and self.train.lr_scheduler_type == "cosine":
+            self.train = dataclasses.replace(self.train, lr_scheduler_type=None)
         known = extension_techniques({f.name for f in dataclasses.fields(self)})
         for key in self.extensions:
             if key not in known:
@@ -507,6 +515,10 @@ class CPTConfig:
                                                                else ")")))
             raise ValueError(f"`monitor.{role}` is {wanted!r}, which is not a held-out set of this run "
                              f"(sets: {names})")
+        for i, guard in enumerate(self.monitor.guards):
+            if guard.set not in names:
+                raise ValueError(f"`monitor.guards[{i}].set` is {guard.set!r}, which is not a held-out set of this "
+                                 f"run (sets: {names})")
 
     @property
     def needs_chunked_loss(self) -> bool:

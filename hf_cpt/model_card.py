@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from .monitoring import describe_guard
+from .monitoring import describe_guard, forgetting_guards
 from .plotting import format_history_table
 
 CARD_TAGS = ["continual-pretraining", "hf-cpt"]
@@ -43,6 +43,23 @@ def forgetting_table(f: dict[str, Any]) -> str:
                     f"{_fmt(f.get(f'{n}_delta'), '+.4f')} ({_fmt(f.get(f'{n}_delta_rel'), '+.2%')}) | "
                     f"{_fmt(f.get(f'{n}_kl_end'))} | {_fmt(f.get(f'{n}_top1_agree_end'), '.2%')} |")
     return "\n".join(rows)
+
+
+def guard_table(f: dict[str, Any]) -> str:
+    """Markdown table of the forgetting monitor's guards: per held-out set, the bound that applies, the value at
+    the end and whether it was breached (and the sentence `describe_guard` writes for it)."""
+    rows = ["| guarded set | metric | bound | end | breached | guard |", "|---|---|---:|---:|---|---|"]
+    for g in forgetting_guards(f):
+        name, metric = g.get("guarded_set"), g.get("tolerance_metric")
+        end = g.get("end", f.get(f"{name}_{metric}_end" if metric == "kl" else f"{name}_loss_end"))
+        breached = (f"yes, first at step {g.get('breach_step')}" if g.get("tolerance_breached") else "no")
+        rows.append(f"| {name} | {'KL to base' if metric == 'kl' else 'loss'} | {_fmt(g.get('tolerance_bound'))} | "
+                    f"{_fmt(end)} | {breached} | {describe_guard(g)} |")
+    return "\n".join(rows) if len(rows) > 2 else "No guard on forgetting."
+
+
+def _summary_line(metrics: dict[str, Any]) -> str:
+    return f"\n**Summary.** {metrics['summary']}\n" if metrics.get("summary") else ""
 
 
 def downstream_table(d: dict[str, Any]) -> str:
@@ -108,8 +125,11 @@ def render_model_card(config: dict[str, Any], metrics: dict[str, Any], base_mode
     tags = CARD_TAGS + [t for t in [_domain_tag(config)] if t]
     numbers = {k: f.get(k) for k in ("general_loss_start", "general_loss_end", "general_delta_rel",
                                       "domain_loss_start", "domain_loss_end", "domain_delta_rel",
-                                      "tolerance", "tolerance_mode", "guarded_set", "tolerance_metric",
-                                      "tolerance_bound", "tolerance_breached")}
+                                      "tolerance_breached")}
+    # per guard: the set, what it watches, its bound and whether it held
+    numbers["guards"] = [{k: g.get(k) for k in ("guarded_set", "tolerance_metric", "tolerance", "tolerance_mode",
+                                                "tolerance_bound", "tolerance_breached", "breach_step")}
+                         for g in forgetting_guards(f)]
     # every other held-out set (e.g. general_self) and the KL to the base model
     numbers.update({k: v for k, v in f.items() if k not in numbers and v is not None
                     and k.endswith(("_loss_start", "_loss_end", "_delta_rel", "_kl_end", "_top1_agree_end"))})
@@ -145,7 +165,8 @@ text mixed with general (replay) text. {config.get('description') or ''}
 
 {forgetting_table(f)}
 
-Guard: {describe_guard(f)}.
+{guard_table(f)}
+{_summary_line(metrics)}
 
 ![forgetting plot](forgetting.png)
 

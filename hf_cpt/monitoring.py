@@ -7,6 +7,8 @@ The forgetting monitor (`callbacks/forgetting.py`), the downstream guard (`callb
 
 from __future__ import annotations
 
+from typing import Any
+
 from .validation import check_choice
 
 TOLERANCE_MODES = ("relative", "absolute")
@@ -58,19 +60,69 @@ def compute_forgetting(
     return out
 
 
-def describe_guard(summary: dict[str, Any]) -> str:
-    """One sentence on what the forgetting monitor guarded and whether it held, from its summary (`metrics.json`
-    `forgetting`): ``KL to the base on `general_self` <= 0.2 nats (absolute tolerance 0.2): not breached``. The
-    set and the number are named, so a loss that fell because the set is replayed cannot pass for a kept model."""
-    name, metric = summary.get("guarded_set", "general"), summary.get("tolerance_metric", "loss")
+def describe_guard(guard: dict[str, Any]) -> str:
+    """One sentence on one guard of the forgetting monitor and whether it held, from its summary (an entry of
+    `metrics.json` `forgetting.guards`): ``KL to the base on `general_self` <= 0.2000 nats (absolute tolerance 0.2):
+    not breached``. The set and the number are named, so a loss that fell because the set is replayed cannot pass
+    for a kept model."""
+    name, metric = guard.get("guarded_set", "general"), guard.get("tolerance_metric", "loss")
     what = "KL to the base" if metric == "kl" else "held-out loss"
     unit = "nats" if metric == "kl" else "nats/token"
-    bound = summary.get("tolerance_bound")
+    bound = guard.get("tolerance_bound")
     text = (f"{what} on `{name}` <= " + (f"{bound:.4f} {unit}" if bound is not None else "its bound")
-            + f" ({summary.get('tolerance_mode')} tolerance {summary.get('tolerance')}): ")
-    if summary.get("tolerance_breached"):
-        return text + f"breached, first at step {summary.get('breach_step')}"
-    return text + "not breached"
+            + f" ({guard.get('tolerance_mode')} tolerance {guard.get('tolerance')}): ")
+    if guard.get("tolerance_breached"):
+        return text + f"breached, first at step {guard.get('breach_step')}"
+    return text + ("not breached" if bound is not None else "never measured")
+
+
+def forgetting_guards(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The guards of a forgetting summary (`metrics.json` `forgetting`): its `guards` list, or, in a summary
+    written before guards were a list, the one guard its top-level fields describe."""
+    if summary.get("guards") is not None:
+        return list(summary["guards"])
+    return [{"guarded_set": "general", "tolerance_metric": "loss", **summary}] if "tolerance" in summary else []
+
+
+def describe_guards(summary: dict[str, Any]) -> str:
+    """`describe_guard` for every guard of a forgetting summary, joined with ``; ``."""
+    return "; ".join(describe_guard(g) for g in forgetting_guards(summary)) or "no guard"
+
+
+def summarize_run(forgetting: dict[str, Any], domain: str, output_dir: str) -> str:
+    """The one sentence that ends a run (`hf-cpt train`, `metrics.json` `summary`, the model card): the domain
+    gain, the KL to the base on every guarded set (the held-out loss where a guard watches the loss), the guards'
+    status and where the files are. E.g. ``Domain loss 3.100 -> 2.500 (-0.600 nats/token); KL to the base 0.041 on
+    `general_self` (bound 0.200); guard held; model, metrics.json, forgetting.png and card in runs/quickstart.``"""
+    start, end = forgetting.get(f"{domain}_loss_start"), forgetting.get(f"{domain}_loss_end")
+    gain = ("domain loss n/a" if start is None or end is None
+            else f"Domain loss {start:.3f} -> {end:.3f} ({end - start:+.3f} nats/token)")
+    parts, guards = [], forgetting_guards(forgetting)
+    for g in guards:
+        name, metric = g.get("guarded_set"), g.get("tolerance_metric")
+        bound = g.get("tolerance_bound")
+        value = g.get("end") if g.get("end") is not None else forgetting.get(f"{name}_{metric}_end")
+        if metric == "loss" and value is None:
+            value = forgetting.get(f"{name}_loss_end")
+        what = "KL to the base" if metric == "kl" else "loss"
+        parts.append(f"{what} {'n/a' if value is None else f'{value:.3f}'} on `{name}`"
+                     + (f" (bound {bound:.3f})" if bound is not None else ""))
+    # forgetting as KL on the guarded sets even where a guard watches the loss
+    kl_guarded = {g.get("guarded_set") for g in guards if g.get("tolerance_metric") == "kl"}
+    for name in dict.fromkeys(g.get("guarded_set") for g in guards if g.get("guarded_set") not in kl_guarded):
+        kl = forgetting.get(f"{name}_kl_end")
+        if kl is not None:
+            parts.append(f"KL to the base {kl:.3f} on `{name}`")
+    breached = [g for g in guards if g.get("tolerance_breached")]
+    if not guards:
+        status = "no guard"
+    elif breached:
+        status = "guard breached on " + ", ".join(f"`{g.get('guarded_set')}` {g.get('tolerance_metric')} (step "
+                                                  f"{g.get('breach_step')})" for g in breached)
+    else:
+        status = "guard held" if len(guards) == 1 else f"all {len(guards)} guards held"
+    return (f"{gain}; " + "; ".join(parts + [status])
+            + f"; model, metrics.json, forgetting.png and card in {output_dir}.")
 
 
 def downstream_breached(baseline: float, current: float, tolerance: float, mode: str = "absolute",

@@ -16,6 +16,7 @@ def plot_forgetting(
     tolerance_metric: str = "loss",
     title: str = "",
     downstream: list[dict[str, float]] | None = None,
+    guards: list[dict[str, Any]] | None = None,
     domain_sets: tuple[str, ...] | list[str] = (),
 ) -> Path:
     """Write a PNG: general held-out losses (every general set), domain loss, the KL to the base model with
@@ -24,9 +25,12 @@ def plot_forgetting(
     Args:
         history: records ``{"step", "<name>_loss", "<name>_kl", ...}`` as kept by [`ForgettingMonitorCallback`].
         path: output PNG path.
-        tolerance: if given, draws the guard's bound as a dashed line, labelled with its set, on the panel of what
-            it guards: the `general` set's loss (`tolerance_metric="loss"`) or its KL to the base (`"kl"`).
+        tolerance: one guard on `general` (its `tolerance_mode` and `tolerance_metric`), when `guards` is not given.
         downstream: records ``{"step", "<task>/<metric>": value, ...}`` as kept by [`DownstreamEvalCallback`].
+        guards: the monitor's guards (`metrics.json` `forgetting.guards`: `guarded_set`, `tolerance_metric`,
+            `tolerance_bound`, `tolerance_breached`, ...): each bound is a dashed line in its set's colour on the
+            panel of what it guards (that set's loss, or the KL panel), labelled with the set, the bound and
+            whether it was breached.
         domain_sets: more domain sets (named `data.eval_sets` of kind domain), drawn beside `domain`; every other set
             is drawn as general.
     """
@@ -35,6 +39,11 @@ def plot_forgetting(
     matplotlib.use("Agg", force=False)  # headless: never needs a display
     import matplotlib.pyplot as plt
 
+    from .monitoring import tolerance_bound
+
+    if guards is None:
+        guards = [] if tolerance is None else [{"guarded_set": general, "tolerance_metric": tolerance_metric,
+                                                 "tolerance": tolerance, "tolerance_mode": tolerance_mode}]
     on_domain = {domain, *domain_sets}
     sets = [general] + sorted({k[: -len("_loss")] for r in history for k in r if k.endswith("_loss")}
                               - {general} - on_domain) + [domain] + sorted(set(domain_sets) - {domain})
@@ -60,10 +69,10 @@ def plot_forgetting(
         delta = losses[-1] - losses[0]
         ax.plot(steps, losses, marker="o", color=colors[name],
                 label=f"{name}: {losses[0]:.3f} → {losses[-1]:.3f} (Δ {delta:+.3f})")
-        if name == general and tolerance is not None and tolerance_metric == "loss":
-            limit = losses[0] * (1 + tolerance) if tolerance_mode == "relative" else losses[0] + tolerance
-            ax.axhline(limit, ls="--", color=colors[name],
-                       label=f"guard: {general} loss bound ({tolerance:g} {tolerance_mode})")
+        for g in guards:
+            if g["guarded_set"] == name and g["tolerance_metric"] == "loss":
+                bound = tolerance_bound(losses[0], g["tolerance"], g["tolerance_mode"])
+                ax.axhline(bound, ls="--", color=colors[name], label=_guard_label(g, bound))
     if has_kl:
         ax = axes[2]
         ax.set_title("KL(base ‖ model) on general sets")
@@ -77,8 +86,10 @@ def plot_forgetting(
                 agree = [r.get(f"{name}_top1_agree") for r in history if f"{name}_kl" in r][-1]
                 ax.plot(steps, kls, marker="o", color=colors[name],
                         label=f"{name}: KL {kls[-1]:.3f}" + (f", top-1 agree {agree:.0%}" if agree is not None else ""))
-                if name == general and tolerance is not None and tolerance_metric == "kl":
-                    ax.axhline(tolerance, ls="--", color=colors[name], label=f"guard: {general} KL bound ({tolerance:g})")
+                for g in guards:
+                    if g["guarded_set"] == name and g["tolerance_metric"] == "kl":
+                        bound = tolerance_bound(kls[0], g["tolerance"], g["tolerance_mode"])
+                        ax.axhline(bound, ls="--", color=colors[name], label=_guard_label(g, bound))
     if scores:
         ax = axes[-1]
         ax.set_title("downstream tasks (lm-eval)")
@@ -98,6 +109,12 @@ def plot_forgetting(
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
+
+
+def _guard_label(guard: dict[str, Any], bound: float) -> str:
+    status = {True: ", breached", False: ", held"}.get(guard.get("tolerance_breached"), "")
+    what = "KL" if guard["tolerance_metric"] == "kl" else "loss"
+    return f"guard: {guard['guarded_set']} {what} ≤ {bound:.3f}{status}"
 
 
 def save_figure(fig: Any, path: str | Path) -> Path:

@@ -108,6 +108,13 @@ class RewarmConfig:
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("warmup", self.warmup, WARMUPS)
         check_choice("decay", self.decay, DECAYS)
+        if self.schedule == "constant":
+            # a constant schedule never decays: record `none`, not the unused default, so the saved recipe says
+            # what ran (`cosine`, the default, is what earlier hf-cpt versions saved here)
+            if self.decay not in ("none", "cosine"):
+                raise ValueError(f"`decay` is {self.decay!r} but `schedule` is constant, which never decays: remove "
+                                 "`decay` or pick `schedule: rewarm`")
+            self.decay = "none"
         for name in ("warmup_steps", "anneal_steps"):
             check_int(name, getattr(self, name), minimum=0)
         for name in ("total_steps", "decay_steps", "cycle_steps"):
@@ -129,6 +136,27 @@ class RewarmConfig:
             raise ValueError(f"`cycles` is set but `schedule` is {self.schedule!r}; set schedule: cycles")
         if self.total_steps is not None:
             build_cycles(self, self.total_steps)  # validates lengths now rather than at train start
+
+
+# the transformers scheduler of the same shape, where one exists (`TrainingArguments.lr_scheduler_type`)
+_TRAINER_NAMES = {"cosine": "cosine", "linear": "linear", "inverse_sqrt": "inverse_sqrt", "none": "constant"}
+
+
+def trainer_scheduler_name(cfg: RewarmConfig) -> str:
+    """The `TrainingArguments.lr_scheduler_type` that names `cfg`'s shape for the Trainer's records
+    (`training_args.bin`, the hyper-parameters integrations log): hf-cpt builds the real scheduler itself
+    (`make_rewarm_scheduler`), so this only keeps those records from naming a schedule that did not run.
+    `constant` / `constant_with_warmup`, `warmup_stable_decay` (wsd), the decay's name for `rewarm` (with
+    `cosine_with_min_lr` above a zero floor); `cycles` and `infinite`, which transformers has no name for, by the
+    shape of their decay."""
+    if cfg.schedule == "constant":
+        return "constant_with_warmup" if cfg.warmup_steps else "constant"
+    if cfg.schedule == "wsd":
+        return "warmup_stable_decay"
+    if cfg.schedule == "rewarm" and cfg.decay == "cosine" and cfg.min_lr_ratio > 0:
+        return "cosine_with_min_lr"
+    decay = cfg.cycles[-1].decay if cfg.schedule == "cycles" else cfg.decay
+    return _TRAINER_NAMES.get(decay, "cosine")
 
 
 def _as_cycle(c: CycleConfig | dict, i: int) -> CycleConfig:

@@ -61,3 +61,22 @@ def test_lora_on_lm_head_is_refused():
         add_lora_for_cpt(model, target_modules=["q_proj", "lm_head"], embeddings="none")
     with pytest.raises(ValueError, match="`new_token_ids` .* outside the embedding matrix"):
         add_lora_for_cpt(model, embeddings="new_rows", new_token_ids=[300])
+
+
+@pytest.mark.parametrize("embeddings", ["new_rows", "all"])
+def test_trainable_embeddings_are_refused_under_fsdp(monkeypatch, embeddings):
+    """peft's wrappers of the tied embedding/head make `fully_shard` fail while the Trainer wraps the model
+    (measured in the FSDP2 CPU harness, tests/distributed: `new_rows` inside `fully_shard`, `all` at the first
+    forward); `embeddings='none'` is the LoRA that tests/distributed/test_fsdp_equal.py verifies sharded."""
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    rows = {"new_token_ids": [299]} if embeddings == "new_rows" else {}
+    with pytest.raises(ValueError, match=rf"`embeddings='{embeddings}'` does not work under FSDP .* "
+                                         r"use `embeddings='none'` with FSDP"):
+        add_lora_for_cpt(make_tiny_llama(300), embeddings=embeddings,
+                         training_args=SimpleNamespace(fsdp="full_shard"), **rows)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
+    with pytest.raises(ValueError, match="does not work under FSDP"):
+        add_lora_for_cpt(make_tiny_llama(300), embeddings=embeddings, **rows)
+    add_lora_for_cpt(make_tiny_llama(300), embeddings="none")  # the verified one

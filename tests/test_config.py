@@ -138,3 +138,38 @@ def test_a_key_yaml_reads_as_a_boolean_is_named(tmp_path, key):
     path.write_text(f"model: {{name_or_path: embedded:smollm2-135m}}\ntrain:\n  {key}: 1\n")
     with pytest.raises(ValueError, match=r"`train` has the key `(True|False)`: YAML 1.1 reads an unquoted `on`"):
         CPTConfig.from_yaml(path)
+
+
+def test_saved_recipe_names_the_schedule_that_ran(tmp_path):
+    """A constant-LR run's hf_cpt_config.yaml says `decay: none` and no transformers scheduler (not the unused
+    defaults `cosine`); the Trainer's own records name the same shape and warm-up; the old spelling still loads."""
+    from hf_cpt.recipe.train import build_training_args
+
+    cfg = CPTConfig.from_dict({"schedule": {"schedule": "constant", "warmup_steps": 2}, "train": {"max_steps": 8}})
+    saved = yaml.safe_load((cfg.save_pretrained(tmp_path)).read_text())
+    assert saved["schedule"]["decay"] == "none" and saved["train"]["lr_scheduler_type"] is None
+    assert CPTConfig.from_pretrained(tmp_path) == cfg
+    from hf_cpt.callbacks.rewarm import name_schedule_in_args
+
+    args = build_training_args(cfg, tmp_path / "out")
+    name_schedule_in_args(args, cfg.schedule)  # what the schedule's setup does to the Trainer's arguments
+    assert (args.lr_scheduler_type, args.warmup_steps) == ("constant_with_warmup", 2)
+    from hf_cpt.model_card import recipe_lines
+
+    assert any("to 5e-05, then held constant," in line for line in recipe_lines(cfg.to_dict(), {}))
+    wsd = CPTConfig.from_dict({"schedule": {"schedule": "wsd", "warmup_steps": 1, "decay_steps": 2},
+                               "train": {"max_steps": 8}})
+    wsd_args = build_training_args(wsd, tmp_path / "out")
+    name_schedule_in_args(wsd_args, wsd.schedule)
+    assert wsd_args.lr_scheduler_type == "warmup_stable_decay"
+    plain = CPTConfig.from_dict({"train": {"max_steps": 8, "lr_scheduler_type": "linear", "warmup_steps": 3}})
+    assert (build_training_args(plain, tmp_path / "out").lr_scheduler_type, plain.train.lr_scheduler_type) == \
+        ("linear", "linear")
+    # what earlier versions saved for such a run: the unused defaults, read as what ran
+    old = CPTConfig.from_dict({"schedule": {"schedule": "constant", "decay": "cosine"},
+                               "train": {"lr_scheduler_type": "cosine"}})
+    assert (old.schedule.decay, old.train.lr_scheduler_type) == ("none", None)
+    with pytest.raises(ValueError, match="`schedule.decay` is 'linear' but `schedule.schedule` is constant"):
+        CPTConfig.from_dict({"schedule": {"schedule": "constant", "decay": "linear"}})
+    with pytest.raises(ValueError, match="`train.lr_scheduler_type` is 'linear' but `schedule` defines the LR"):
+        CPTConfig.from_dict({"schedule": {"schedule": "rewarm"}, "train": {"lr_scheduler_type": "linear"}})

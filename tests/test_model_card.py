@@ -42,3 +42,39 @@ def test_recipe_lines_name_every_technique():
     assert meta["datasets"] == ["org/med"] and meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert meta["hf_cpt"]["forgetting"]["domain_loss_end"] == 3.0
     assert 'from_pretrained("me/med")' in card
+
+
+def test_card_says_per_guarded_set_which_bound_applies_and_the_summary():
+    """Two guards: one row each (set, metric, bound, end value, breached), both in the metadata, and the run's
+    one-sentence summary; a metrics.json written before guards were a list still renders its one guard."""
+    from hf_cpt.monitoring import summarize_run
+
+    f = {**_metrics()["forgetting"], "general_self_loss_start": 3.6, "general_self_loss_end": 3.7,
+         "general_self_kl_end": 0.15, "general_kl_end": 0.31, "tolerance_breached": True, "breach_step": 20,
+         "guards": [{"guarded_set": "general_self", "tolerance_metric": "kl", "tolerance": 0.2,
+                     "tolerance_mode": "absolute", "start": 0.0, "end": 0.15, "tolerance_bound": 0.2,
+                     "tolerance_breached": False, "breach_step": None},
+                    {"guarded_set": "general", "tolerance_metric": "loss", "tolerance": 0.1,
+                     "tolerance_mode": "absolute", "start": 3.3, "end": 3.45, "tolerance_bound": 3.4,
+                     "tolerance_breached": True, "breach_step": 20}]}
+    summary = summarize_run(f, "domain", "runs/x")
+    assert summary == ("Domain loss 3.200 -> 3.000 (-0.200 nats/token); KL to the base 0.150 on `general_self` "
+                       "(bound 0.200); loss 3.450 on `general` (bound 3.400); KL to the base 0.310 on `general`; guard "
+                       "breached on `general` loss (step 20); model, metrics.json, forgetting.png and card in runs/x.")
+    # a set with a KL guard and a loss guard: its KL is named once
+    both = {**f, "guards": [{**f["guards"][0], "guarded_set": "general"}, f["guards"][1]]}
+    assert summarize_run(both, "domain", "o").count("KL to the base") == 1
+    metrics = {**_metrics(), "forgetting": f, "summary": summary}
+    card = render_model_card(CPTConfig().to_dict(), metrics)
+    assert ("| general_self | KL to base | 0.2000 | 0.1500 | no | KL to the base on `general_self` <= 0.2000 nats "
+            "(absolute tolerance 0.2): not breached |") in card
+    assert "| general | loss | 3.4000 | 3.4500 | yes, first at step 20 |" in card
+    assert f"**Summary.** {summary}" in card
+    meta = yaml.safe_load(card.split("---")[1])["hf_cpt"]["forgetting"]
+    assert [(g["guarded_set"], g["tolerance_breached"]) for g in meta["guards"]] == [("general_self", False),
+                                                                                      ("general", True)]
+    old = render_model_card(CPTConfig().to_dict(), _metrics())  # top-level fields, no `guards`
+    assert "| general | loss | n/a | 3.1000 | no |" in old
+    held = summarize_run({**f, "guards": [{**f["guards"][0]}]}, "domain", "out")
+    assert held.endswith("on `general_self` (bound 0.200); guard held; model, metrics.json, forgetting.png and "
+                         "card in out.")

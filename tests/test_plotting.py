@@ -28,3 +28,28 @@ def test_history_table_rows():
     table = format_history_table(HISTORY).splitlines()
     assert table[0].startswith("| step | general loss | domain loss |") and len(table) == 4
     assert table[2] == "| 0 | 3.3000 | 3.2000 |" and table[3] == "| 10 | 3.1000 | 3.0000 |"
+
+
+def test_each_guard_is_drawn_on_its_own_sets_panel_labelled(tmp_path, monkeypatch):
+    """Two guards: the KL bound on general_self on the KL panel, the loss bound on general on the loss panel, each
+    labelled with its set, its bound and whether it held; none on the domain panel."""
+    import hf_cpt.plotting as plotting
+
+    figures = []
+    monkeypatch.setattr(plotting, "save_figure", lambda fig, path: figures.append(fig) or path)
+    guards = [{"guarded_set": "general_self", "tolerance_metric": "kl", "tolerance": 0.2, "tolerance_mode": "absolute",
+               "tolerance_breached": False},
+              {"guarded_set": "general", "tolerance_metric": "loss", "tolerance": 0.1, "tolerance_mode": "absolute",
+               "tolerance_breached": True}]
+    plot_forgetting(HISTORY, tmp_path / "g.png", general="general_self", guards=guards)
+    loss_ax, domain_ax, kl_ax = figures[0].axes
+
+    def bounds(ax):
+        return {line.get_label(): line.get_ydata()[0] for line in ax.lines if line.get_label().startswith("guard")}
+
+    assert bounds(loss_ax) == {"guard: general loss ≤ 3.400, breached": 3.4}
+    assert bounds(kl_ax) == {"guard: general_self KL ≤ 0.200, held": 0.2}
+    assert bounds(domain_ax) == {}
+    # the single-guard arguments of earlier versions draw the same kind of line
+    plot_forgetting(HISTORY, tmp_path / "one.png", tolerance=0.1, tolerance_mode="relative")
+    assert list(bounds(figures[1].axes[0])) == ["guard: general loss ≤ 3.630"]

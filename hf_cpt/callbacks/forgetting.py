@@ -15,7 +15,7 @@ integration (TensorBoard, W&B, ...) as ``eval_<name>_loss``. Pass the held-out s
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
@@ -37,31 +37,83 @@ METRICS = ("loss", "kl", "top1_agree")  # what the monitor records per held-out 
 
 
 @dataclass
+class GuardConfig:
+    """One bound on forgetting: `metric` on the held-out set `set` may rise at most `tolerance` over its step-0
+    value, ``m(t) - m(0) > tolerance`` (absolute) or ``(m(t) - m(0)) / m(0) > tolerance`` (relative) is a breach.
+
+    In YAML, an entry of `monitor.guards`: ``{set: general_self, metric: kl, tolerance: 0.2}``.
+    """
+
+    set: str = field(default="general", metadata={"help": "The held-out set guarded (`general`, `general_self`, "
+                                                          "...): one the run evaluates."})
+    metric: str = field(default="loss", metadata={"help": "`loss` (held-out loss) or `kl` (KL to the base model, "
+                                                          "nats; causal LMs with `monitor.kl`)."})
+    tolerance: float = field(default=0.05, metadata={"help": "Largest allowed rise of `metric` over its step-0 "
+                                                             "value."})
+    mode: str | None = field(default=None, metadata={"help": "`relative` (fraction of the step-0 value) or "
+                                                             "`absolute`; default: absolute for kl, relative for "
+                                                             "loss."})
+    action: str | None = field(default=None, metadata={"help": "On a breach of this guard: `warn`, `stop` or "
+                                                               "`none`; default: `monitor.action`."})
+
+    def __post_init__(self) -> None:
+        check_name("set", self.set)
+        check_choice("metric", self.metric, TOLERANCE_METRICS)
+        self.tolerance = check_number("tolerance", self.tolerance, 0.0)
+        if self.mode is None:  # resolved here, so the saved recipe says which rule ran
+            self.mode = "absolute" if self.metric == "kl" else "relative"
+        check_choice("mode", self.mode, TOLERANCE_MODES)
+        if self.metric == "kl" and self.mode != "absolute":
+            raise ValueError("`mode` is relative but `metric` kl starts at 0 at step 0, so a relative tolerance "
+                             "means nothing: set `mode: absolute` (nats of KL)")
+        if self.action is not None:
+            check_choice("action", self.action, ACTIONS)
+
+    @property
+    def key(self) -> str:
+        """The history key it watches: ``<set>_<metric>``."""
+        return f"{self.set}_{self.metric}"
+
+
+# the single-guard shorthand: its fields and their defaults (one guard on `general`)
+_SHORTHAND = {"tolerance": 0.05, "tolerance_mode": "relative", "tolerance_metric": "loss"}
+
+
+@dataclass
 class ForgettingMonitorConfig:
     """Settings of the forgetting monitor.
 
-    The general loss *breaches* the tolerance at step t when
-    ``L_general(t) - L_general(0) > tolerance`` (absolute mode) or
-    ``(L_general(t) - L_general(0)) / L_general(0) > tolerance`` (relative mode).
+    It guards one or more held-out sets (`guards`), each with its own metric and tolerance; without `guards`,
+    the `tolerance*` fields describe one guard on `general`. A guard on metric m *breaches* at step t when
+    ``m(t) - m(0) > tolerance`` (absolute mode) or ``(m(t) - m(0)) / m(0) > tolerance`` (relative mode).
     """
 
     general: str = field(default="general", metadata={"help": "Name of the general (upstream) held-out set."})
     domain: str = field(default="domain", metadata={"help": "Name of the domain (downstream) held-out set."})
-    tolerance: float = field(
-        default=0.05, metadata={"help": "Largest allowed rise of the general held-out loss over its step-0 value."}
+    tolerance: float | None = field(
+        default=0.05, metadata={"help": "One guard on `general`: the largest allowed rise of its `tolerance_metric` "
+                                        "over its step-0 value (null with `guards`)."}
     )
-    tolerance_mode: str = field(
-        default="relative", metadata={"help": "`relative` (fraction of the step-0 loss) or `absolute` (nats)."}
+    tolerance_mode: str | None = field(
+        default="relative", metadata={"help": "`relative` (fraction of the step-0 value) or `absolute` (nats); "
+                                              "null with `guards`."}
     )
     action: str = field(
-        default="warn", metadata={"help": "On a breach: `warn` (log a warning), `stop` (end training), `none`."}
+        default="warn", metadata={"help": "On a breach: `warn` (log a warning), `stop` (end training), `none`; a "
+                                          "guard's own `action` wins."}
     )
     evaluate_at_end: bool = field(
         default=True, metadata={"help": "Also evaluate after the last step when it is not an evaluation step."}
     )
-    tolerance_metric: str = field(
-        default="loss", metadata={"help": "What the tolerance guards on the general set: `loss` (held-out loss) or "
-                                          "`kl` (KL to the base model, nats; needs `tolerance_mode: absolute`)."}
+    tolerance_metric: str | None = field(
+        default="loss", metadata={"help": "What the one guard watches on `general`: `loss` (held-out loss) or "
+                                          "`kl` (KL to the base model, nats; needs `tolerance_mode: absolute`); null "
+                                          "with `guards`."}
+    )
+    guards: list[GuardConfig] = field(
+        default_factory=list, metadata={"help": "Several guards, each `{set, metric, tolerance, mode, action}` on "
+                                                "its own held-out set; they replace `tolerance`, `tolerance_mode` "
+                                                "and `tolerance_metric`."}
     )
     kl: bool = field(
         default=True, metadata={"help": "Measure KL(base || model) and top-1 agreement with the base model on the "
@@ -77,18 +129,62 @@ class ForgettingMonitorConfig:
         check_name("domain", self.domain)
         if self.general == self.domain:
             raise ValueError(f"`general` and `domain` must differ, both are {self.general!r}")
-        self.tolerance = check_number("tolerance", self.tolerance, 0.0)
-        check_choice("tolerance_mode", self.tolerance_mode, TOLERANCE_MODES)
         check_choice("action", self.action, ACTIONS)
         check_bool("evaluate_at_end", self.evaluate_at_end)
+        check_bool("kl", self.kl)
+        check_int("kl_top_k", self.kl_top_k)
+        self.guards = [_as_guard(g, i) for i, g in enumerate(self.guards or [])]
+        if self.guards:
+            given = [k for k, default in _SHORTHAND.items() if getattr(self, k) not in (None, default)]
+            if given:
+                raise ValueError(f"`{given[0]}` is set next to `guards`, which replace it: move it into a guard "
+                                 "(`guards: [{set: ..., metric: ..., tolerance: ...}]`)")
+            seen = set()
+            for i, g in enumerate(self.guards):
+                if g.key in seen:
+                    raise ValueError(f"`guards[{i}]` repeats the guard on {g.metric} of {g.set!r}: one bound per "
+                                     "set and metric")
+                seen.add(g.key)
+            # the shorthand is not what runs: the saved recipe says null rather than its unused defaults
+            self.tolerance = self.tolerance_mode = self.tolerance_metric = None
+            return
+        for k, default in _SHORTHAND.items():
+            if getattr(self, k) is None:
+                setattr(self, k, default)
+        self.tolerance = check_number("tolerance", self.tolerance, 0.0)
+        check_choice("tolerance_mode", self.tolerance_mode, TOLERANCE_MODES)
         check_choice("tolerance_metric", self.tolerance_metric, TOLERANCE_METRICS)
         if self.tolerance_metric == "kl" and self.tolerance_mode != "absolute":
             raise ValueError("`tolerance_metric` kl starts at 0 at step 0, so a relative tolerance means nothing: set "
                              "`tolerance_mode: absolute` (nats of KL)")
-        check_bool("kl", self.kl)
-        check_int("kl_top_k", self.kl_top_k)
+
+    @property
+    def active_guards(self) -> list[GuardConfig]:
+        """The guards that run: `guards`, or the one the `tolerance*` fields describe on `general`."""
+        if self.guards:
+            return list(self.guards)
+        return [GuardConfig(set=self.general, metric=self.tolerance_metric, tolerance=self.tolerance,
+                            mode=self.tolerance_mode)]
 
 
+def _as_guard(g: GuardConfig | dict, i: int) -> GuardConfig:
+    """A guard from YAML data or a checkpoint's state, with errors naming `guards[i].field`."""
+    if isinstance(g, GuardConfig):
+        return g
+    if not isinstance(g, dict):
+        raise ValueError(f"`guards[{i}]` must be a mapping like {{set: general_self, metric: kl, tolerance: 0.2}}, "
+                         f"got {g!r}")
+    known = {f.name for f in fields(GuardConfig)}
+    for key in g:
+        if key not in known:
+            raise ValueError(f"unknown field `guards[{i}].{key}` (known: {', '.join(sorted(known))})")
+    try:
+        return GuardConfig(**g)
+    except ValueError as e:
+        msg = str(e)
+        for name in known:
+            msg = msg.replace(f"`{name}`", f"`guards[{i}].{name}`")
+        raise ValueError(msg) from None
 
 
 def act_on_breach(action: str, message: str, state: Any, control: Any) -> None:
@@ -103,7 +199,8 @@ def act_on_breach(action: str, message: str, state: Any, control: Any) -> None:
 
 
 class ForgettingMonitorCallback(TrainerCallback, ExportableState):
-    """Records general vs domain held-out loss over training and guards the general loss (or KL to the base).
+    """Records general vs domain held-out loss over training and guards one or more held-out sets, each on its
+    loss or its KL to the base (see [`ForgettingMonitorConfig`] `guards`).
 
     Reads ``eval_<set>_loss`` (and ``eval_<set>_kl`` / ``eval_<set>_top1_agree`` from [`KLToBaseCallback`]) for
     every held-out set from the Trainer's evaluation metrics. Its history is saved with Trainer checkpoints
@@ -118,14 +215,25 @@ class ForgettingMonitorCallback(TrainerCallback, ExportableState):
         if isinstance(config, dict):
             config = ForgettingMonitorConfig(**config)
         self.config = config if config is not None else ForgettingMonitorConfig(**kwargs)
+        self.guards = self.config.active_guards
         self.history: list[dict[str, float]] = []
-        self.breach_step: int | None = None
+        self.breach_steps: list[int | None] = [None] * len(self.guards)  # per guard: its first breach
+        self._checked: list[int | None] = [None] * len(self.guards)  # per guard: the step last checked
+
+    @property
+    def breach_step(self) -> int | None:
+        """The first step any guard was breached (None: none was)."""
+        return min((s for s in self.breach_steps if s is not None), default=None)
+
+    @breach_step.setter
+    def breach_step(self, step: int | None) -> None:  # a checkpoint written before guards were a list
+        self.breach_steps = [step] + [None] * (len(self.guards) - 1)
 
     # --- checkpoint state -------------------------------------------------------------------------------------
     def state(self) -> dict:
         return {
             "args": {"config": asdict(self.config)},
-            "attributes": {"history": [dict(r) for r in self.history], "breach_step": self.breach_step},
+            "attributes": {"history": [dict(r) for r in self.history], "breach_steps": list(self.breach_steps)},
         }
 
     # --- hooks -----------------------------------------------------------------------------------------------
@@ -159,9 +267,12 @@ class ForgettingMonitorCallback(TrainerCallback, ExportableState):
                 self.history.append(record)
             record[key[len("eval_"):]] = float(value)
             found = True
-        key = f"{self.config.general}_{self.config.tolerance_metric}"
-        if found and key in record:
-            self._check(record, state, control)
+        if found:
+            # the Trainer evaluates a dict of sets one by one: each guard is checked once, when its value arrives
+            for i, guard in enumerate(self.guards):
+                if guard.key in record and self._checked[i] != step:
+                    self._checked[i] = step
+                    self._check(i, record, state, control)
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -172,37 +283,44 @@ class ForgettingMonitorCallback(TrainerCallback, ExportableState):
 
     # --- core ------------------------------------------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
-        """Forgetting numbers of the run so far (see [`compute_forgetting`]) plus breach information."""
+        """Forgetting numbers of the run so far (see [`compute_forgetting`]), per guard its bound and whether it
+        was breached (`guards`, one entry per guard, described by `describe_guard`), and over all guards
+        `tolerance_breached` / `breach_step` (the first)."""
         out: dict[str, Any] = compute_forgetting(self.history, self.config.general, self.config.domain)
-        c = self.config
-        key = f"{c.general}_{c.tolerance_metric}"
-        baseline = next((r[key] for r in self.history if key in r), None)
-        out.update(
-            tolerance=c.tolerance,
-            tolerance_mode=c.tolerance_mode,
-            guarded_set=c.general,  # the bound applies to this set's `tolerance_metric` only
-            tolerance_metric=c.tolerance_metric,
-            tolerance_bound=None if baseline is None else tolerance_bound(baseline, c.tolerance, c.tolerance_mode),
-            tolerance_breached=self.breach_step is not None,
-            breach_step=self.breach_step,
-        )
+        out["guards"] = [self._guard_summary(i) for i in range(len(self.guards))]
+        out.update(tolerance_breached=self.breach_step is not None, breach_step=self.breach_step)
         return out
 
-    def _check(self, record: dict[str, float], state, control) -> None:
-        key = f"{self.config.general}_{self.config.tolerance_metric}"
-        baseline = next(r[key] for r in self.history if key in r)
-        if not exceeds_tolerance(baseline, record[key], self.config.tolerance, self.config.tolerance_mode):
-            return
-        if self.breach_step is None:
-            self.breach_step = record["step"]
-        if self.config.action == "none":
-            return
-        what = "loss" if self.config.tolerance_metric == "loss" else "KL to the base model"
-        msg = (
-            f"general held-out {what} rose from {baseline:.4f} to {record[key]:.4f} at step {record['step']}, past "
-            f"the {self.config.tolerance_mode} tolerance {self.config.tolerance}"
+    def _guard_summary(self, i: int) -> dict[str, Any]:
+        g = self.guards[i]
+        values = [r[g.key] for r in self.history if g.key in r]
+        return dict(
+            guarded_set=g.set,  # the bound applies to this set's `tolerance_metric` only
+            tolerance_metric=g.metric,
+            tolerance=g.tolerance,
+            tolerance_mode=g.mode,
+            action=g.action or self.config.action,
+            start=values[0] if values else None,
+            end=values[-1] if values else None,
+            tolerance_bound=tolerance_bound(values[0], g.tolerance, g.mode) if values else None,
+            tolerance_breached=self.breach_steps[i] is not None,
+            breach_step=self.breach_steps[i],
         )
-        act_on_breach(self.config.action, msg, state, control)
+
+    def _check(self, i: int, record: dict[str, float], state, control) -> None:
+        g = self.guards[i]
+        baseline = next(r[g.key] for r in self.history if g.key in r)
+        if not exceeds_tolerance(baseline, record[g.key], g.tolerance, g.mode):
+            return
+        if self.breach_steps[i] is None:
+            self.breach_steps[i] = record["step"]
+        action = g.action or self.config.action
+        if action == "none":
+            return
+        what = "loss" if g.metric == "loss" else "KL to the base model"
+        msg = (f"held-out {what} on {g.set!r} rose from {baseline:.4f} to {record[g.key]:.4f} at step "
+               f"{record['step']}, past the {g.mode} tolerance {g.tolerance}")
+        act_on_breach(action, msg, state, control)
 
 
 # --- registry entry ---------------------------------------------------------------------------------------------------
@@ -210,6 +328,21 @@ class ForgettingMonitorCallback(TrainerCallback, ExportableState):
 # what `monitor.kl` asks for: the KL to the base model on the general held-out sets of a causal run.
 def _kl_enabled(cfg: CPTConfig) -> bool:
     return cfg.objective == "clm" and cfg.monitor.kl
+
+
+def _check(cfg: CPTConfig) -> None:
+    # a KL guard needs the KL measured, on a set it is measured on: never a guard that silently never runs
+    for i, guard in enumerate(cfg.monitor.active_guards):
+        if guard.metric != "kl":
+            continue
+        where = f"monitor.guards[{i}]" if cfg.monitor.guards else "monitor.tolerance_metric"
+        if not _kl_enabled(cfg):
+            raise ValueError(f"`{where}` guards the KL to the base, which this run does not measure "
+                             + ("(`objective: mlm`)" if cfg.objective != "clm" else "(`monitor.kl: false`)")
+                             + ": guard the loss (`metric: loss`) or set `monitor.kl: true`")
+        if guard.set == cfg.monitor.domain or cfg.data.held_out_kinds().get(guard.set) == "domain":
+            raise ValueError(f"`{where}` guards the KL on the domain set {guard.set!r}; the KL to the base is "
+                             "measured on the general sets only")
 
 
 def _preflight(cfg: CPTConfig, model: Any, args: Any) -> None:
@@ -231,11 +364,12 @@ TECHNIQUE = Technique(
     name="forgetting monitor",
     key="monitor",
     config=ForgettingMonitorConfig,
-    exports={**names("callbacks.forgetting", "ForgettingMonitorConfig", "ForgettingMonitorCallback"),
+    exports={**names("callbacks.forgetting", "ForgettingMonitorConfig", "ForgettingMonitorCallback", "GuardConfig"),
              "plot_forgetting": "plotting", **names("callbacks.kl_to_base", "KLToBaseCallback", "attach_kl_to_base"),
              **names("base_targets", "compute_base_targets", "evaluate_kl")},
     functional=names("monitoring", "compute_forgetting", "exceeds_tolerance", "tolerance_bound"),
     enabled=_kl_enabled,
+    check=_check,
     preflight=_preflight,
     setup=_setup,
 )

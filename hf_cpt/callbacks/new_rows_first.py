@@ -10,6 +10,11 @@ from transformers import TrainerCallback
 
 from ..utils import is_sharded_model
 
+# the one wording of the refusal: here at train start, and by `hf-cpt train` right after the model loads
+SHARDED_REFUSED = ("`vocab.new_rows_first_steps` (NewRowsFirstCallback) does not support sharded training "
+                   "(FSDP/DeepSpeed ZeRO-3) yet: its gradient masks and frozen body would not reach the sharded "
+                   "parameters; set `new_rows_first_steps: 0`, or train with DDP or one process")
+
 
 class NewRowsFirstCallback(TrainerCallback):
     """For the first `steps` updates, train only the embedding rows from `first_new_id` on: the body is frozen
@@ -54,9 +59,7 @@ class NewRowsFirstCallback(TrainerCallback):
         # the phase hooks and freezes the module's parameters; FSDP2 trains gathered copies of them (the hooks never
         # fire, and a frozen flag set after the first gather never reaches the copies), FSDP1/ZeRO-3 flat ones
         if model is not None and is_sharded_model(model):
-            raise ValueError("`vocab.new_rows_first_steps` (NewRowsFirstCallback) does not support sharded training "
-                             "(FSDP/DeepSpeed ZeRO-3) yet: its gradient masks and frozen body would not reach the "
-                             "sharded parameters; set `new_rows_first_steps: 0`, or train with DDP or one process")
+            raise ValueError(SHARDED_REFUSED)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
         active = bool(self._hooks)

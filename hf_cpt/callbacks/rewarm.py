@@ -37,6 +37,7 @@ from ..schedules import (  # noqa: F401  (the configs and pure cores live there;
     build_cycles,
     lr_multiplier,
     lr_multiplier_cycles,
+    trainer_scheduler_name,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -152,10 +153,27 @@ def _check(cfg: CPTConfig) -> None:
     if cfg.schedule is not None and cfg.train.warmup_steps:
         raise ValueError("`train.warmup_steps` is set but `schedule` defines the LR: set "
                          "`schedule.warmup_steps` instead and remove `train.warmup_steps`")
+    if cfg.schedule is not None and cfg.train.lr_scheduler_type is not None:
+        raise ValueError(f"`train.lr_scheduler_type` is {cfg.train.lr_scheduler_type!r} but `schedule` defines the "
+                         "LR: remove `train.lr_scheduler_type` (or the `schedule` block)")
+    if cfg.schedule is None and cfg.train.lr_scheduler_type is None:
+        raise ValueError("`train.lr_scheduler_type` is null and there is no `schedule` block: name a transformers "
+                         "scheduler (e.g. cosine) or add a `schedule` block")
+
+
+def name_schedule_in_args(args: Any, cfg: RewarmConfig) -> None:
+    """Set `args.lr_scheduler_type` / `args.warmup_steps` to the shape and warm-up of `cfg`'s schedule
+    ([`trainer_scheduler_name`]): hf-cpt builds the scheduler itself, and these fields are what the Trainer's
+    records (`training_args.bin`, the hyper-parameters integrations log) say ran."""
+    from transformers.trainer_utils import SchedulerType
+
+    args.lr_scheduler_type = SchedulerType(trainer_scheduler_name(cfg))
+    args.warmup_steps = cfg.warmup_steps
 
 
 def _setup(parts: TrainerParts) -> None:
     cfg, args, decay_embeddings = parts.cfg.schedule, parts.args, parts.cfg.train.decay_embeddings
+    name_schedule_in_args(args, cfg)
     # built by the Trainer on the model it trains (wrapped by DDP/FSDP by then): FSDP refuses ready-made optimizers
     parts.optimizer_factory = lambda model: make_rewarm_optimizer(
         model, cfg, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
@@ -171,7 +189,8 @@ def _card(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
     if schedule:
         return [f"LR schedule: `{schedule.get('schedule', 'rewarm')}`: {schedule.get('warmup', 'linear')} "
                 f"re-warmup over {schedule.get('warmup_steps')} updates to {train.get('learning_rate')}, then "
-                f"{schedule.get('decay', 'cosine')} re-decay" + "".join(
+                + ("held constant" if schedule.get("decay") == "none" else f"{schedule.get('decay', 'cosine')} re-decay")
+                + "".join(
                     f", {k}={v}" for k, v in schedule.items()
                     if k not in ("schedule", "warmup", "warmup_steps", "decay") and v not in (None, [], {}))]
     return [f"LR schedule: {train.get('lr_scheduler_type')} from {train.get('learning_rate')} "

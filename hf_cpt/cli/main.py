@@ -105,9 +105,10 @@ def train(
         typer.echo(f"  {name:<13} held-out loss: {f[f'{name}_loss_start']:.4f} -> {f[f'{name}_loss_end']:.4f} "
                    f"({f[f'{name}_delta']:+.4f})" + (f"; KL to base {kl:.4f}, top-1 agreement "
                                                      f"{f[f'{name}_top1_agree_end']:.1%}" if kl is not None else ""))
-    from ..monitoring import describe_guard
+    from ..monitoring import describe_guard, forgetting_guards
 
-    typer.echo(f"  guard: {describe_guard(f)}")
+    for guard in forgetting_guards(f):
+        typer.echo(f"  guard: {describe_guard(guard)}")
     downstream = result.metrics.get("downstream") or {}
     from ..evaluation import format_change
 
@@ -118,6 +119,8 @@ def train(
     typer.echo(f"  metrics: {result.output_dir / 'metrics.json'}  plot: {result.output_dir / 'forgetting.png'}")
     if result.metrics.get("hub_commit_url"):
         typer.echo(f"  pushed to the Hub: {result.metrics['hub_commit_url']}")
+    if result.metrics.get("summary"):
+        typer.echo(f"\n{result.metrics['summary']}")
 
 
 @app.command("extend-vocab")

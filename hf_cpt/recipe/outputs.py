@@ -21,8 +21,7 @@ def write_outputs(cfg: CPTConfig, directory: Path, metrics: dict[str, Any]) -> N
     cfg.save_pretrained(directory)
     plot_forgetting(
         metrics["eval_history"], directory / PLOT_FILE, cfg.monitor.general, cfg.monitor.domain,
-        tolerance=cfg.monitor.tolerance, tolerance_mode=cfg.monitor.tolerance_mode,
-        tolerance_metric=cfg.monitor.tolerance_metric,
+        guards=metrics["forgetting"]["guards"],
         title=f"hf-cpt: {cfg.model.name_or_path}",
         downstream=(metrics.get("downstream") or {}).get("history"),
         domain_sets=[n for n, kind in cfg.data.held_out_kinds().items() if kind == "domain"],

@@ -20,8 +20,10 @@ from typing import Any
 import torch
 
 from ..callbacks.forgetting import ForgettingMonitorCallback
+from ..callbacks.progress import swap_progress_bar
 from ..callbacks.replay_mixer import ReplayMixerCallback
 from ..config import CONFIG_FILE, SELF_EVAL_SET, CPTConfig
+from ..monitoring import summarize_run
 from ..output_lock import OutputDirLock
 from ..registry import (DataParts, TrainerParts, enabled_techniques, merged_training_args, single_hook,
                         techniques)
@@ -51,7 +53,8 @@ def build_training_args(cfg: CPTConfig, output_dir: str | Path):
         output_dir=str(output_dir),
         max_steps=t.max_steps,
         learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler_type,
+        # null: a technique builds the scheduler (and names its shape in `args` when it sets up the Trainer)
+        lr_scheduler_type=t.lr_scheduler_type or "constant",
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
         per_device_train_batch_size=t.per_device_train_batch_size,
@@ -266,6 +269,7 @@ def build_trainer(cfg: CPTConfig, args: Any, model: Any, tokenizer: Any, data: R
                          f"run would not be sharded; check the accelerate config, or drop {wanted} to run DDP")
     for hook in after:
         hook(trainer)
+    swap_progress_bar(trainer, cfg.data.block_size)  # one bar, tokens/s, evaluations inside it (not nested)
     return trainer
 
 
@@ -395,7 +399,7 @@ def _run_owned(cfg: CPTConfig, args: Any, state: Any, final: Path, overwrite: bo
         args.output_dir = str(ckpt if cfg.train.save_steps else tmp / "checkpoints")
         if cfg.train.save_steps and state.is_main_process:
             cfg.save_pretrained(ckpt)  # what a later --resume compares itself against
-        metrics = _train_and_write(cfg, args, tmp, last, start)
+        metrics = _train_and_write(cfg, args, tmp, last, start, final)
         state.wait_for_everyone()
     except BaseException:
         if state.is_main_process:
@@ -426,8 +430,10 @@ def _shared_staging_dir(final: Path, overwrite: bool, state: Any) -> Path:
     return tmp
 
 
-def _train_and_write(cfg: CPTConfig, args: Any, tmp: Path, last: str | None, start: float) -> dict[str, Any]:
-    """Build, train (resuming from `last`), and write the results into the staging directory `tmp`."""
+def _train_and_write(cfg: CPTConfig, args: Any, tmp: Path, last: str | None, start: float,
+                     final: Path) -> dict[str, Any]:
+    """Build, train (resuming from `last`), and write the results into the staging directory `tmp` (committed to
+    `final` afterwards: the summary sentence names it)."""
     model, tokenizer, vocab_summary = build_model(cfg)
     preflight(cfg, model, args)  # what needs the model or the launcher, before any data is built
     data = build_data(cfg, model, tokenizer, args)
@@ -443,7 +449,7 @@ def _train_and_write(cfg: CPTConfig, args: Any, tmp: Path, last: str | None, sta
     with _quiet_empty_epoch(finished):
         train_out = trainer.train(resume_from_checkpoint=last)
     metrics = collect_metrics(cfg, trainer, train_out, data, last, vocab_summary)
-    trainer.save_model(str(tmp))
+    save_full_model(trainer, tmp)
     for technique in enabled_techniques(cfg):  # e.g. a LoRA adapter merged into its base
         if technique.finish is not None:
             technique.finish(cfg, trainer, tmp)
@@ -451,8 +457,34 @@ def _train_and_write(cfg: CPTConfig, args: Any, tmp: Path, last: str | None, sta
     (tmp / "training_args.bin").unlink(missing_ok=True)
     if trainer.is_world_process_zero():
         metrics["total_runtime_s"] = time.perf_counter() - start
+        metrics["summary"] = summarize_run(metrics["forgetting"], cfg.monitor.domain, str(final))
         write_outputs(cfg, tmp, metrics)
     return metrics
+
+
+def save_full_model(trainer: Any, directory: str | Path) -> None:
+    """The trained model as full safetensors (with the tokenizer) in `directory`, from the main process, whatever
+    the process layout; every process must call it.
+
+    Without FSDP this is `Trainer.save_model`. Under FSDP that writes nothing with `SHARDED_STATE_DICT` (the
+    shipped accelerate config) and, with `FULL_STATE_DICT`, writes a tied head twice: the gathered tensors no
+    longer share storage, so `save_pretrained` cannot see the tie. Here every process joins the gather of the
+    full state dict and the main process writes it with tied parameters aliased again, so `save_pretrained` keeps
+    one copy as in a one-process save (tests/distributed/test_fsdp_equal.py)."""
+    if not trainer.is_fsdp_enabled:
+        trainer.save_model(str(directory))
+        return
+    state = trainer.accelerator.get_state_dict(trainer.model)  # a collective; the full tensors on the main process
+    if not trainer.args.should_save:
+        return
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name in state:  # tied parameters: one object under several names
+            state[name] = state[first.setdefault(id(param), name)]
+    model.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
+    if trainer.processing_class is not None:
+        trainer.processing_class.save_pretrained(str(directory))
 
 
 def _checkpoint_step(checkpoint: str) -> int:

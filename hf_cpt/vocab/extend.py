@@ -12,11 +12,12 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..registry import Technique, TrainerParts, names
+from ..utils import requested_sharding
 from ..validation import check_choice, check_int, check_number
 from .token_distillation import DISTILL_PRECISIONS
 from .init import EMBEDDING_INITS, InitInputs
@@ -28,6 +29,9 @@ from .vectors import (
     subword_vectors,
     vectors_from_dictionary,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import CPTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +275,15 @@ def extend_vocabulary(model: Any, tokenizer: Any, cfg: VocabConfig, domain_texts
 
 
 # --- registry entry ---------------------------------------------------------------------------------------------------
+def _preflight(cfg: CPTConfig, model: Any, args: Any) -> None:
+    # under FSDP the phase's hooks never reach the trained (gathered) copies: refuse before any data is built
+    # (measured in tests/distributed; the callback refuses a sharded model at train start too)
+    if cfg.vocab is not None and cfg.vocab.new_rows_first_steps and requested_sharding(args):
+        from ..callbacks.new_rows_first import SHARDED_REFUSED
+
+        raise ValueError(SHARDED_REFUSED)
+
+
 def _setup(parts: TrainerParts) -> None:
     steps = parts.cfg.vocab.new_rows_first_steps
     if steps:
@@ -306,6 +319,7 @@ TECHNIQUE = Technique(
              "NewRowsFirstCallback": "callbacks.new_rows_first"},
     functional=names("vocab.init", "factorize_embeddings", "init_mean", "init_ofa", "init_random",
                      "init_subword_mean"),
+    preflight=_preflight,
     setup=_setup,
     card=_card,
     model="recipe.vocab:extend_run_model",  # the base model's vocabulary is extended before anything else runs

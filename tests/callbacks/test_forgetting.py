@@ -140,13 +140,93 @@ def test_the_guard_names_its_set_metric_and_bound():
     for step, kl in ((0, 0.0), (10, 0.15), (20, 0.25)):
         record = {"step": step, "general_self_loss": 3.4, "general_self_kl": kl, "domain_loss": 3.0}
         cb.history.append(record)
-        cb._check(record, state, control)
-    s = cb.summary()
+        cb._check(0, record, state, control)
+    (s,) = cb.summary()["guards"]
     assert (s["guarded_set"], s["tolerance_metric"], s["tolerance_bound"], s["breach_step"]) == ("general_self", "kl",
                                                                                                  0.2, 20)
     assert describe_guard(s) == ("KL to the base on `general_self` <= 0.2000 nats (absolute tolerance 0.2): "
                                  "breached, first at step 20")
     loss = ForgettingMonitorCallback(ForgettingMonitorConfig(tolerance=0.1))
     loss.history.append({"step": 0, "general_loss": 3.0, "domain_loss": 3.0})
-    assert describe_guard(loss.summary()) == ("held-out loss on `general` <= 3.3000 nats/token (relative tolerance "
-                                              "0.1): not breached")
+    assert describe_guard(loss.summary()["guards"][0]) == ("held-out loss on `general` <= 3.3000 nats/token "
+                                                           "(relative tolerance 0.1): not breached")
+
+
+def test_several_guards_each_with_its_bound_action_and_breach(caplog):
+    """KL <= 0.2 on general_self and loss <= +0.1 nats on general: each guard checks its own set once per
+    evaluation, breaches on its own, and only the one that says `stop` stops training."""
+    from hf_cpt.monitoring import describe_guards
+
+    cfg = ForgettingMonitorConfig(general="general_self", action="warn", guards=[
+        {"set": "general_self", "metric": "kl", "tolerance": 0.2},
+        {"set": "general", "metric": "loss", "tolerance": 0.1, "mode": "absolute", "action": "stop"}])
+    assert cfg.guards[0].mode == "absolute" and cfg.tolerance is None and cfg.tolerance_metric is None
+    cb, control = ForgettingMonitorCallback(cfg), TrainerControl()
+    with caplog.at_level("WARNING"):
+        for step, kl, loss in ((0, 0.0, 3.0), (10, 0.3, 3.05), (20, 0.35, 3.2)):
+            # the Trainer evaluates a dict of sets one by one: one on_evaluate call per set
+            cb.on_evaluate(None, _state(step, 30), control, metrics={"eval_general_self_loss": 3.4,
+                                                                     "eval_general_self_kl": kl})
+            cb.on_evaluate(None, _state(step, 30), control, metrics={"eval_general_loss": loss})
+            cb.on_evaluate(None, _state(step, 30), control, metrics={"eval_domain_loss": 3.0})
+            assert control.should_training_stop is (step == 20)
+    kl_warnings = [r for r in caplog.records if "'general_self'" in r.getMessage()]
+    assert len(kl_warnings) == 2  # steps 10 and 20, once each
+    kl_guard, loss_guard = cb.summary()["guards"]
+    assert (kl_guard["breach_step"], kl_guard["action"], loss_guard["breach_step"], loss_guard["action"]) == \
+        (10, "warn", 20, "stop")
+    assert loss_guard["tolerance_bound"] == pytest.approx(3.1) and cb.summary()["breach_step"] == 10
+    assert describe_guards(cb.summary()) == (
+        "KL to the base on `general_self` <= 0.2000 nats (absolute tolerance 0.2): breached, first at step 10; "
+        "held-out loss on `general` <= 3.1000 nats/token (absolute tolerance 0.1): breached, first at step 20")
+    # resumable: the per-guard breaches come back with the checkpoint; an old checkpoint's single breach_step too
+    data = cb.state()
+    new = type(cb)(**data["args"])
+    for k, v in data["attributes"].items():
+        setattr(new, k, v)
+    assert new.config == cfg and new.breach_steps == [10, 20]
+
+
+@pytest.mark.parametrize("monitor, match", [
+    ({"guards": [{"set": "general", "metric": "kl", "tolerance": 0.2, "mode": "relative"}]},
+     "`monitor.guards[0].mode` is relative but `monitor.guards[0].metric` kl"),
+    ({"guards": [{"set": "general", "metric": "accuracy"}]}, "`monitor.guards[0].metric`"),
+    ({"guards": [{"set": "general", "tolerance": -1}]}, "`monitor.guards[0].tolerance`"),
+    ({"guards": [{"set": "general", "bound": 1}]}, "unknown field `monitor.guards[0].bound`"),
+    ({"guards": [{"set": "general"}, {"set": "general"}]}, "`monitor.guards[1]` repeats the guard on loss"),
+    ({"tolerance": 0.3, "guards": [{"set": "general"}]}, "`monitor.tolerance` is set next to `monitor.guards`, which replace it"),
+    ({"kl": False, "guards": [{"set": "general", "metric": "kl"}]}, "`monitor.guards[0]` guards the KL to the base, "
+                                                                    "which this run does not measure"),
+    ({"guards": [{"set": "domain", "metric": "kl"}]}, "measured on the general sets only"),
+])
+def test_guard_config_errors_name_the_field(monitor, match):
+    from hf_cpt.config import CPTConfig
+
+    with pytest.raises(ValueError, match=match.replace("[", r"\[").replace("]", r"\]")):
+        CPTConfig.from_dict({"monitor": monitor})
+
+
+def test_a_guard_on_a_set_the_run_does_not_evaluate_is_refused():
+    from hf_cpt.config import CPTConfig
+
+    cfg = CPTConfig.from_dict({"data": {"general": {"train": "a.jsonl", "eval": "b.jsonl"},
+                                        "domain": {"train": "c.jsonl", "eval": "d.jsonl"}},
+                               "monitor": {"guards": [{"set": "general"}, {"set": "general_self", "metric": "kl"}]}})
+    with pytest.raises(ValueError, match=r"`monitor.guards\[1\].set` is 'general_self', which is not a held-out "
+                                         r"set of this run \(sets: \['general', 'domain'\]\)"):
+        cfg.check_held_out_sets()
+
+
+def test_the_shorthand_is_one_guard_and_follows_general():
+    """The single-guard spelling of earlier versions still works: a one-entry list on `general` (which an
+    override of `monitor.general` moves), and its saved recipe reads back the same."""
+    from hf_cpt.config import CPTConfig
+
+    cfg = CPTConfig.from_dict({"monitor": {"general": "general_self", "tolerance_metric": "kl",
+                                           "tolerance_mode": "absolute", "tolerance": 0.2}})
+    (guard,) = cfg.monitor.active_guards
+    assert (guard.set, guard.metric, guard.tolerance, guard.mode) == ("general_self", "kl", 0.2, "absolute")
+    assert CPTConfig.from_dict(cfg.to_dict()) == cfg
+    listed = CPTConfig.from_dict({"monitor": {"guards": [{"set": "general_self", "metric": "kl", "tolerance": 0.2}]}})
+    assert listed.monitor.active_guards == [guard] and CPTConfig.from_dict(listed.to_dict()) == listed
+    assert listed.override({"monitor.action": "stop"}).monitor.guards == [guard]

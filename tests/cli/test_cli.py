@@ -103,6 +103,13 @@ def test_train_runs_end_to_end_and_writes_every_output(tmp_path, tiny_model_dir)
     assert result.exit_code == 0, result.output
     assert "domain        held-out loss" in result.output and "general       held-out loss" in result.output
     assert "KL to base" in result.output  # the general set: KL to the base model and top-1 agreement
+    assert "  guard: held-out loss on `general` <= " in result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    # it ends in one sentence: domain gain, KL on the guarded set, guard status, where the files are
+    assert result.output.rstrip().splitlines()[-1] == metrics["summary"]
+    assert metrics["summary"].startswith("Domain loss ") and "on `general` (bound " in metrics["summary"]
+    assert f"KL to the base {metrics['forgetting']['general_kl_end']:.3f} on `general`" in metrics["summary"]
+    assert metrics["summary"].endswith(f"in {out.resolve()}.")
     for name in ("model.safetensors", "config.json", "tokenizer.json", "hf_cpt_config.yaml", "metrics.json",
                  "forgetting.png", "README.md"):
         assert (out / name).is_file(), name

@@ -15,8 +15,11 @@ Nothing else is patched. The other CPU-specific settings are plain arguments, re
 `MixedPrecisionPolicy`), and `cpu_ram_efficient_loading: false` (the model is built on every rank; no meta-device
 load + broadcast from rank 0).
 
-hf-cpt's own CPU refusal (`hf_cpt.recipe.train.check_sharding`) is not bypassed: it lives in the recipe, which the
-test workers do not use; they build a `transformers.Trainer` directly from hf-cpt's public pieces.
+hf-cpt's own CPU refusal (`hf_cpt.recipe.train.check_sharding`: "FSDP was requested ... but these processes have
+no GPU") stays for users. The workers that build a `transformers.Trainer` from hf-cpt's public pieces never meet
+it; the one that runs `hf-cpt train` itself under FSDP (worker.py `cli`) lifts it for its own process with
+[`allow_recipe_fsdp`], which adds `MULTI_CPU` to the process types the recipe accepts for FSDP: the shim is what
+makes a `MULTI_CPU` process really shard, so the refusal's reason does not hold there.
 
 Lifetime: [`install`] patches the class for the rest of the process and is idempotent; [`uninstall`] restores it.
 Workers call `install()` once, in a process of their own (torchrun), never in the pytest process.
@@ -52,13 +55,27 @@ def install() -> None:
     AcceleratorState.__init__ = __init__
 
 
+def allow_recipe_fsdp() -> None:
+    """Let `hf-cpt train`'s recipe accept FSDP on `MULTI_CPU` processes (only after [`install`]; see above)."""
+    from hf_cpt.recipe import train
+
+    if "capable" not in _ORIGINAL:
+        _ORIGINAL["capable"] = train._FSDP_CAPABLE
+        train._FSDP_CAPABLE = (*train._FSDP_CAPABLE, "MULTI_CPU")
+
+
 def uninstall() -> None:
-    """Restore accelerate's own `AcceleratorState.__init__`."""
+    """Restore accelerate's own `AcceleratorState.__init__` and the recipe's CPU refusal."""
     from accelerate.state import AcceleratorState
 
     original = _ORIGINAL.pop("init", None)
     if original is not None:
         AcceleratorState.__init__ = original
+    capable = _ORIGINAL.pop("capable", None)
+    if capable is not None:
+        from hf_cpt.recipe import train
+
+        train._FSDP_CAPABLE = capable
 
 
 def fsdp_args(wrap: tuple[str, ...] = ("LlamaDecoderLayer",), **fsdp_config: Any) -> dict[str, Any]:

@@ -4,7 +4,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,34 +15,16 @@ import yaml
 from safetensors.torch import load_file
 
 from ..conftest import invoke_like_main, tiny_run_dict
+from .launch import ENV
 
-pytestmark = pytest.mark.timeout(600)
-ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = pytest.mark.timeout(1800)  # the first test to ask for `launches` pays for the batched launches
 
 
-def _run_checked(cmd):
-    """Run `cmd`; on failure, fail the test with the children's stderr (the only clue under load)."""
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{cmd[1:4]} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
-    return proc
-
-
-@pytest.mark.slow  # torchrun, 2 processes
-def test_two_ranks_train_on_disjoint_slices_of_the_one_process_stream(tmp_path):
-    worker = Path(__file__).with_name("ddp_worker.py")
-    one, two = tmp_path / "one", tmp_path / "two"
-    _run_checked([sys.executable, str(worker), str(one), "4"])
-    _run_checked([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_port()}",
-                  str(worker), str(two), "2"])
-    single = json.loads((one / "rank0.json").read_text())
-    ranks = [json.loads((two / f"rank{i}.json").read_text()) for i in range(2)]
-    assert ranks[0]["world"] == 2
+@pytest.mark.slow  # reads the batched launches (launch.py): one process, torchrun with 2 processes
+def test_two_ranks_train_on_disjoint_slices_of_the_one_process_stream(launches):
+    single = json.loads((launches.dir("one", "ddp") / "rank0.json").read_text())
+    ranks = [json.loads((launches.dir("two", "ddp") / f"rank{i}.json").read_text()) for i in range(2)]
+    assert ranks[0]["world"] == 2 and ranks[0]["distributed_type"] == "DistributedType.MULTI_CPU"
     for step in range(4):
         r0, r1 = ranks[0]["seen"][step], ranks[1]["seen"][step]
         assert not {tuple(x) for x in r0} & {tuple(x) for x in r1}  # disjoint
@@ -58,16 +39,14 @@ def _cli(args, **kw):
                           text=True, **kw)
 
 
-@pytest.mark.slow  # two CLI runs, one through torchrun
-def test_cli_two_process_run_matches_one_process(tmp_path, tiny_model_dir):
-    cfg = tiny_run_dict(tiny_model_dir, max_steps=4, per_device_train_batch_size=2)
-    (tmp_path / "one.yaml").write_text(yaml.safe_dump(cfg))
+@pytest.mark.slow  # `hf-cpt train --nproc 2` (its own torchrun); the one-process run is the batched launches' `cli`
+def test_cli_two_process_run_matches_one_process(tmp_path, launches):
+    cfg = yaml.safe_load((launches.root / "run.yaml").read_text())
     cfg["train"]["per_device_train_batch_size"] = 1  # same global batch on two processes
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(cfg))
-    a = _cli(["train", str(tmp_path / "one.yaml"), "-o", str(tmp_path / "o1")])
     b = _cli(["train", str(tmp_path / "two.yaml"), "-o", str(tmp_path / "o2"), "--nproc", "2"])
-    assert a.returncode == 0 and b.returncode == 0, a.stderr[-2000:] + b.stderr[-2000:]
-    m1 = json.loads((tmp_path / "o1" / "metrics.json").read_text())
+    assert b.returncode == 0, b.stderr[-3000:]
+    m1 = json.loads((launches.dir("one", "cli") / "run" / "metrics.json").read_text())
     m2 = json.loads((tmp_path / "o2" / "metrics.json").read_text())
     assert m2["world_size"] == 2 and m1["train_tokens"] == m2["train_tokens"]
     l1 = [r["loss"] for r in m1["log_history"] if "loss" in r]
@@ -76,7 +55,7 @@ def test_cli_two_process_run_matches_one_process(tmp_path, tiny_model_dir):
     assert b.stdout.count("Adapted model written") == 1  # only the main process reports and writes
 
 
-@pytest.mark.slow  # four CLI processes
+@pytest.mark.slow  # three CLI processes
 def test_sigkill_after_a_checkpoint_then_resume_gives_bitwise_identical_weights(tmp_path, tiny_model_dir):
     cfg = tiny_run_dict(tiny_model_dir, max_steps=10, save_steps=2, eval_steps=5)
     cfg["active_forgetting"] = {"every_k_updates": 3}
@@ -99,8 +78,8 @@ def test_sigkill_after_a_checkpoint_then_resume_gives_bitwise_identical_weights(
     proc.wait()
     assert target.exists() and not out.exists()  # killed mid-run: no output directory, checkpoints kept
 
-    again = _cli(["train", str(path), "-o", str(out)])
-    assert again.returncode == 2 and "--resume" in again.stderr
+    code, stderr = invoke_like_main(["train", str(path), "-o", str(out)])  # refused before any training
+    assert code == 2 and "--resume" in stderr
     resumed = _cli(["train", str(path), "-o", str(out), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     w_ref = load_file(tmp_path / "ref" / "model.safetensors")

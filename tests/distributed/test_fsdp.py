@@ -2,10 +2,8 @@
 shipped FSDP config, `hf-cpt train` refuses with one line; guards that depend on sharding see the real setting (the
 arguments, what `accelerate launch` tells the processes, and the model's parameters)."""
 
-import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import yaml
@@ -18,9 +16,9 @@ from hf_cpt.testing import make_tiny_llama
 from hf_cpt.utils import is_sharded_model, requested_sharding
 
 from ..conftest import tiny_run_dict
+from .launch import ENV
 
-pytestmark = pytest.mark.timeout(600)
-ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+pytestmark = pytest.mark.timeout(1800)  # `launches`: see launch.py
 
 
 class _Args:
@@ -62,16 +60,24 @@ def test_requested_sharding_reads_the_arguments_and_the_launcher(monkeypatch):
 
 def test_active_forgetting_guard_sees_deepspeed_set_by_the_launcher(monkeypatch, tiny_model_dir):
     """The callback resets FSDP2 (DTensor) embeddings (tests/distributed/test_fsdp_equal.py) and refuses DeepSpeed
-    and FSDP1; the recipe (`check_sharding`, owned by the registry refactor) still refuses FSDP before loading."""
+    and FSDP1; the recipe lets FSDP through (its only FSDP refusal on CPU is the one for processes without GPUs)
+    and refuses DeepSpeed in the technique's preflight, before any data is built."""
+    from hf_cpt.recipe.train import preflight
+
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ValueError, match=r"`active_forgetting` does not support DeepSpeed"):
         ActiveForgettingCallback(every_k_updates=2).on_train_begin(_Args(), None, None, model=make_tiny_llama(64))
+    cfg = CPTConfig.from_dict({**tiny_run_dict(tiny_model_dir), "active_forgetting": {"every_k_updates": 2}})
+    with pytest.raises(ValueError, match=r"`active_forgetting` does not support DeepSpeed"):
+        preflight(cfg, make_tiny_llama(64), _Args())
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # asked for, but the parameters are whole: nothing to refuse
     ActiveForgettingCallback(every_k_updates=2).on_train_begin(_Args(), None, None, model=make_tiny_llama(64))
-    cfg = CPTConfig.from_dict({**tiny_run_dict(tiny_model_dir), "active_forgetting": {"every_k_updates": 2}})
-    with pytest.raises(ValueError, match=r"`active_forgetting` does not support FSDP"):
-        check_sharding(cfg, _Args())  # the recipe refuses before loading the model
+    preflight(cfg, make_tiny_llama(64), _Args())
+    # the technique is not refused under FSDP; what stops this process is that it has no GPU
+    with pytest.raises(ValueError, match=r"^FSDP was requested .* no GPU") as err:
+        check_sharding(cfg, _Args())
+    assert "active_forgetting" not in str(err.value)
 
 
 def test_active_forgetting_refuses_fsdp1_flat_parameters():
@@ -86,25 +92,12 @@ def test_active_forgetting_refuses_fsdp1_flat_parameters():
         ActiveForgettingCallback(every_k_updates=2).on_train_begin(_Args(), None, None, model=model)
 
 
-@pytest.mark.slow  # a Python process of its own
-def test_is_sharded_model_sees_fsdp2_parameters(tmp_path):
-    """`fully_shard` on a one-process gloo group (CPU) gives DTensor parameters; run in a child so the process
-    group does not leak into other tests."""
-    script = textwrap.dedent(f"""
-        import torch, torch.distributed as dist
-        from torch.distributed.fsdp import fully_shard
-        from hf_cpt.testing import make_tiny_llama
-        from hf_cpt.utils import is_sharded_model
-        dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
-        model = make_tiny_llama(64)
-        before = is_sharded_model(model)
-        fully_shard(model)
-        print(before, is_sharded_model(model))
-        dist.destroy_process_group()
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["False", "True"]
+@pytest.mark.slow  # reads the batched launches (launch.py)
+def test_is_sharded_model_sees_fsdp2_parameters(launches):
+    """`fully_shard` by accelerate gives DTensor parameters, and `is_sharded_model` sees them (`launches.pair`
+    asserts it for the sharded ranks and its absence for the one process); a plain model is not sharded."""
+    single, ranks = launches.pair("plain")
+    assert [r["sharded"] for r in ranks] == [True, True] and single["sharded"] is False
     assert not is_sharded_model(make_tiny_llama(64))
 
 
@@ -118,3 +111,22 @@ def test_new_rows_first_refuses_sharded_parameters():
     model.model.fsdp1_marker = type("FullyShardedDataParallel", (__import__("torch").nn.Module,), {})()
     with pytest.raises(ValueError, match=r"`vocab.new_rows_first_steps` .* does not support sharded training"):
         NewRowsFirstCallback(60, steps=2).on_train_begin(_Args(), None, None, model=model)
+
+
+def test_hf_cpt_train_refuses_new_rows_first_under_fsdp_before_any_data(monkeypatch, tiny_model_dir):
+    """The same refusal from the recipe's preflight (right after the model loads), for FSDP from the arguments or
+    from `accelerate launch`; without sharding the phase is accepted."""
+    from hf_cpt.recipe.train import preflight
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    cfg = CPTConfig.from_dict({**tiny_run_dict(tiny_model_dir), "vocab": {"n_new_tokens": 8,
+                                                                          "new_rows_first_steps": 2}})
+    preflight(cfg, make_tiny_llama(64), _Args())
+    args = _Args()
+    args.fsdp = "full_shard"
+    with pytest.raises(ValueError, match=r"^`vocab.new_rows_first_steps` .* does not support sharded training"):
+        preflight(cfg, make_tiny_llama(64), args)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match=r"does not support sharded training"):
+        preflight(cfg, make_tiny_llama(64), _Args())

@@ -81,10 +81,23 @@ def test_self_synthesised_held_out_set_and_kl_reach_metrics_card_and_plot(tmp_pa
 def test_kl_guard_stops_on_kl(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("HF_CPT_CACHE", str(tmp_path / "cache"))
     d = tiny_run_dict(tiny_model_dir, max_steps=6, eval_steps=2, learning_rate=5e-3)
-    d["monitor"] = {"tolerance": 1e-6, "tolerance_mode": "absolute", "tolerance_metric": "kl", "action": "stop",
-                    "kl_top_k": 8}
+    # two guards on one set: the KL one stops at its first breach, the loss one (a loose bound) holds
+    d["monitor"] = {"action": "warn", "kl_top_k": 8, "guards": [
+        {"set": "general", "metric": "kl", "tolerance": 1e-6, "action": "stop"},
+        {"set": "general", "metric": "loss", "tolerance": 100.0, "mode": "absolute"}]}
     result = run_cpt(CPTConfig.from_dict(d), output_dir=tmp_path / "out")
-    assert result.metrics["forgetting"]["breach_step"] == 2 and result.metrics["global_step"] == 2
+    f = result.metrics["forgetting"]
+    assert f["breach_step"] == 2 and result.metrics["global_step"] == 2
+    assert [(g["tolerance_metric"], g["breach_step"], g["action"]) for g in f["guards"]] == [("kl", 2, "stop"),
+                                                                                            ("loss", None, "warn")]
+    # the one-sentence summary: in metrics.json and the card, naming the KL, the breach and the output directory
+    written = json.loads((result.output_dir / "metrics.json").read_text())
+    summary = written["summary"]
+    assert summary.startswith("Domain loss ") and f"KL to the base {f['general_kl_end']:.3f} on `general`" in summary
+    assert "guard breached on `general` kl (step 2)" in summary and summary.endswith(f"in {result.output_dir}.")
+    assert f"**Summary.** {summary}" in (result.output_dir / "README.md").read_text()
+    saved = yaml.safe_load((result.output_dir / "hf_cpt_config.yaml").read_text())["monitor"]
+    assert [g["metric"] for g in saved["guards"]] == ["kl", "loss"] and saved["tolerance"] is None
 
 
 @pytest.mark.slow  # three CLI processes, one killed

@@ -1,17 +1,20 @@
-"""Run by test_fsdp_equal.py: one `transformers.Trainer` run of the tiny Llama on a `ReplayMixer`, with one
-hf-cpt technique, either sharded (torchrun, 2 gloo ranks, FSDP2 through accelerate via the test-only
-`fsdp_cpu` shim) or in one plain process. Every rank writes `rank<i>.pt` with what the test compares.
+"""Run by the batched launches of launch.py: many scenarios in one process, in turn, each into a directory of its
+own. A Trainer scenario is one `transformers.Trainer` run of the tiny Llama on a `ReplayMixer` with one hf-cpt
+technique, either sharded (under torchrun: 2 gloo ranks, FSDP2 through accelerate via the test-only `fsdp_cpu`
+shim) or in one plain process; every rank writes `rank<i>.pt` with what the test compares, then `done<rank>`.
 
-    python fsdp_worker.py OUT MODE PER_DEVICE [fsdp [full|kill|resume]]
+    python worker.py ROOT PER_DEVICE [DIR=]MODE[:PHASE] ...
 
 MODE: plain | chunked | rewarm (RewarmCallback on the Trainer's scheduler) | rewarm_groups (make_rewarm_optimizer +
 make_rewarm_scheduler, embeddings in their own param group) | mixer | packing | distill (chunked loss + precomputed
 distillation replay targets) | chunked_head, distill_head (the same with an untied `lm_head` wrapped as its own FSDP
 unit) | kl (held-out evaluation + ForgettingMonitorCallback + KLToBaseCallback) | lora (PEFT LoRA on q/v) | forget
-(ActiveForgettingCallback every 2 updates) | vocab
-(extend_vocabulary with OFA init before wrapping; NewRowsFirstCallback's refusal on the sharded model) | resume
-(checkpoints every 2 updates; `kill` SIGKILLs rank 0 after update 3, `resume` continues from the last checkpoint;
-the final model is written with `trainer.save_model`).
+(ActiveForgettingCallback every 2 updates) | vocab (extend_vocabulary with OFA init before wrapping;
+NewRowsFirstCallback's refusal on the sharded model) | resume (checkpoints every 2 updates; PHASE `kill` SIGKILLs
+rank 0 after update 3, `resume` continues from the last checkpoint; the final model is written with
+`save_full_model`, as `hf-cpt train` writes it) | ddp (plain data parallel: what each rank trains on) | ddp_store
+(the same over the prepared store at $HF_CPT_TEST_STORE) | cli (`hf-cpt train $HF_CPT_TEST_RUN_YAML`, under FSDP2
+when launched with torchrun).
 """
 
 import re
@@ -31,17 +34,11 @@ from hf_cpt.config import DataConfig
 from hf_cpt.losses import apply_chunked_loss
 from hf_cpt.mixers.packing import DocumentMaskingGuard, probe_document_masking
 from hf_cpt.recipe.data import build_eval_sets, build_train_set
+from hf_cpt.recipe.train import save_full_model
 from hf_cpt.testing import make_tiny_llama, make_tiny_tokenizer, read_embedded
 from hf_cpt.utils import is_sharded_model
 
-out, mode, per_device = sys.argv[1], sys.argv[2], int(sys.argv[3])
-sharded = len(sys.argv) > 4 and sys.argv[4] == "fsdp"
-PHASE = sys.argv[5] if len(sys.argv) > 5 else "full"  # resume mode: full | kill (SIGKILL rank 0 at step 3) | resume
-MAX_STEPS = 6 if mode.startswith("rewarm") else 4
-HEAD_UNIT = mode.endswith("_head")  # untied lm_head, its own FSDP unit (every Linear is a unit)
 DISTILL = DistillConfig(weight=0.5, tokens="replay", top_k=8)
-REWARM = RewarmConfig(schedule="rewarm", warmup_steps=2, min_lr_ratio=0.1,
-                      embedding_lr_ratio=0.5 if mode == "rewarm_groups" else 1.0)
 
 
 def full(t):
@@ -142,15 +139,17 @@ class RewarmTrainer(Trainer):
     build hf-cpt's rewarm optimizer/scheduler from the model the Trainer hands over (before `fully_shard`;
     accelerate swaps the optimizer's parameters for the sharded ones)."""
 
+    rewarm = None  # the scenario's RewarmConfig
+
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            self.optimizer = make_rewarm_optimizer(self.model if model is None else model, REWARM, 1e-3,
+            self.optimizer = make_rewarm_optimizer(self.model if model is None else model, self.rewarm, 1e-3,
                                                    weight_decay=0.1)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps, optimizer=None):
         if self.lr_scheduler is None:
-            self.lr_scheduler = make_rewarm_scheduler(self.optimizer if optimizer is None else optimizer, REWARM,
+            self.lr_scheduler = make_rewarm_scheduler(self.optimizer if optimizer is None else optimizer, self.rewarm,
                                                       num_training_steps)
         return self.lr_scheduler
 
@@ -162,7 +161,14 @@ def untie(model):
     return model
 
 
-def main():
+def train_scenario(out, mode, per_device, sharded, phase="full"):
+    """One Trainer run of `mode` (see the module docstring); writes `out/rank<i>.pt`."""
+    MAX_STEPS = 6 if mode.startswith("rewarm") else 4
+    HEAD_UNIT = mode.endswith("_head")  # untied lm_head, its own FSDP unit (every Linear is a unit)
+    REWARM = RewarmConfig(schedule="rewarm", warmup_steps=2, min_lr_ratio=0.1,
+                          embedding_lr_ratio=0.5 if mode == "rewarm_groups" else 1.0)
+    RewarmTrainer.rewarm = REWARM
+    PHASE = phase
     tok = make_tiny_tokenizer()
     packing = "documents" if mode in ("mixer", "packing") else "concat"
     sources = {"domain": short_documents("python-docs"), "general": short_documents("kjv")} if packing == "documents" else None
@@ -249,7 +255,7 @@ def main():
     # a resumed Trainer rebuilds stateful callbacks from the checkpoint: read the one that ran
     mixer_callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ReplayMixerCallback))
     if mode == "resume":  # the final model as a user gets it: full safetensors + tokenizer, on the main process
-        trainer.save_model(f"{out}/final")
+        save_full_model(trainer, f"{out}/final")
     result |= {
         "world": args.world_size, "distributed_type": str(trainer.accelerator.distributed_type),
         "sharded": record.sharded, "log_history": trainer.state.log_history, "lrs": record.lrs, "batch_keys": sorted(record.keys), "starts": record.starts,
@@ -300,4 +306,90 @@ def main():
     torch.save(result, f"{out}/rank{args.process_index}.pt")
 
 
-main()
+
+def ddp_scenario(out, per_device, store=None):
+    """Plain data parallel (no FSDP) over a `ReplayMixer` (or, given a prepared `store`, a `PreparedMixer`): what
+    each rank trains on (test_ddp.py, test_multinode.py). Writes `out/rank<i>.json`."""
+    import json
+
+    tok = make_tiny_tokenizer()
+    mixer = build_train_set(DataConfig(block_size=32, replay_ratio=0.25, prepared_dir=store), tok, total_blocks=16)
+    # a PreparedMixer is map-style: each rank fetches only its own blocks, in order
+    order = {"train_sampling_strategy": "sequential"} if store else {}
+    args = TrainingArguments(f"{out}/trainer", max_steps=4, per_device_train_batch_size=per_device,
+                             learning_rate=1e-3, report_to="none", save_strategy="no", disable_tqdm=True,
+                             lr_scheduler_type="constant", use_cpu=True, seed=0, ignore_data_skip=True, **order)
+    model = make_tiny_llama(len(tok))
+    seen = []
+
+    def record(module, args, kwargs):
+        if module.training:
+            seen.append((kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).tolist())
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    trainer = Trainer(model=model, args=args, train_dataset=mixer, data_collator=default_data_collator,
+                      callbacks=[ReplayMixerCallback(mixer)])
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    with open(f"{out}/rank{args.process_index}.json", "w") as fh:
+        json.dump({"seen": seen, "losses": losses, "world": args.world_size,
+                   "distributed_type": str(trainer.accelerator.distributed_type),
+                   "blocks_built": getattr(mixer, "blocks_built", None)}, fh)
+
+
+def cli_scenario(out, run_yaml):
+    """`hf-cpt train RUN_YAML -o out/run` in this process, as each process of `accelerate launch -m
+    hf_cpt.cli.main train` runs it: one process with 2 blocks per update, or, under torchrun, FSDP2 through
+    `train.training_args` (the shipped config's `SHARDED_STATE_DICT`) with 1 block per rank."""
+    import os
+
+    import yaml
+    from accelerate.state import AcceleratorState
+
+    from hf_cpt.cli.main import app
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg = yaml.safe_load(open(run_yaml))
+    cfg["train"]["per_device_train_batch_size"] = 2 // world
+    if world > 1:
+        fsdp_cpu.install()
+        fsdp_cpu.allow_recipe_fsdp()
+        fsdp = fsdp_cpu.fsdp_args(state_dict_type="SHARDED_STATE_DICT")
+        cfg["train"]["training_args"] = {k: fsdp[k] for k in ("fsdp", "fsdp_config")}
+    path = f"{out}/run{world}.yaml"
+    with open(path, "w") as fh:
+        yaml.safe_dump(cfg, fh)
+    app(["train", path, "-o", f"{out}/run"], prog_name="hf-cpt", standalone_mode=False)
+    rank = int(os.environ.get("RANK", "0"))
+    torch.save({"world": world, "distributed_type": str(AcceleratorState().distributed_type)},
+               f"{out}/rank{rank}.pt")
+
+
+RUN_DIRS = {"resume:kill": "resume-run", "resume:resume": "resume-run"}  # the resumed run continues the killed one
+
+
+def main():
+    """`worker.py ROOT PER_DEVICE SCENARIO...`: run each scenario in turn (one launch, many scenarios), each into
+    `ROOT/<dir>`; a scenario is `[DIR=]MODE[:PHASE]`, MODE one of the Trainer modes above, `ddp`, `ddp_store`
+    (the store at $HF_CPT_TEST_STORE) or `cli` (the run config at $HF_CPT_TEST_RUN_YAML)."""
+    import os
+    from pathlib import Path
+
+    root, per_device, tokens = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
+    sharded = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    for token in tokens:
+        name, _, spec = token.rpartition("=")
+        mode, _, phase = spec.partition(":")
+        out = root / (name or RUN_DIRS.get(spec, spec.replace(":", "-")))
+        out.mkdir(parents=True, exist_ok=True)
+        if mode in ("ddp", "ddp_store"):
+            ddp_scenario(out, per_device, os.environ["HF_CPT_TEST_STORE"] if mode == "ddp_store" else None)
+        elif mode == "cli":
+            cli_scenario(out, os.environ["HF_CPT_TEST_RUN_YAML"])
+        else:
+            train_scenario(out, mode, per_device, sharded, phase or "full")
+        (out / f"done{os.environ.get('RANK', '0')}").touch()
+
+
+if __name__ == "__main__":
+    main()

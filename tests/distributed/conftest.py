@@ -1,0 +1,28 @@
+import pytest
+import yaml
+
+from ..conftest import tiny_run_dict
+from .launch import launch_all
+
+
+@pytest.fixture(scope="session")
+def launches(tmp_path_factory, tiny_model_dir):
+    """Every scenario of the distributed tests, run once per session in a few batched launches (launch.py)."""
+    from hf_cpt.config import CPTConfig, DataConfig
+    from hf_cpt.recipe.prepare import prepare_config
+    from hf_cpt.testing import make_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("launches")
+    store = root / "store"
+    prepare_config(CPTConfig(data=DataConfig(block_size=32, replay_ratio=0.25, prepared_dir=str(store))),
+                   make_tiny_tokenizer())
+    # `hf-cpt train` in one process vs FSDP (and vs DDP, test_ddp.py): the same global batch of 2 blocks, with the
+    # techniques whose recipe path differs under FSDP: the rewarm optimizer built in `create_optimizer` (FSDP
+    # refuses `Trainer(optimizers=...)`) and active forgetting (once refused by the recipe under FSDP)
+    cfg = tiny_run_dict(tiny_model_dir, max_steps=4, per_device_train_batch_size=2)
+    cfg["train"].pop("warmup_steps")
+    cfg["schedule"] = {"schedule": "rewarm", "warmup_steps": 2, "embedding_lr_ratio": 0.5}
+    cfg["active_forgetting"] = {"every_k_updates": 3}
+    run_yaml = root / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump(cfg))
+    return launch_all(root, store, run_yaml)
