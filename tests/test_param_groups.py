@@ -76,7 +76,9 @@ def _group_decay(trainer):
 def test_a_run_decays_matrices_only_and_leaves_frozen_layers_untouched(tiny_model_dir, tmp_path, schedule):
     run = tiny_run_dict(tiny_model_dir, max_steps=2, eval_steps=2, weight_decay=0.5, freeze_layers=1,
                         learning_rate=1e-2)
-    cfg = CPTConfig.from_dict({**run, **({"schedule": schedule} if schedule else {})})
+    if schedule:  # the schedule block sets the LR
+        run = {**run, "train": {**run["train"], "lr_scheduler_type": None}, "schedule": schedule}
+    cfg = CPTConfig.from_dict(run)
     trainer = _trainer(cfg, tmp_path)
     model = trainer.model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

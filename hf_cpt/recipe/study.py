@@ -37,7 +37,7 @@ _OFF = {"data.replay_ratio": 0.0, "data.replay_stages": [], "schedule": None, "t
 
 def _rewarm(cfg: CPTConfig) -> dict[str, Any]:
     steps = cfg.train.max_steps
-    return {**_OFF, "train.warmup_steps": 0,
+    return {**_OFF, "train.warmup_steps": 0, "train.lr_scheduler_type": None,  # the schedule block sets the LR
             "schedule": {"schedule": "rewarm", "warmup_steps": max(1, steps // 10), "decay": "cosine",
                          "min_lr_ratio": 0.1}}
 

@@ -73,7 +73,7 @@ def test_a_run_without_a_general_source_evaluates_and_labels_every_named_set(tin
         assert f[f"{name}_loss_end"] is not None and f[f"{name}_kl_end"] >= 0, name
     assert f["docs2_loss_end"] is not None and "docs2_kl_end" not in f and "domain_kl_end" not in f
     assert result.metrics["train_tokens"].keys() == {"domain"}  # nothing replayed
-    assert f["guarded_set"] == "bible"
+    assert [g["guarded_set"] for g in f["guards"]] == ["bible"]
     card = (tmp_path / "out" / "README.md").read_text(encoding="utf-8")
     assert "| bible |" in card and "| docs2 |" in card
     assert (tmp_path / "out" / "forgetting.png").is_file()
