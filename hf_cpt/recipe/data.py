@@ -161,7 +161,9 @@ def held_out_texts(data: DataConfig, extra: Mapping[str, Any] | None = None) -> 
     if data.decontaminate is None or not data.decontaminate.enabled:
         return {}
     out: dict[str, list[str]] = {}
-    for name, (spec, where) in data.held_out_files().items():
+    files = data.held_out_files()
+    for name in sorted(files, key=lambda n: n != "domain"):  # `domain` first: a text in both is reported by it
+        spec, where = files[name]
         out[name] = list(iter_texts(load_split(spec.path, spec, where), spec.text_field))
     for name, texts in (extra or {}).items():
         out[name] = [t for t in iter_texts(texts, "text")] if not isinstance(texts, list) else list(texts)
