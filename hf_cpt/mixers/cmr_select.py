@@ -35,10 +35,12 @@ ratios (no candidate is extrapolated in the ratio).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -459,9 +461,12 @@ def _split_budgets(budgets: list[float]) -> tuple[list[float], list[float]]:
     return fit, [b for b in budgets if b not in fit]
 
 
-def _curvature_stat(records: Sequence[CMRRecord], transform: Callable[[np.ndarray], np.ndarray]) -> tuple[float, int]:
-    """Sum over ratios of t^2 of the quadratic term of the general loss fitted as a quadratic in transform(T)."""
-    tstats = []
+def _curvature_stat(records: Sequence[CMRRecord], transform: Callable[[np.ndarray], np.ndarray]
+                    ) -> tuple[float, int, int]:
+    """The F statistic of a quadratic against a straight line in transform(T), per ratio, pooled over the ratios
+    (one residual variance): (F, numerator dof, denominator dof)."""
+    rss_line = rss_quad = 0.0
+    k = n = 0
     for ratio in sorted({x.ratio for x in records if x.tokens > 0}):
         pts = sorted((x.tokens, x.general_loss) for x in records if x.tokens > 0 and x.ratio == ratio)
         if len(pts) < 4:
@@ -469,33 +474,41 @@ def _curvature_stat(records: Sequence[CMRRecord], transform: Callable[[np.ndarra
         u = transform(np.array([p[0] for p in pts], float))
         u = (u - u.mean()) / max(float(np.ptp(u)), 1e-12)
         y = np.array([p[1] for p in pts])
-        a = np.stack([np.ones_like(u), u, u ** 2], axis=1)
-        coef, *_ = np.linalg.lstsq(a, y, rcond=None)
-        s2 = float(np.sum((a @ coef - y) ** 2)) / (len(y) - 3)
-        se = math.sqrt(max(s2 * float(np.linalg.pinv(a.T @ a)[2, 2]), 1e-30))
-        tstats.append(float(coef[2] / se))
-    return float(np.sum(np.square(tstats))), len(tstats)
+        for degree in (1, 2):
+            a = np.stack([u ** j for j in range(degree + 1)], axis=1)
+            coef, *_ = np.linalg.lstsq(a, y, rcond=None)
+            rss = float(np.sum((a @ coef - y) ** 2))
+            if degree == 1:
+                rss_line += rss
+            else:
+                rss_quad += rss
+        k += 1
+        n += len(y)
+    dof = n - 3 * k
+    if k == 0 or dof <= 0:
+        return 0.0, max(k, 1), max(dof, 1)
+    return ((rss_line - rss_quad) / k) / max(rss_quad / dof, 1e-30), k, dof
 
 
 def check_curvature(records: Sequence[CMRRecord], level: float = 0.95) -> None:
-    """Refuse general curves that are straight lines, in tokens and in log tokens, at every ratio: per ratio a
-    quadratic is fitted and the sum of its curvature terms' t^2 compared with the chi-square `level` point (what
-    straight noisy lines give). A power law and a saturating curve then fit the pilots alike and extrapolate apart.
+    """Refuse general curves that are straight lines, in tokens and in log tokens, at every ratio: an F test of a
+    quadratic against a straight line per ratio, pooled over the ratios, below its `level` point (what straight
+    noisy lines give). A power law and a saturating curve then fit the pilots alike and extrapolate apart.
 
     Raises:
         ValueError: no curvature seen.
     """
     require("scipy", "The curvature check")
-    from scipy.stats import chi2
+    from scipy.stats import f as f_dist
 
-    lin, n = _curvature_stat(records, lambda t: t)
-    log, _ = _curvature_stat(records, np.log)
-    limit = float(chi2.ppf(level, max(n, 1)))
-    if n == 0 or max(lin, log) < limit:
+    lin, k, dof = _curvature_stat(records, lambda t: t)
+    log, _, _ = _curvature_stat(records, np.log)
+    limit = float(f_dist.ppf(level, k, dof))
+    if max(lin, log) < limit:
         raise ValueError(f"no curvature seen: the general loss is a straight line at every ratio, in tokens and in "
-                         f"log tokens (sum of the quadratic terms' t^2 {max(lin, log):.1f} < {limit:.1f}, the "
-                         f"{level:.0%} point for {n} ratios), so a power law and a saturating curve fit the pilots "
-                         "alike and their CMRs differ; run longer pilots or evaluate more often")
+                         f"log tokens (F = {max(lin, log):.2f} < {limit:.2f}, the {level:.0%} point of a quadratic "
+                         "term), so a power law and a saturating curve fit the pilots alike and their CMRs differ; "
+                         "run longer pilots or evaluate more often")
 
 
 def select_cmr_estimator(records: Sequence[CMRRecord], tolerance: float, tolerance_mode: str = "relative",
@@ -677,3 +690,49 @@ def format_selection(selection: CMRSelection) -> list[str]:
                      + (f"  ({c.note})" if c.note else ""))
     lines.append("   dcpt-cross-domain: not scored, its F / K^mu term is a constant for one model and one domain")
     return lines
+
+
+def write_selection(selection: CMRSelection, prediction: SelectedCMRPrediction, path: str | Path) -> Path:
+    """The selection (chosen estimator, every candidate's score and why the others lost) and the prediction as
+    JSON, written to a temp file and renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"selection": selection.to_dict(), "prediction": prediction.to_dict()}, indent=1,
+                              default=float), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def plot_selection(selection: CMRSelection, prediction: SelectedCMRPrediction | None, path: str | Path) -> Path:
+    """PNG: the pilots' general loss per share with the chosen model's curves out to the target, and the CMR the
+    model gives along the budgets with the prediction and its interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trained = [x for x in selection.records if x.tokens > 0]
+    t_max = max(selection.budgets[-1], prediction.budget_tokens if prediction else 0.0)
+    ts = np.geomspace(selection.budgets[0], t_max, 120)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ratio in sorted({x.ratio for x in trained}):
+        pts = sorted((x.tokens, x.general_loss) for x in trained if x.ratio == ratio)
+        (line,) = axes[0].plot(ts, selection.model.general(ts, np.full_like(ts, ratio)), label=f"r={ratio:g}")
+        axes[0].scatter([p[0] for p in pts], [p[1] for p in pts], color=line.get_color(), s=12)
+    axes[0].axhline(selection.bound, color="k", ls="--", lw=1, label="tolerance")
+    axes[0].set(title=f"general held-out loss ({selection.chosen})", xlabel="training tokens", ylabel="loss")
+    cmrs = [solve_ratio(selection.model.general, t, selection.bound, *selection.ratio_range)[0] for t in ts]
+    axes[1].plot(ts, cmrs, color="C2", label=f"CMR of `{selection.chosen}`")
+    if prediction:
+        lo, hi = prediction.interval
+        axes[1].errorbar([prediction.budget_tokens], [prediction.cmr], yerr=[[prediction.cmr - lo], [hi - prediction.cmr]],
+                         fmt="*", color="C3", ms=12, label=f"prediction {prediction.cmr:.3f} [{lo:.3f}, {hi:.3f}]")
+    axes[1].set(title="critical domain share", xlabel="training tokens", ylabel="domain share r", ylim=(0, 1.02))
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    from ..plotting import save_figure
+
+    return save_figure(fig, path)
