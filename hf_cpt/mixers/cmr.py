@@ -499,7 +499,9 @@ def _card(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
     if not cmr:
         return []
     return [f"replay ratio chosen by the CMR scaling law: critical domain share {cmr.get('cmr'):.3f} at "
-            f"{cmr.get('budget_tokens'):.3g} tokens (tolerance {cmr.get('tolerance')} {cmr.get('tolerance_mode')})"]
+            f"{cmr.get('budget_tokens'):.3g} tokens (tolerance {cmr.get('tolerance')} {cmr.get('tolerance_mode')}"
+            + (f"; estimator {cmr['estimator']}, 90% interval {cmr['interval'][0]:.3f}-{cmr['interval'][1]:.3f}"
+               if cmr.get("estimator") and cmr.get("interval") else "") + ")"]
 
 
 TECHNIQUE = Technique(
