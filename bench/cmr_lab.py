@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import cpt_lab as lab_mod  # noqa: E402
+import cpt_lab as lab_mod
 
 CORE = [("constant", 40, 0.25, 0), ("constant", 40, 1.0, 0), ("constant", 400, 0.6, 0)]
 MORE = [("constant", 400, 0.6, 1), ("constant", 400, 0.75, 1), ("constant", 400, 0.6, 2), ("constant", 400, 0.75, 2),
@@ -124,8 +124,12 @@ def measured(curves: dict, bound: float, steps: int = 400) -> dict:
 
 
 def analyse(curves: dict, bootstrap: int) -> dict:
-    from hf_cpt.mixers.cmr_select import (PilotSchedule, format_selection, predict_selected_cmr,
-                                          select_cmr_estimator)
+    from hf_cpt.mixers.cmr_select import (
+        PilotSchedule,
+        format_selection,
+        predict_selected_cmr,
+        select_cmr_estimator,
+    )
 
     lab = lab_mod.LabConfig(**{k: v for k, v in curves["lab"].items()})
     tps = curves["tokens_per_step"]
