@@ -87,6 +87,15 @@ if TYPE_CHECKING:  # pragma: no cover
         read_records,
         write_records,
     )
+    from .mixers.cmr_select import (
+        CMRSelection,
+        PilotSchedule,
+        SelectedCMRPrediction,
+        plot_selection,
+        predict_selected_cmr,
+        select_cmr_estimator,
+        write_selection,
+    )
     from .mixers.core import RatioStage
     from .mixers.packing import DocumentMaskingGuard, bos_for, check_document_masking, probe_document_masking
     from .mixers.prepared import PreparedMixer, PreparedStore
