@@ -16,6 +16,10 @@ Each run is `hf_cpt.run_cpt` on the quickstart template with overrides; results 
 `<out>/tmp/<run>/metrics.json`, so a rerun only re-draws the table and the plot.
 
     python examples/forgetting_study.py --out docs/forgetting_study --steps 24   # ~35 min on 2 CPU cores
+
+This script reproduces the recorded study on the embedded default. For defences x seeds on any config of your own
+(any held-out sets, the Pareto front on shared axes, a verdict), use `hf-cpt study CONFIG ... --defences ...
+--seeds ...` (hf_cpt/recipe/study.py; docs/forgetting.md).
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ def _exports() -> dict[str, str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .adapters import add_lora_for_cpt
+    from .adapters import LoraAdapterConfig, add_lora_for_cpt
+    from .param_groups import decay_parameter_names, freeze_bottom_layers
     from .callbacks.active_forgetting import ActiveForgettingCallback, ActiveForgettingConfig, relearn_embeddings
     from .callbacks.downstream import DownstreamConfig, DownstreamEvalCallback, attach_downstream_eval
     from .callbacks.forgetting import ForgettingMonitorCallback, ForgettingMonitorConfig
@@ -85,6 +86,15 @@ if TYPE_CHECKING:  # pragma: no cover
         predict_cmr,
         read_records,
         write_records,
+    )
+    from .mixers.cmr_select import (
+        CMRSelection,
+        PilotSchedule,
+        SelectedCMRPrediction,
+        plot_selection,
+        predict_selected_cmr,
+        select_cmr_estimator,
+        write_selection,
     )
     from .mixers.core import RatioStage
     from .mixers.packing import DocumentMaskingGuard, bos_for, check_document_masking, probe_document_masking

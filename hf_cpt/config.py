@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from .adapters import LoraAdapterConfig
 from .callbacks.active_forgetting import ActiveForgettingConfig
 from .callbacks.downstream import DownstreamConfig
 from .callbacks.forgetting import ForgettingMonitorConfig
@@ -49,6 +50,9 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 SELF_EVAL_SET = "general_self"  # the held-out set of self-synthesised text (`data.synth.eval_tokens`)
 CONFIG_FILE = "hf_cpt_config.yaml"  # the resolved recipe, next to every adapted model and in its checkpoints
 OBJECTIVES = ("clm", "mlm")
+EVAL_KINDS = ("general", "domain")  # what a held-out set measures: forgetting (KL to base) or adaptation
+BUILT_IN_SETS = ("general", "domain", SELF_EVAL_SET)  # `data.general.eval`, `data.domain.eval`, `data.synth`
+_SET_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 TRAINABLE = ("all", "embeddings")
 
 
@@ -93,6 +97,28 @@ class SourceConfig:
         check_name("train", self.train)
         check_name("text_field", self.text_field)
         check_bool("streaming", self.streaming)
+
+
+@dataclass
+class EvalSetConfig:
+    """One named held-out set, `data.eval_sets.NAME`: `{path: P, kind: general|domain, text_field: text}`, or the
+    short form `NAME: P` (a general set). General sets measure forgetting (loss, and KL to the base model on every
+    one); domain sets measure adaptation. Every set is evaluated with the others and labelled by its `NAME` in the
+    logs (`eval_NAME_loss`), `metrics.json`, the plot and the model card; `monitor.general` / `monitor.domain` may
+    name it."""
+
+    path: str = field(metadata={"help": "Held-out text: path, glob, `embedded:NAME/SPLIT` or `hub:ID:SPLIT`."})
+    kind: str = field(default="general", metadata={"help": f"One of {EVAL_KINDS}: `general` text the model should "
+                                                           "not forget (KL to base measured), or `domain` text."})
+    text_field: str = field(default="text", metadata={"help": "Column holding the text."})
+
+    def __post_init__(self) -> None:
+        check_name("path", self.path)
+        check_choice("kind", self.kind, EVAL_KINDS)
+        check_name("text_field", self.text_field)
+        if self.path == SELF:
+            raise ValueError("`path`: `self` text is the `general_self` set, set by `data.synth.eval_tokens`; point "
+                             "`path` at a corpus")
 
 
 @dataclass
@@ -156,6 +182,12 @@ class DataConfig:
         default=0,
         metadata={"help": "Dataloader worker processes per rank (> 0 needs `prepared_dir`, or `masking`)."},
     )
+    eval_sets: dict[str, EvalSetConfig] = field(
+        default_factory=dict,
+        metadata={"help": "More held-out sets by name: `{NAME: PATH}` (a general set) or `{NAME: {path: P, kind: "
+                          "general|domain, text_field: text}}`; no training source needed (e.g. `general: null`, "
+                          "`replay_ratio: 0`)."},
+    )
     # --- data cleaning (issue 34): hf_cpt/data_clean, applied by hf_cpt/recipe/cleaning.py ---
     dedup: DedupConfig | None = field(
         default_factory=DedupConfig,
@@ -199,6 +231,7 @@ class DataConfig:
         if replays_self and self.general.streaming:
             raise ValueError("`general.streaming`: self-synthesised text is generated once and held in memory; "
                              "set `general.streaming: false`")
+        self.eval_sets = {name: _eval_set(name, value) for name, value in self.eval_sets.items()}
         # a 1-token block has no next token to predict: every label is masked and the loss divides by zero
         check_int("block_size", self.block_size, minimum=2)
         check_int("max_eval_blocks", self.max_eval_blocks, minimum=0)
@@ -217,6 +250,49 @@ class DataConfig:
                                      + (" with `streaming: true`" if source.streaming else "")
                                      + "; remove `prepared_dir` to read it on the fly")
 
+
+    def held_out_files(self) -> dict[str, tuple[EvalSetConfig, str]]:
+        """Every held-out set read from text, by name, as `(EvalSetConfig, the field naming its path)`: `general`
+        (`data.general.eval`), `domain` (`data.domain.eval`) and each of `eval_sets`; `general_self` is sampled
+        from the base model instead (`synth`)."""
+        out: dict[str, tuple[EvalSetConfig, str]] = {}
+        for name in ("general", "domain"):
+            src = getattr(self, name)
+            if src is not None and src.eval is not None:
+                out[name] = (EvalSetConfig(src.eval, name, src.text_field), f"data.{name}.eval")
+        for name, spec in self.eval_sets.items():
+            out[name] = (spec, f"data.eval_sets.{name}.path")
+        return out
+
+    def held_out_kinds(self) -> dict[str, str]:
+        """`{set name: "general" | "domain"}` for every held-out set, general ones first (`general`,
+        `general_self`, named general sets), then `domain` and named domain sets."""
+        kinds = {name: spec.kind for name, (spec, _) in self.held_out_files().items()}
+        if self.synth is not None and self.synth.eval_tokens:
+            kinds[SELF_EVAL_SET] = "general"
+        order = ["general", SELF_EVAL_SET, "domain"]
+        ranked = sorted(kinds, key=lambda n: (kinds[n] != "general", n not in order, order.index(n) if n in order
+                                              else 0))
+        return {n: kinds[n] for n in ranked}
+
+
+def _eval_set(name: Any, value: Any) -> EvalSetConfig:
+    """One `eval_sets` entry: its name checked, the short form `NAME: PATH` read as a general set."""
+    where = f"eval_sets.{name}"
+    if not isinstance(name, str) or not _SET_NAME.fullmatch(name):
+        raise ValueError(f"`eval_sets`: the set name {name!r} must start with a letter and hold only letters, digits, "
+                         "`_` and `-` (it becomes `eval_<name>_loss`)")
+    if name in BUILT_IN_SETS or name.startswith("avg_"):
+        raise ValueError(f"`{where}`: {name!r} is taken ({', '.join(BUILT_IN_SETS)} are built in, `avg_*` are the "
+                         "weight average's sets); choose another name")
+    if isinstance(value, EvalSetConfig):
+        return value
+    if isinstance(value, str):
+        value = {"path": value}
+    if not isinstance(value, dict):
+        raise ValueError(f"`{where}` must be a path or a mapping `{{path, kind, text_field}}`, got "
+                         f"{type(value).__name__}")
+    return _build(EvalSetConfig, value, f"{where}.")
 
 
 # --- data cleaning (issue 34) ---
@@ -244,7 +320,14 @@ class TrainConfig:
         default="cosine", metadata={"help": "Any transformers scheduler name; null where a `schedule` block sets "
                                             "the LR (the saved recipe of such a run says null)."})
     warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW weight decay, on weight matrices only: never on norms or biases, and "
+                                       "on the embeddings only with `decay_embeddings` (OLMo's groups)."})
+    decay_embeddings: bool = field(
+        default=False, metadata={"help": "Also decay the token embeddings and output head (the Trainer's default; "
+                                         "hf-cpt's is off)."})
+    freeze_layers: int = field(
+        default=0, metadata={"help": "Freeze the bottom N transformer layers (no updates, no optimizer state)."})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Blocks per device per micro-batch."})
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Blocks per device per eval batch."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per update."})
@@ -282,15 +365,18 @@ class TrainConfig:
         for name in ("max_steps", "per_device_train_batch_size", "per_device_eval_batch_size",
                      "gradient_accumulation_steps", "eval_steps", "logging_steps"):
             check_int(name, getattr(self, name))
-        for name in ("warmup_steps", "loss_chunk_size", "save_steps", "seed"):
+        for name in ("warmup_steps", "loss_chunk_size", "save_steps", "seed", "freeze_layers"):
             check_int(name, getattr(self, name), minimum=0)
         self.use_liger = check_flag("use_liger", self.use_liger)
         self.chunked_loss = check_flag("chunked_loss", self.chunked_loss)
         check_choice("trainable", self.trainable, TRAINABLE)
-        for name in ("keep_checkpoints", "bf16", "gradient_checkpointing"):
+        for name in ("keep_checkpoints", "bf16", "gradient_checkpointing", "decay_embeddings"):
             check_bool(name, getattr(self, name))
         self.learning_rate = check_number("learning_rate", self.learning_rate, 0.0, min_inclusive=False)
         self.weight_decay = check_number("weight_decay", self.weight_decay, 0.0)
+        if self.freeze_layers and self.trainable != "all":
+            raise ValueError(f"`freeze_layers` is {self.freeze_layers} but `trainable` is {self.trainable!r}, which "
+                             "freezes the whole body already: remove one of them")
         if self.warmup_steps > self.max_steps:
             raise ValueError(
                 f"`warmup_steps` ({self.warmup_steps}) is longer than the run (`max_steps`={self.max_steps})"
@@ -344,6 +430,10 @@ class CPTConfig:
         default=None, metadata={"help": "An EMA or last-K average of the weights, evaluated beside the live model "
                                         "(`eval_avg_<set>_loss`); `ship: true` writes the average."}
     )
+    lora: LoraAdapterConfig | None = field(
+        default=None, metadata={"help": "Train a LoRA adapter (peft) instead of every weight: `{r, alpha, dropout, "
+                                        "target_modules, modules_to_save, embeddings, save: merged|adapter}`."}
+    )
     objective: str = field(default="clm", metadata={"help": "`clm` (causal LM) or `mlm` (masked LM, encoders)."})
     masking: MaskingConfig | str | None = field(
         default=None, metadata={"help": "`lem`, `lexicon` or `random` (or a mapping of MaskingConfig fields)."}
@@ -396,27 +486,34 @@ class CPTConfig:
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def held_out_sets(self) -> list[str]:
-        """Names of the held-out sets the run evaluates: `general` (its `eval` split), `general_self`
-        (`data.synth.eval_tokens`), `domain`."""
-        data = self.data
-        names = ["general"] if data.general is not None and data.general.eval is not None else []
-        if data.synth is not None and data.synth.eval_tokens:
-            names.append(SELF_EVAL_SET)
-        return names + (["domain"] if data.domain.eval is not None else [])
+        """Names of the held-out sets the run evaluates, general ones first: `general` (its `eval` split),
+        `general_self` (`data.synth.eval_tokens`), the general `data.eval_sets`, `domain`, the domain ones."""
+        return list(self.data.held_out_kinds())
+
+    def general_sets(self) -> list[str]:
+        """The held-out sets of kind `general` (KL to the base model is measured on each)."""
+        return [n for n, kind in self.data.held_out_kinds().items() if kind == "general"]
 
     def check_held_out_sets(self) -> None:
         """A training run needs the monitor's general and domain held-out sets (checked before it starts; a
         config for `extend-vocab` or a partial one being built need not have them)."""
-        names = self.held_out_sets()
+        kinds = self.data.held_out_kinds()
+        names = list(kinds)
         for role in ("domain", "general"):
             wanted = getattr(self.monitor, role)
-            if wanted in names:
+            if kinds.get(wanted) == role:
                 continue
+            if wanted in kinds:
+                raise ValueError(f"`monitor.{role}` is {wanted!r}, a {kinds[wanted]} set: point it at a {role} set "
+                                 f"(sets: {names}), or set `data.eval_sets.{wanted}.kind: {role}`")
             if wanted in ("general", "domain"):
+                others = [n for n, k in kinds.items() if k == wanted]
                 raise ValueError(f"`data.{wanted}.eval` is not set: the forgetting monitor needs a held-out split "
-                                 f"of the {wanted} text" + (" (or set `data.synth.eval_tokens` and "
-                                                             "`monitor.general: general_self`)"
-                                                             if wanted == "general" else ""))
+                                 f"of the {wanted} text" + (f" (or set `monitor.{role}` to one of {others})" if others
+                                                            else " (or name one in `data.eval_sets`"
+                                                            + (", or set `data.synth.eval_tokens` and `monitor."
+                                                               "general: general_self`)" if wanted == "general"
+                                                               else ")")))
             raise ValueError(f"`monitor.{role}` is {wanted!r}, which is not a held-out set of this run "
                              f"(sets: {names})")
         for i, guard in enumerate(self.monitor.guards):

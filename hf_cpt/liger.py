@@ -114,7 +114,7 @@ TECHNIQUE = Technique(
     name="memory",
     key="train.chunked_loss",  # with `train.use_liger` and `train.loss_chunk_size`
     exports={**names("losses", "chunked_linear_cross_entropy", "apply_chunked_loss"),
-             **names("liger", "resolve_liger", "choose_loss"), "add_lora_for_cpt": "adapters",
+             **names("liger", "resolve_liger", "choose_loss"),
              "TrainedParametersCallback": "callbacks.trained_parameters"},
     functional=names("losses", "chunked_linear_cross_entropy"),
     enabled=_is_causal,  # the loss of a causal run: Liger, the chunked loss, or the model's own

@@ -17,6 +17,7 @@ def plot_forgetting(
     title: str = "",
     downstream: list[dict[str, float]] | None = None,
     guards: list[dict[str, Any]] | None = None,
+    domain_sets: tuple[str, ...] | list[str] = (),
 ) -> Path:
     """Write a PNG: general held-out losses (every general set), domain loss, the KL to the base model with
     top-1 agreement when measured, and downstream (lm-eval) task scores when given; Δ vs step 0 in the legends.
@@ -30,6 +31,8 @@ def plot_forgetting(
             `tolerance_bound`, `tolerance_breached`, ...): each bound is a dashed line in its set's colour on the
             panel of what it guards (that set's loss, or the KL panel), labelled with the set, the bound and
             whether it was breached.
+        domain_sets: more domain sets (named `data.eval_sets` of kind domain), drawn beside `domain`; every other set
+            is drawn as general.
     """
     import matplotlib
 
@@ -41,22 +44,24 @@ def plot_forgetting(
     if guards is None:
         guards = [] if tolerance is None else [{"guarded_set": general, "tolerance_metric": tolerance_metric,
                                                  "tolerance": tolerance, "tolerance_mode": tolerance_mode}]
+    on_domain = {domain, *domain_sets}
     sets = [general] + sorted({k[: -len("_loss")] for r in history for k in r if k.endswith("_loss")}
-                              - {general, domain}) + [domain]
+                              - {general} - on_domain) + [domain] + sorted(set(domain_sets) - {domain})
     has_kl = any(k.endswith("_kl") for r in history for k in r)
     scores = sorted({k for r in downstream or [] for k in r if k != "step" and "_stderr" not in k})
     panels = 2 + has_kl + bool(scores)
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8), constrained_layout=True)
-    colors = dict(zip(sets, ["tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:gray"]))
-    colors[domain] = "tab:orange"
+    palette = ["tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:gray", "tab:cyan", "tab:olive", "tab:pink"]
+    colors = dict(zip([n for n in sets if n not in on_domain], palette * len(sets)))
+    colors.update(zip([n for n in sets if n in on_domain], ["tab:orange", "tab:red", "gold", "tab:pink"] * len(sets)))
     axes[0].set_title("general held-out loss")
-    axes[1].set_title(f"{domain} held-out loss")
+    axes[1].set_title("domain held-out loss" if len(on_domain) > 1 else f"{domain} held-out loss")
     for ax in axes[:2]:
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("loss (nats/token)")
         ax.grid(alpha=0.3)
     for name in sets:
-        ax = axes[1] if name == domain else axes[0]
+        ax = axes[1] if name in on_domain else axes[0]
         pts = [(r["step"], r[f"{name}_loss"]) for r in history if f"{name}_loss" in r]
         if not pts:
             continue

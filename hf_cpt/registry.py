@@ -44,9 +44,11 @@ TECHNIQUE_MODULES: list[str] = [
     "hf_cpt.synth",                    # self-synthesised data     `data.synth`
     "hf_cpt.collators.distill_replay",        # distillation replay       `train.distill`
     "hf_cpt.liger",                    # memory: chunked loss      `train.chunked_loss`, `train.use_liger`
+    "hf_cpt.adapters",                 # LoRA                      `lora` (after the loss: peft wraps the patched model)
     "hf_cpt.collators.masking",        # masking                   `masking`
     "hf_cpt.vocab.extend",             # vocabulary extension      `vocab`
     "hf_cpt.callbacks.active_forgetting",  # active forgetting     `active_forgetting`
+    "hf_cpt.param_groups",             # weight decay groups, freezing  `train.decay_embeddings`, `train.freeze_layers`
     "hf_cpt.callbacks.rewarm",         # rewarming                 `schedule`
     "hf_cpt.hub",                      # Hub push                  `hub`
 ]
@@ -70,6 +72,8 @@ class TrainerParts:
     # refuses `Trainer(optimizers=...)`): `optimizer_factory(model)` and `scheduler_factory(optimizer, steps)`
     optimizer_factory: Callable[[Any], Any] | None = None
     scheduler_factory: Callable[[Any, int], Any] | None = None
+    # the names the Trainer's own optimizer decays (its `get_decay_parameter_names`), given the model it trains
+    decay_parameter_names: Callable[[Any], list[str]] | None = None
 
 
 @dataclass
@@ -114,6 +118,8 @@ class Technique:
             default: `transformers.default_data_collator`.
         setup: `(parts: TrainerParts)`: adds callbacks / optimizers / loss to the Trainer being built (enabled
             techniques only, in registry order); may return a function of the built Trainer, run once it exists.
+        finish: `(cfg, trainer, directory)`: rewrites the saved model in the run's staging `directory` after training
+            (e.g. merges a LoRA adapter into its base); called on every process, writes on the main one.
         card: `(config, metrics) -> lines`: the model card's recipe bullets, from `CPTConfig.to_dict()` and
             `metrics.json`; called for every technique (one that is off returns `[]` or describes the default).
         training_args: `TrainingArguments` settings the technique needs when enabled (e.g. a map-style data path
@@ -149,6 +155,7 @@ class Technique:
     block_sources: bool = False
     collator: Callable[[DataParts], Any] | None = None
     setup: Callable[[TrainerParts], Callable[[Any], None] | None] | None = None
+    finish: Callable[[CPTConfig, Any, Any], None] | None = None
     card: Callable[[dict[str, Any], dict[str, Any]], list[str]] | None = None
     training_args: Mapping[str, Any] = field(default_factory=dict)
     model: str | None = None

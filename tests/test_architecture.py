@@ -16,7 +16,7 @@ import hf_cpt
 
 PKG = Path(hf_cpt.__file__).resolve().parent
 TECHNIQUES = ("hf_cpt.callbacks", "hf_cpt.mixers", "hf_cpt.collators", "hf_cpt.vocab", "hf_cpt.losses",
-              "hf_cpt.liger", "hf_cpt.adapters", "hf_cpt.synth", "hf_cpt.base_targets", "hf_cpt.dynamics",
+              "hf_cpt.liger", "hf_cpt.adapters", "hf_cpt.param_groups", "hf_cpt.synth", "hf_cpt.base_targets", "hf_cpt.dynamics",
               "hf_cpt.validation", "hf_cpt.utils", "hf_cpt.import_utils", "hf_cpt.evaluation", "hf_cpt.output_lock",
               "hf_cpt.yaml_loader", "hf_cpt.registry", "hf_cpt.monitoring", "hf_cpt.schedules", "hf_cpt.plasticity",
               "hf_cpt.data_clean")

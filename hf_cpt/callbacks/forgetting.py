@@ -340,7 +340,7 @@ def _check(cfg: CPTConfig) -> None:
             raise ValueError(f"`{where}` guards the KL to the base, which this run does not measure "
                              + ("(`objective: mlm`)" if cfg.objective != "clm" else "(`monitor.kl: false`)")
                              + ": guard the loss (`metric: loss`) or set `monitor.kl: true`")
-        if guard.set == cfg.monitor.domain:
+        if guard.set == cfg.monitor.domain or cfg.data.held_out_kinds().get(guard.set) == "domain":
             raise ValueError(f"`{where}` guards the KL on the domain set {guard.set!r}; the KL to the base is "
                              "measured on the general sets only")
 
@@ -357,7 +357,8 @@ def _setup(parts: TrainerParts) -> Any:
     from .kl_to_base import KLToBaseCallback, attach_kl_to_base
 
     cfg = parts.cfg
-    general = {n: s for n, s in parts.data.eval_sets.items() if n != cfg.monitor.domain}
+    kinds = cfg.general_sets()  # every held-out set of kind general (`data.eval_sets` names its kind)
+    general = {n: s for n, s in parts.data.eval_sets.items() if n in kinds}
     kl = KLToBaseCallback(general, top_k=cfg.monitor.kl_top_k, batch_size=cfg.train.per_device_eval_batch_size)
     kl.compute_targets(parts.model)  # before any update: a resumed run recomputes them from the reloaded base
     return lambda trainer: attach_kl_to_base(trainer, kl)

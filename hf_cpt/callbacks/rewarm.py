@@ -51,12 +51,14 @@ def make_rewarm_scheduler(optimizer: torch.optim.Optimizer, cfg: RewarmConfig, n
 
 
 def make_rewarm_optimizer(model: torch.nn.Module, cfg: RewarmConfig, learning_rate: float,
-                          weight_decay: float = 0.0, **adamw_kwargs: Any) -> torch.optim.AdamW:
-    """AdamW with the Trainer's decay/no-decay split plus the input (and tied output) embeddings in their own
-    group at `learning_rate * cfg.embedding_lr_ratio`."""
-    from transformers.trainer_pt_utils import get_parameter_names
+                          weight_decay: float = 0.0, decay_embeddings: bool = False,
+                          **adamw_kwargs: Any) -> torch.optim.AdamW:
+    """AdamW with the decay/no-decay split of `hf_cpt.param_groups.decay_parameter_names` (no decay on norms and
+    biases, nor on the embeddings unless `decay_embeddings`) plus the input (and tied output) embeddings in their
+    own group at `learning_rate * cfg.embedding_lr_ratio`."""
+    from ..param_groups import decay_parameter_names
 
-    decay_names = set(get_parameter_names(model, [torch.nn.LayerNorm], ["bias", "layernorm", "rmsnorm", "norm"]))
+    decay_names = set(decay_parameter_names(model, decay_embeddings))
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     emb_ids = {id(p) for p in emb.parameters()} if emb is not None else set()
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -65,7 +67,8 @@ def make_rewarm_optimizer(model: torch.nn.Module, cfg: RewarmConfig, learning_ra
     groups: dict[str, dict[str, Any]] = {
         "decay": {"params": [], "weight_decay": weight_decay, "lr": learning_rate},
         "no_decay": {"params": [], "weight_decay": 0.0, "lr": learning_rate},
-        "embeddings": {"params": [], "weight_decay": weight_decay, "lr": learning_rate * cfg.embedding_lr_ratio},
+        "embeddings": {"params": [], "weight_decay": weight_decay if decay_embeddings else 0.0,
+                       "lr": learning_rate * cfg.embedding_lr_ratio},
     }
     seen: set[int] = set()
     for name, p in model.named_parameters():
@@ -169,11 +172,12 @@ def name_schedule_in_args(args: Any, cfg: RewarmConfig) -> None:
 
 
 def _setup(parts: TrainerParts) -> None:
-    cfg, args = parts.cfg.schedule, parts.args
+    cfg, args, decay_embeddings = parts.cfg.schedule, parts.args, parts.cfg.train.decay_embeddings
     name_schedule_in_args(args, cfg)
     # built by the Trainer on the model it trains (wrapped by DDP/FSDP by then): FSDP refuses ready-made optimizers
     parts.optimizer_factory = lambda model: make_rewarm_optimizer(
         model, cfg, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+        decay_embeddings=decay_embeddings,
         betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     parts.scheduler_factory = lambda optimizer, steps: make_rewarm_scheduler(optimizer, cfg, steps)
     parts.callbacks.append(RewarmCallback(cfg))

@@ -472,33 +472,45 @@ def cmr_fit(
     budget_tokens: Annotated[float, typer.Option(help="Training tokens of the planned run.")],
     tolerance: Annotated[float, typer.Option(help="Allowed rise of the general held-out loss.")] = 0.05,
     tolerance_mode: Annotated[str, typer.Option(help="relative (0.05 = 5%) or absolute (nats).")] = "relative",
-    plot: Annotated[Path, typer.Option(help="PNG of the fitted surfaces and feasible region.")] = Path("cmr.png"),
+    plot: Annotated[Path, typer.Option(help="PNG of the pilots, the chosen model's curves and the CMR.")] = Path(
+        "cmr.png"),
     bootstrap: Annotated[int, typer.Option(help="Bootstrap refits for the interval.")] = 100,
+    tokens_per_step: Annotated[Optional[float], typer.Option(
+        help="The pilots' training tokens per update: with it the learning-dynamics law is a candidate too.")] = None,
+    warmup_steps: Annotated[int, typer.Option(help="The pilots' LR warmup (updates), with --tokens-per-step.")] = 0,
+    lr_before: Annotated[float, typer.Option(help="The checkpoint's final pretraining LR as a fraction of the "
+                                                  "pilots' peak LR, with --tokens-per-step.")] = 0.0,
+    output_json: Annotated[Optional[Path], typer.Option("--json", help="Write the selection (every candidate's "
+                                                                      "score) and the prediction as JSON.")] = None,
     config: Annotated[Optional[Path], typer.Option(help="A run config to update with the predicted ratio.")] = None,
     write_config: Annotated[Optional[Path], typer.Option(help="Where to write the updated config.")] = None,
 ) -> None:
-    """Fit the CMR scaling law to pilot records and predict the domain share (and replay ratio) for a budget."""
-    import json
-
-    from ..mixers.cmr import fit_cmr_law, plot_cmr, predict_cmr, read_records
+    """Choose the CMR estimator on the pilot records (leave-one-budget-out), predict the domain share (and replay
+    ratio) for a budget with its interval."""
+    from ..mixers.cmr import read_records
+    from ..mixers.cmr_select import (PilotSchedule, format_selection, plot_selection, predict_selected_cmr,
+                                     select_cmr_estimator, write_selection)
 
     if (config is None) != (write_config is None):
         raise ValueError("`--config` and `--write-config` go together: the config to update and where to write it")
-    fit = fit_cmr_law(read_records(records), tolerance, tolerance_mode)
-    pred = predict_cmr(fit, budget_tokens, bootstrap=bootstrap)
-    plot_cmr(fit, pred, plot)
-    typer.echo(json.dumps({"law": fit.to_dict()["law"], "rmse_general": fit.rmse_general,
-                           "rmse_domain": fit.rmse_domain}, indent=1))
+    schedule = (PilotSchedule(tokens_per_step, warmup_steps, lr_before) if tokens_per_step is not None else None)
+    selection = select_cmr_estimator(read_records(records), tolerance, tolerance_mode, schedule=schedule)
+    pred = predict_selected_cmr(selection, budget_tokens, bootstrap=bootstrap)
+    plot_selection(selection, pred, plot)
+    for line in format_selection(selection):
+        typer.echo(line)
     typer.echo(f"CMR at {budget_tokens:.3g} tokens: domain share {pred.cmr:.3f} "
-               f"(90% interval {pred.interval[0]:.3f}-{pred.interval[1]:.3f}; paper's power law: "
-               + (f"{pred.power_law_cmr:.3f})" if pred.power_law_cmr is not None else
-                  f"not reported: {pred.power_law_note})"))
-    typer.echo(f"  -> data.replay_ratio: {pred.replay_ratio:.3f}    plot: {plot}")
+               f"(90% interval {pred.interval[0]:.3f}-{pred.interval[1]:.3f})")
+    typer.echo(f"  estimator {pred.estimator}, {pred.extrapolation:.3g}x the longest pilot budget (interval widened "
+               f"by {pred.widening:.3f} for it)  -> data.replay_ratio: {pred.replay_ratio:.3f}    plot: {plot}")
+    if output_json is not None:
+        write_selection(selection, pred, output_json)
+        typer.echo(f"  selection and prediction: {output_json}")
     if config is not None:
         from ..config import CPTConfig
         from ..recipe import write_cmr_config
 
-        write_cmr_config(CPTConfig.from_yaml(config), fit, pred, write_config, records=records)
+        write_cmr_config(CPTConfig.from_yaml(config), selection, pred, write_config, records=records)
         typer.echo(f"Wrote {write_config}: hf-cpt train {write_config}")
 
 
@@ -590,6 +602,30 @@ def merge(
     extra = (f"; {r['lora_modules']} LoRA modules merged" if r["kind"] == "lora" else "") + (
         f"; new-token rows of {', '.join(r['extended_rows'])} from the adapted model" if r.get("extended_rows") else "")
     typer.echo(f"Merged model (alpha {result.alpha:g}, base {r['base']}) written to {result.output_dir}{extra}")
+
+
+# --- hf-cpt study (issue 33): defences x seeds on any config; the logic is in hf_cpt.recipe.study ---------------------
+@app.command()
+@_user_errors
+def study(
+    configs: Annotated[list[Path], typer.Argument(help="hf-cpt YAML configs (one per domain); drawn on shared axes.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where runs, study.json and study.png go.")],
+    defences: Annotated[str, typer.Option(help="Comma-separated: naive (always run, the reference), rewarm, "
+                                               "replay, self_replay, distill, average, lora, freeze, merge.")] =
+        "naive,rewarm,self_replay,distill,merge",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds (train.seed and data.shuffle_seed).")] = "0",
+    steps: Annotated[Optional[int], typer.Option(help="Override `train.max_steps` of every config.")] = None,
+) -> None:
+    """Run forgetting defences x seeds on your configs; print the table, the Pareto front and a verdict."""
+    from ..recipe.study import run_study, study_table
+
+    seed_list = [int(x) for x in _floats("--seeds", seeds) or []]
+    result = run_study(configs, [d.strip() for d in defences.split(",") if d.strip()], seed_list, out, steps=steps,
+                       log=typer.echo)
+    typer.echo("\n" + study_table(result.summary) + "\n")
+    for line in result.verdict:
+        typer.echo(line)
+    typer.echo(f"plot: {result.plot}  table: {out / 'study.json'}")
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ TECHNIQUE = Technique(
                 **names("data_clean.near", "candidate_probability", "choose_bands"),
                 "clean_documents": "data_clean.clean"},
     # the held-out sets and the report are built by the data path itself (recipe/cleaning.py, recipe/data.py)
-    enabled=lambda cfg: cfg.data.dedup is not None or cfg.data.decontaminate.action != "off",
+    enabled=lambda cfg: cfg.data.dedup is not None or (cfg.data.decontaminate is not None
+                                                       and cfg.data.decontaminate.action != "off"),
     card=_card,
 )

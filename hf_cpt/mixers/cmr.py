@@ -502,14 +502,19 @@ def _card(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
     if not cmr:
         return []
     return [f"replay ratio chosen by the CMR scaling law: critical domain share {cmr.get('cmr'):.3f} at "
-            f"{cmr.get('budget_tokens'):.3g} tokens (tolerance {cmr.get('tolerance')} {cmr.get('tolerance_mode')})"]
+            f"{cmr.get('budget_tokens'):.3g} tokens (tolerance {cmr.get('tolerance')} {cmr.get('tolerance_mode')}"
+            + (f"; estimator {cmr['estimator']}, 90% interval {cmr['interval'][0]:.3f}-{cmr['interval'][1]:.3f}"
+               if cmr.get("estimator") and cmr.get("interval") else "") + ")"]
 
 
 TECHNIQUE = Technique(
     name="CMR",
     key="data.cmr",  # the provenance `hf-cpt cmr fit --write-config` records with the replay ratio it chose
-    exports=names("mixers.cmr", "fit_cmr_law", "predict_cmr", "read_records", "write_records", "plot_cmr",
-                  "CMRFit", "CMRPrediction", "CMRRecord"),
-    functional=names("mixers.cmr", "cmr_power_law", "critical_ratio", "fit_cmr_law", "predict_cmr"),
+    exports={**names("mixers.cmr", "fit_cmr_law", "predict_cmr", "read_records", "write_records", "plot_cmr",
+                     "CMRFit", "CMRPrediction", "CMRRecord"),
+             **names("mixers.cmr_select", "select_cmr_estimator", "predict_selected_cmr", "write_selection",
+                     "plot_selection", "PilotSchedule", "CMRSelection", "SelectedCMRPrediction")},
+    functional={**names("mixers.cmr", "cmr_power_law", "critical_ratio", "fit_cmr_law", "predict_cmr"),
+                **names("mixers.cmr_select", "select_cmr_estimator", "predict_selected_cmr", "solve_ratio")},
     card=_card,
 )

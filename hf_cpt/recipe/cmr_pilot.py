@@ -16,6 +16,7 @@ from pathlib import Path
 from ..callbacks.rewarm import RewarmConfig
 from ..config import CPTConfig, write_yaml
 from ..mixers.cmr import CMRFit, CMRPrediction, CMRRecord, write_records
+from ..mixers.cmr_select import CMRSelection, SelectedCMRPrediction
 from ..validation import check_int
 
 logger = logging.getLogger(__name__)
@@ -75,14 +76,14 @@ def run_cmr_pilot(cfg: CPTConfig, domain_ratios: Sequence[float], num_budgets: i
     return records
 
 
-def write_cmr_config(cfg: CPTConfig, fit: CMRFit, prediction: CMRPrediction, path: str | Path,
-                     records: str | Path) -> CPTConfig:
+def write_cmr_config(cfg: CPTConfig, fit: CMRFit | CMRSelection, prediction: CMRPrediction | SelectedCMRPrediction,
+                     path: str | Path, records: str | Path) -> CPTConfig:
     """Set `data.replay_ratio` from a CMR prediction, record its provenance in `data.cmr` (shown on the model
     card), and write the config to `path` with a comment saying where the ratio came from. Returns the config."""
     budget_tokens = prediction.budget_tokens
     provenance = {"cmr": round(prediction.cmr, 4), "interval": [round(x, 4) for x in prediction.interval],
                   "budget_tokens": budget_tokens, "tolerance": fit.tolerance, "tolerance_mode": fit.tolerance_mode,
-                  "records": str(records)}
+                  "records": str(records), "estimator": getattr(prediction, "estimator", "surfaces")}
     new = cfg.override({"data.replay_ratio": round(prediction.replay_ratio, 4), "data.cmr": provenance})
     header = (f"# replay_ratio from `hf-cpt cmr fit {records}` (CMR {prediction.cmr:.3f} at {budget_tokens:.3g} "
               f"tokens, tolerance {fit.tolerance} {fit.tolerance_mode})\n")

@@ -154,17 +154,18 @@ def tokenize_and_pack(ds, tokenizer, text_field: str, block_size: int, desc: str
 
 # --- data cleaning (issue 34): the held-out texts the training text is decontaminated against ---
 def held_out_texts(data: DataConfig, extra: Mapping[str, Any] | None = None) -> dict[str, list[str]]:
-    """`{set name: texts}` of every set the run evaluates on: `domain` / `general` (their `eval` splits) and
+    """`{set name: texts}` of every set the run evaluates on: `domain` / `general` (their `eval` splits), the named
+    `eval_sets` and
     `extra` (e.g. `general_self`, lm-eval tasks from [`downstream_texts`]), only when decontamination is on."""
     from .cleaning import iter_texts
 
     if data.decontaminate is None or not data.decontaminate.enabled:
         return {}
     out: dict[str, list[str]] = {}
-    for name in ("domain", "general"):
-        src = getattr(data, name)
-        if src is not None and src.eval is not None:
-            out[name] = list(iter_texts(load_split(src.eval, src, f"data.{name}.eval"), src.text_field))
+    files = data.held_out_files()
+    for name in sorted(files, key=lambda n: n != "domain"):  # `domain` first: a text in both is reported by it
+        spec, where = files[name]
+        out[name] = list(iter_texts(load_split(spec.path, spec, where), spec.text_field))
     for name, texts in (extra or {}).items():
         out[name] = [t for t in iter_texts(texts, "text")] if not isinstance(texts, list) else list(texts)
     return out
@@ -172,21 +173,18 @@ def held_out_texts(data: DataConfig, extra: Mapping[str, Any] | None = None) -> 
 
 
 def build_eval_sets(cfg: DataConfig, tokenizer, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Held-out block sets keyed `general` / `domain` (plus `extra` text datasets, e.g. `general_self`), each
-    capped at `max_eval_blocks`."""
-    texts: dict[str, tuple[Any, str]] = {}
-    for name in ("general", "domain"):
-        source: SourceConfig | None = getattr(cfg, name)
-        if source is not None and source.eval is not None:
-            texts[name] = (load_split(source.eval, source, f"data.{name}.eval"), source.text_field)
+    """Held-out block sets by name: `general` / `domain` (their `eval` splits), every named `eval_sets` entry, plus
+    `extra` text datasets (e.g. `general_self`), each capped at `max_eval_blocks`."""
+    texts: dict[str, tuple[Any, str, str]] = {}
+    for name, (spec, where) in cfg.held_out_files().items():
+        texts[name] = (load_split(spec.path, spec, where), spec.text_field, where)
     for name, ds in (extra or {}).items():
-        texts[name] = (ds, "text")
+        texts[name] = (ds, "text", "data.synth.eval_tokens")
     out = {}
-    for name, (ds, text_field) in texts.items():
+    for name, (ds, text_field, where) in texts.items():
         blocks = tokenize_and_pack(ds, tokenizer, text_field, cfg.block_size, f"{name} held-out", cfg.packing,
                                    cfg.add_bos)
         if len(blocks) == 0:
-            where = f"data.{name}.eval" if name in ("general", "domain") else "data.synth.eval_tokens"
             raise ValueError(f"`{where}`: the held-out text is shorter than one block "
                              f"(`data.block_size`={cfg.block_size}); add text or lower `data.block_size`")
         if cfg.max_eval_blocks:
@@ -306,6 +304,20 @@ def check_data_paths(cfg: DataConfig, store: bool = True) -> None:
                         if budget[0] > 0:
                             budget[0] -= check_data_rows(path, builder, f"data.{name}.{split}",
                                                          f"data.{name}.text_field", source.text_field, budget[0])
+    for name, spec in cfg.eval_sets.items():
+        where = f"data.eval_sets.{name}"
+        if spec.path.startswith("hub:"):
+            check_hub_dataset(spec.path, f"{where}.path")
+        else:
+            builder, files = resolve_data_files(spec.path, f"{where}.path")
+            if not spec.path.startswith("embedded:"):
+                budget = [_SCANNED_BYTES]
+                for i, path in enumerate(files):
+                    check_data_file(path, builder, f"{where}.path", f"{where}.text_field", spec.text_field,
+                                    peek=i < _PEEKED_FILES)
+                    if budget[0] > 0:
+                        budget[0] -= check_data_rows(path, builder, f"{where}.path", f"{where}.text_field",
+                                                     spec.text_field, budget[0])
     if store and cfg.prepared_dir is not None and not (Path(cfg.prepared_dir).expanduser() / MANIFEST).is_file():
         PreparedStore(cfg.prepared_dir, field="data.prepared_dir")  # raises: no store there, run `hf-cpt prepare`
 

@@ -218,16 +218,12 @@ def build_masked_data(cfg: CPTConfig, tokenizer: Any) -> tuple[Any, dict[str, An
         train = train_parts[0].shuffle(seed=data.shuffle_seed)
     collator = make_collator(cfg.masking, tokenizer, cfg.objective, seed=cfg.train.seed)
     eval_sets = {}
-    for name in ("general", "domain"):
-        src = getattr(data, name)
-        if src is None or src.eval is None:
-            continue
-        ds = _prepare(load_split(src.eval, src, f"data.{name}.eval"), cfg, tokenizer, src.text_field,
-                      f"{name} held-out text")
+    for name, (spec, where) in data.held_out_files().items():  # `general`, `domain`, the named `eval_sets`
+        ds = _prepare(load_split(spec.path, spec, where), cfg, tokenizer, spec.text_field, f"{name} held-out text")
         if data.max_eval_blocks:
             ds = ds.select(range(min(data.max_eval_blocks, len(ds))))
         if len(ds) == 0:
-            raise ValueError(f"`data.{name}.eval`: no held-out text")
+            raise ValueError(f"`{where}`: no held-out text")
         # clm: the held-out loss is the plain causal loss (no weights, no input masking), comparable to base runs
         held_out = CausalSpanCollator(tokenizer, span_weight=1.0) if cfg.objective == "clm" else \
             make_collator(cfg.masking, tokenizer, cfg.objective, seed=1234)

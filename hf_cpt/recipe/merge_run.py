@@ -258,7 +258,7 @@ class HeldOutEvaluator:
         self.cfg, self.tokenizer = cfg, tokenizer
         self.sets = build_eval_sets(cfg.data, tokenizer)
         self.domain = cfg.monitor.domain
-        general = {n: s for n, s in self.sets.items() if n != self.domain}
+        general = {n: s for n, s in self.sets.items() if n in cfg.general_sets()}
         self.kl = KLToBaseCallback(general, top_k=min(cfg.monitor.kl_top_k, reference.get_output_embeddings()
                                                       .weight.shape[0]),
                                    batch_size=cfg.train.per_device_eval_batch_size)

@@ -313,9 +313,10 @@ def build_trainer(cfg: CPTConfig, args: Any, model: Any, tokenizer: Any, data: R
                                                                  *data.callbacks])
     after = [hook for t in enabled_techniques(cfg) if t.setup is not None and (hook := t.setup(parts)) is not None]
     trainer_class = Trainer
-    if parts.optimizer_factory is not None or parts.scheduler_factory is not None:
-        trainer_class = _trainer_with_factories(Trainer, parts.optimizer_factory, parts.scheduler_factory)
-    trainer = trainer_class(model=model, args=args, train_dataset=data.train_set, eval_dataset=data.eval_sets,
+    if any(f is not None for f in (parts.optimizer_factory, parts.scheduler_factory, parts.decay_parameter_names)):
+        trainer_class = _trainer_with_factories(Trainer, parts.optimizer_factory, parts.scheduler_factory,
+                                                parts.decay_parameter_names)
+    trainer = trainer_class(model=parts.model, args=args, train_dataset=data.train_set, eval_dataset=data.eval_sets,
                             data_collator=data.collator, processing_class=tokenizer, callbacks=parts.callbacks,
                             optimizers=parts.optimizers)
     wanted = requested_sharding(args)
@@ -328,12 +329,19 @@ def build_trainer(cfg: CPTConfig, args: Any, model: Any, tokenizer: Any, data: R
     return trainer
 
 
-def _trainer_with_factories(base: type, optimizer_factory: Any, scheduler_factory: Any) -> type:
+def _trainer_with_factories(base: type, optimizer_factory: Any, scheduler_factory: Any,
+                            decay_parameter_names: Any = None) -> type:
     """`base` (a `Trainer` class) whose own `create_optimizer` / `create_scheduler` build the optimizer and the LR
     schedule from the techniques' factories, on the model it trains: the same objects as passing them ready-made,
-    also under FSDP (which refuses `Trainer(optimizers=...)`; tests/distributed/test_fsdp_equal.py)."""
+    also under FSDP (which refuses `Trainer(optimizers=...)`; tests/distributed/test_fsdp_equal.py). Its own
+    optimizer (no factory) decays the parameters `decay_parameter_names(model)` names, when given."""
 
     class CPTTrainer(base):
+        def get_decay_parameter_names(self, model):
+            if decay_parameter_names is None:
+                return super().get_decay_parameter_names(model)
+            return decay_parameter_names(model)
+
         def create_optimizer(self, model=None):
             if self.optimizer is None and optimizer_factory is not None:
                 self.optimizer = optimizer_factory(self.model if model is None else model)
@@ -502,6 +510,9 @@ def _train_and_write(cfg: CPTConfig, args: Any, tmp: Path, last: str | None, sta
         train_out = trainer.train(resume_from_checkpoint=last)
     metrics = collect_metrics(cfg, trainer, train_out, data, last, vocab_summary)
     save_full_model(trainer, tmp)
+    for technique in enabled_techniques(cfg):  # e.g. a LoRA adapter merged into its base
+        if technique.finish is not None:
+            technique.finish(cfg, trainer, tmp)
     # training_args.bin is a pickle; the recipe is recorded as YAML instead (safetensors/text only)
     (tmp / "training_args.bin").unlink(missing_ok=True)
     if trainer.is_world_process_zero():

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -40,13 +42,19 @@ def test_fit_prints_the_ratio_writes_the_plot_and_updates_a_config(tmp_path, tin
     cfg.write_text(yaml.safe_dump(tiny_run_dict(tiny_model_dir)))
     result = runner.invoke(app, ["cmr", "fit", str(records), "--budget-tokens", "1e9", "--tolerance", "0.05",
                                  "--plot", str(tmp_path / "cmr.png"), "--bootstrap", "5", "--config", str(cfg),
+                                 "--json", str(tmp_path / "cmr.json"),
                                  "--write-config", str(tmp_path / "planned.yaml")])
     assert result.exit_code == 0, result.output
-    assert "CMR at 1e+09 tokens: domain share 0.15" in result.output
-    # the synthetic pilots' power-law fit is degenerate (s ~ 0): withheld, with the reason, not a wrong number
-    assert "paper's power law: not reported: the exponent s = " in result.output and "is ~0" in result.output
+    # power-law pilots: the surfaces win the leave-one-budget-out selection; every candidate is listed
+    assert "estimator: surfaces (chosen by leave-one-budget-out" in result.output
+    assert "lost: held-out" in result.output and "dynamics" in result.output and "dcpt" in result.output
+    assert "CMR at 1e+09 tokens: domain share 0.15" in result.output and "90% interval" in result.output
     assert (tmp_path / "cmr.png").stat().st_size > 10_000
     planned = CPTConfig.from_yaml(tmp_path / "planned.yaml")
     assert abs(planned.data.replay_ratio - 0.85) < 0.02
+    assert planned.data.cmr["estimator"] == "surfaces"
+    saved = json.loads((tmp_path / "cmr.json").read_text())
+    assert saved["selection"]["chosen"] == "surfaces" and saved["prediction"]["estimator"] == "surfaces"
+    assert {c["name"] for c in saved["selection"]["candidates"]} >= {"surfaces", "dcpt", "dynamics", "saturating"}
     bad = runner.invoke(app, ["cmr", "fit", str(records), "--budget-tokens", "1e9", "--tolerance", "0"])
     assert bad.exit_code == 2 and "`tolerance` must be > 0" in bad.output
