@@ -157,6 +157,8 @@ CASES = [
     ("rows-all-blank", data("d.jsonl", lines({"text": ""}, {"text": "  "})), "blank"),
     ("row-text-int-eval", data("e.jsonl", lines(*GOOD, {"text": 3}), key="data.general.eval"),
      "`data.general.text_field`"),
+    ("row-text-int-extra-eval-set", data("x.jsonl", lines(*GOOD, {"text": 4}), key="data.eval_sets.legal"),
+     "`data.eval_sets.legal.text_field`: 'x.jsonl' line 6"),
     ("json-array-text-int", data("d.json", json.dumps([{"text": "a"}, {"text": 2}]).encode()), "item 1"),
     ("json-array-bad", data("d.json", b'[{"text": "a"},'), "not valid JSON"),
     ("csv-header-only", data("d.csv", b"id,text\n"), "header"),
