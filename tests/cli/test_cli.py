@@ -175,6 +175,7 @@ def test_train_with_a_rewarming_schedule_block(tmp_path, tiny_model_dir):
     from hf_cpt.callbacks.rewarm import RewarmConfig, lr_multiplier
 
     data = tiny_run_dict(tiny_model_dir, max_steps=6, learning_rate=1e-3)
+    data["train"].pop("lr_scheduler_type")  # the `schedule` block defines the LR
     data["schedule"] = {"schedule": "cycles", "embedding_lr_ratio": 2.0, "cycles": [
         {"steps": 3, "warmup_steps": 1, "floor": 0.1}, {"steps": 3, "peak": 0.5, "warmup_steps": 1}]}
     out = tmp_path / "out"

@@ -21,6 +21,7 @@ def launches(tmp_path_factory, tiny_model_dir):
     # refuses `Trainer(optimizers=...)`) and active forgetting (once refused by the recipe under FSDP)
     cfg = tiny_run_dict(tiny_model_dir, max_steps=4, per_device_train_batch_size=2)
     cfg["train"].pop("warmup_steps")
+    cfg["train"].pop("lr_scheduler_type")  # the `schedule` block defines the LR
     cfg["schedule"] = {"schedule": "rewarm", "warmup_steps": 2, "embedding_lr_ratio": 0.5}
     cfg["active_forgetting"] = {"every_k_updates": 3}
     run_yaml = root / "run.yaml"
