@@ -30,12 +30,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """`gpu`-marked tests are opt-in: they run only with HF_CPT_GPU_TESTS=1 on a machine with CUDA. Under
-    pytest-xdist (`-n auto`, the README's command) the distributed tests stay on one worker (`--dist loadgroup`):
-    they share one set of batched launches (tests/distributed/conftest.py), which each worker would repeat."""
-    for item in items:
-        if "tests/distributed/" in item.nodeid.replace("\\", "/"):
-            item.add_marker(pytest.mark.xdist_group("distributed"))
+    """`gpu`-marked tests are opt-in: they run only with HF_CPT_GPU_TESTS=1 on a machine with CUDA."""
     gpu = [item for item in items if "gpu" in item.keywords]
     if not gpu:
         return
