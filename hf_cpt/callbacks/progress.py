@@ -196,14 +196,14 @@ class PhaseBar:
 def datasets_bars_off() -> Iterator[None]:
     """`datasets`' own progress bars (one per `map`) off while a [`PhaseBar`] shows the phase, the user's
     setting restored after; `HF_DATASETS_DISABLE_PROGRESS_BARS=0` (the user asked for them) is left alone."""
-    from datasets import config
-    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    import importlib
 
-    if are_progress_bars_disabled() or config.HF_DATASETS_DISABLE_PROGRESS_BARS is False:
+    bars = importlib.import_module("datasets.utils.tqdm")  # the module (`datasets.utils.tqdm` is also a class)
+    if bars.are_progress_bars_disabled() or bars.HF_DATASETS_DISABLE_PROGRESS_BARS is False:
         yield
         return
-    disable_progress_bars()
+    bars.disable_progress_bars()
     try:
         yield
     finally:
-        enable_progress_bars()
+        bars.enable_progress_bars()

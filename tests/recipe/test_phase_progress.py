@@ -102,27 +102,35 @@ def test_nothing_is_drawn_when_output_is_redirected(corpora, tiny_tokenizer, std
     assert out.getvalue() == ""
 
 
-@pytest.mark.parametrize("user_disabled", [False, True])
-def test_the_users_datasets_bar_setting_is_restored(corpora, tiny_tokenizer, monkeypatch, tmp_path, user_disabled):
-    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+@pytest.fixture
+def datasets_bars(monkeypatch):
+    """`datasets`' progress-bar switch, as a user without `HF_DATASETS_DISABLE_PROGRESS_BARS` has it; its state is
+    put back after the test."""
+    import importlib
 
+    module = importlib.import_module("datasets.utils.tqdm")
+    monkeypatch.setattr(module, "HF_DATASETS_DISABLE_PROGRESS_BARS", None)
+    monkeypatch.setattr(module, "_hf_datasets_progress_bars_disabled", module.are_progress_bars_disabled())
+    return module
+
+
+@pytest.mark.parametrize("user_disabled", [False, True])
+def test_the_users_datasets_bar_setting_is_restored(corpora, tiny_tokenizer, monkeypatch, tmp_path, datasets_bars,
+                                                    user_disabled):
+    are_progress_bars_disabled = datasets_bars.are_progress_bars_disabled
     seen = []
     update = PhaseBar.update
     monkeypatch.setattr(PhaseBar, "update", lambda self, *a, **k: (seen.append(are_progress_bars_disabled()),
                                                                   update(self, *a, **k)))
-    (disable_progress_bars if user_disabled else enable_progress_bars)()
-    try:
-        build_eval_sets(_data(corpora), tiny_tokenizer)
-        assert seen and all(seen)  # off while the phase bar counts
-        assert are_progress_bars_disabled() is user_disabled
-        tiny = _write(tmp_path / "tiny.jsonl", ["too short for a block"])
-        short = DataConfig(domain=SourceConfig(corpora["domain"], tiny), general=None, replay_ratio=0.0,
-                           block_size=64)
-        with pytest.raises(ValueError, match="shorter than one block"):  # restored on an error too
-            build_eval_sets(short, tiny_tokenizer)
-        assert are_progress_bars_disabled() is user_disabled
-    finally:
-        enable_progress_bars()
+    (datasets_bars.disable_progress_bars if user_disabled else datasets_bars.enable_progress_bars)()
+    build_eval_sets(_data(corpora), tiny_tokenizer)
+    assert seen and all(seen)  # off while the phase bar counts
+    assert are_progress_bars_disabled() is user_disabled
+    tiny = _write(tmp_path / "tiny.jsonl", ["too short for a block"])
+    short = DataConfig(domain=SourceConfig(corpora["domain"], tiny), general=None, replay_ratio=0.0, block_size=64)
+    with pytest.raises(ValueError, match="shorter than one block"):  # restored on an error too
+        build_eval_sets(short, tiny_tokenizer)
+    assert are_progress_bars_disabled() is user_disabled
 
 
 def test_a_bar_pickles_inert_and_to_the_same_bytes_so_map_caching_holds():
@@ -136,16 +144,33 @@ def test_a_bar_pickles_inert_and_to_the_same_bytes_so_map_caching_holds():
     assert worker.disabled
 
 
-def test_datasets_bars_off_leaves_a_forced_setting_alone(monkeypatch):
-    from datasets import config
-    from datasets.utils import are_progress_bars_disabled
-
-    monkeypatch.setattr(config, "HF_DATASETS_DISABLE_PROGRESS_BARS", False)  # HF_DATASETS_DISABLE_PROGRESS_BARS=0
+def test_datasets_bars_off_leaves_a_forced_setting_alone(monkeypatch, datasets_bars):
+    monkeypatch.setattr(datasets_bars, "HF_DATASETS_DISABLE_PROGRESS_BARS", False)  # the user set it to 0
+    datasets_bars.enable_progress_bars()
     with datasets_bars_off():
-        assert not are_progress_bars_disabled()
+        assert not datasets_bars.are_progress_bars_disabled()
 
 
 def _texts(texts: list[str]):
     import datasets
 
     return datasets.Dataset.from_dict({"text": texts})
+
+
+def test_a_masked_run_tokenizes_under_one_bar(corpora, tiny_model_dir, tiny_tokenizer, stderr, tmp_path):
+    from hf_cpt.config import CPTConfig
+    from hf_cpt.recipe.masked_data import build_masked_data
+    from tests.conftest import tiny_run_dict
+
+    lexicon = tmp_path / "lexicon.txt"
+    lexicon.write_text("function\nmodule\n", encoding="utf-8")
+    run = tiny_run_dict(tiny_model_dir, max_steps=2)
+    run["data"].update(domain={"train": corpora["domain"], "eval": corpora["eval"]},
+                       general={"train": corpora["general"], "eval": corpora["eval"]}, block_size=32)
+    run["masking"] = {"kind": "lexicon", "lexicon": str(lexicon)}
+    out = stderr(tty=True)
+    build_masked_data(CPTConfig.from_dict(run), tiny_tokenizer)
+    cleaning, tokenizing = _bars(out.getvalue())  # chunking, tagging, tokenizing: one bar, none per `datasets` map
+    assert cleaning.startswith("Cleaning training text: 100%") and "15/15" in cleaning  # `data.dedup` by default
+    assert tokenizing.startswith("Tokenizing training text and held-out sets: 100%") and "22/22" in tokenizing
+    assert tokenizing.rstrip().endswith("tok/s]")
