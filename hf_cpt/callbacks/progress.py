@@ -24,7 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Self
 
 from transformers.trainer_callback import ProgressCallback
 
@@ -179,10 +179,10 @@ class PhaseBar:
         if not self.disabled:
             self.bar.close()
 
-    def __enter__(self) -> PhaseBar:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __getstate__(self) -> dict[str, Any]:
