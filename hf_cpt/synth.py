@@ -147,7 +147,7 @@ def synthesize_text(
         batch_size: documents per `generate` call.
         seed: sampling seed.
         dedup: drop lines seen before (normalised) and empty documents.
-        progress: show a tqdm bar (tokens/s).
+        progress: show a progress bar (tokens/s; off when output is redirected, see [`PhaseBar`]).
 
     Raises:
         ValueError: for an encoder (masked-LM) model or a bad argument.
@@ -160,7 +160,7 @@ def synthesize_text(
     check_number("top_p", top_p, 0.0, 1.0, min_inclusive=False)
     check_int("max_new_tokens", max_new_tokens, minimum=1)
     check_int("batch_size", batch_size, minimum=1)
-    from tqdm.auto import tqdm
+    from .callbacks.progress import PhaseBar
 
     start, pad, eos = _special_ids(tokenizer)
     seeds = load_seed_prompts() if prompts != "bos" else []
@@ -171,7 +171,7 @@ def synthesize_text(
     total = stalled = 0
     was_training = model.training
     model.eval()
-    bar = tqdm(total=n_tokens, unit="tok", unit_scale=True, desc="Synthesising general text", disable=not progress)
+    bar = PhaseBar("Synthesising general text", total=n_tokens, unit="tok", progress=progress)
     try:
         with _forked_rng(device, seed), torch.no_grad():
             while total < n_tokens:
@@ -189,7 +189,7 @@ def synthesize_text(
                     kept += n
                     if total >= n_tokens:
                         break
-                bar.update(min(kept, n_tokens - bar.n))
+                bar.update(tokens=min(kept, n_tokens - bar.tokens))
                 stalled = stalled + 1 if kept == 0 else 0
                 if stalled >= MAX_STALLED_ROUNDS:
                     raise RuntimeError(

@@ -210,3 +210,23 @@ def test_real_model_writes_readable_english():
     # a pretrained model continues English prompts with English: common words are frequent
     words = text.lower().split()
     assert sum(w in {"the", "a", "of", "and", "to", "in", "is"} for w in words) / len(words) > 0.08
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_one_bar_with_tokens_per_second_on_a_terminal_none_in_a_file(tiny_lm, tiny_tokenizer, monkeypatch, terminal):
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    synthesize_text(tiny_lm, tiny_tokenizer, 40, seed=0, **{**FAST, "progress": True})
+    bars = [seg.split("\r")[-1] for seg in out.getvalue().split("\n") if seg.strip()]
+    if terminal:
+        assert len(bars) == 1 and bars[0].startswith("Synthesising general text: 100%") and "tok/s" in bars[0]
+    else:
+        assert out.getvalue() == ""  # redirected: no carriage returns in the log

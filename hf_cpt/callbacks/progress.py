@@ -11,12 +11,20 @@ The recipe swaps it in for the Trainer's (`swap_progress_bar`); a Python user ca
 
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(PhaseProgressCallback(tokens_per_step=8 * 2048, eval_tokens_per_batch=16 * 2048))
+
+The phases before training get one bar each from the same module ([`PhaseBar`]): self-synthesis (tokens),
+tokenizing the held-out sets or a prepared store's sources (documents and tokens/s, with `datasets`' own per-`map`
+bars off meanwhile: [`datasets_bars_off`]) and data cleaning (documents).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Self
 
 from transformers.trainer_callback import ProgressCallback
 
@@ -110,3 +118,92 @@ def swap_progress_bar(trainer: Any, block_size: int) -> None:
     per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size * block_size
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(PhaseProgressCallback(per_step, args.per_device_eval_batch_size * block_size))
+
+
+# --- the phases before training (synthesis, tokenizing, cleaning): one bar each, from one helper ---------------
+def bars_disabled(stream: Any = None) -> bool:
+    """Whether a [`PhaseBar`] stays off: `TQDM_DISABLE` is set (`hf-cpt` sets it when output is redirected), or
+    `stream` (default stderr) is not a terminal, so a log file never gets the carriage returns of a redrawn bar.
+    A notebook (where `tqdm.auto` draws widgets) always gets its bars."""
+    if os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes"):
+        return True
+    from tqdm.auto import tqdm
+
+    if any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__):  # a notebook widget: its output is no stream
+        return False
+    stream = sys.stderr if stream is None else stream
+    return not getattr(stream, "isatty", lambda: False)()
+
+
+class PhaseBar:
+    """One progress bar for one long phase before training, in the style of the training bar: what it counts
+    (`documents`, or `tokens` for synthesis) and the tokens/s in its postfix. Off when `progress` is False or
+    [`bars_disabled`]; use it as a context manager (it closes itself).
+
+    A bar handed to a worker process (e.g. inside a `datasets.map` function with `num_proc`) arrives there
+    disabled (the caller counts that work once it is done), and it pickles to the same bytes whatever it has
+    counted, so the map function's cache fingerprint stays stable.
+
+    Args:
+        desc: the phase, e.g. `"Tokenizing held-out sets"`.
+        total: units in the phase (documents, or tokens with `unit="tok"`), None when unknown.
+        unit: `"doc"` (the postfix shows tokens/s once tokens are reported) or `"tok"` (tqdm's own rate is it).
+        progress: False keeps the bar off.
+        file: where to draw (default: stderr).
+    """
+
+    def __init__(self, desc: str, total: int | None = None, unit: str = "doc", progress: bool = True,
+                 file: Any = None) -> None:
+        from tqdm.auto import tqdm
+
+        self.unit, self.documents, self.tokens = unit, 0, 0
+        self.disabled = not progress or bars_disabled(file)
+        self._clock = time.perf_counter
+        self._start = self._clock()
+        self.bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "tok", disable=self.disabled, file=file)
+
+    def update(self, documents: int = 0, tokens: int = 0) -> None:
+        """Count `documents` and `tokens` more (the bar advances by the unit it counts)."""
+        self.documents += documents
+        self.tokens += tokens
+        if self.disabled:
+            return
+        if self.unit == "tok":
+            self.bar.update(tokens)
+            return
+        if self.tokens:
+            self.bar.set_postfix_str(tokens_per_second(self.tokens, self._clock() - self._start), refresh=False)
+        self.bar.update(documents)
+
+    def close(self) -> None:
+        if not self.disabled:
+            self.bar.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"unit": self.unit}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # in a worker process: draws nothing
+        self.unit, self.documents, self.tokens, self.disabled = state["unit"], 0, 0, True
+
+
+@contextlib.contextmanager
+def datasets_bars_off() -> Iterator[None]:
+    """`datasets`' own progress bars (one per `map`) off while a [`PhaseBar`] shows the phase, the user's
+    setting restored after; `HF_DATASETS_DISABLE_PROGRESS_BARS=0` (the user asked for them) is left alone."""
+    import importlib
+
+    bars = importlib.import_module("datasets.utils.tqdm")  # the module (`datasets.utils.tqdm` is also a class)
+    if bars.are_progress_bars_disabled() or bars.HF_DATASETS_DISABLE_PROGRESS_BARS is False:
+        yield
+        return
+    bars.disable_progress_bars()
+    try:
+        yield
+    finally:
+        bars.enable_progress_bars()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -278,7 +278,8 @@ def _batches(texts: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 def clean_documents(sources: Mapping[str, Iterable[Any]], dedup: DedupConfig | None = None,
                     decontaminate: DecontaminateConfig | None = None,
-                    held_out: Mapping[str, Iterable[str]] | None = None, workers: int = 1) -> CleanResult:
+                    held_out: Mapping[str, Iterable[str]] | None = None, workers: int = 1,
+                    progress: Callable[[int], Any] | None = None) -> CleanResult:
     """Decide which documents of each source to keep, and report what was removed.
 
     Args:
@@ -287,6 +288,8 @@ def clean_documents(sources: Mapping[str, Iterable[Any]], dedup: DedupConfig | N
         held_out: `{set name: texts}` the training text must not overlap (decontamination).
         workers: processes that hash documents (normalising, MinHash, n-gram lookups); the decisions are made
             here, in order, so the result is the same for any `workers`.
+        progress: called with the number of documents just decided (a batch at a time), e.g. a progress bar's
+            `update`.
 
     Example:
         >>> result = clean_documents({"domain": ["a b c d e f", "A b, c d e f!", "x y z"]}, DedupConfig(near=False))
@@ -308,12 +311,17 @@ def clean_documents(sources: Mapping[str, Iterable[Any]], dedup: DedupConfig | N
             if not cleaner.active:
                 codes = [KEPT for _ in texts]
                 stats["documents"] = stats["kept"]["documents"] = len(codes)
-            elif pool is None:
-                codes = [cleaner.decide(name, _features(t, cleaner.spec, cleaner.ngrams)) for t in texts]
+                if progress is not None:
+                    progress(len(codes))
             else:
                 codes = []
-                for feats in pool.imap(_features_batch, _batches(texts, _BATCH), chunksize=1):
+                batches = _batches(texts, _BATCH)
+                features = pool.imap(_features_batch, batches, chunksize=1) if pool is not None else \
+                    ([_features(t, cleaner.spec, cleaner.ngrams) for t in batch] for batch in batches)
+                for feats in features:
                     codes.extend(cleaner.decide(name, f) for f in feats)
+                    if progress is not None:
+                        progress(len(feats))
             decisions[name] = np.asarray(codes, dtype=np.int8)
     finally:
         if pool is not None:

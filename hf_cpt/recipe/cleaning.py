@@ -113,8 +113,7 @@ def clean_train_sources(dedup: DedupConfig | None, decontaminate: DecontaminateC
     streaming = [n for n in names if not hasattr(sources[n], "__len__")]
     if streaming:
         return _clean_streams(dedup, decontaminate, sources, text_fields, held_out, streaming, field)
-    result = clean_documents({n: iter_texts(ds, text_fields[n]) for n, ds in sources.items()}, dedup, decontaminate,
-                             held_out, workers=workers)
+    result = clean_sources(sources, text_fields, dedup, decontaminate, held_out, workers)
     out = {}
     for name, ds in sources.items():
         keep = result.keep(name)
@@ -130,6 +129,18 @@ def clean_train_sources(dedup: DedupConfig | None, decontaminate: DecontaminateC
     report = result.report.to_dict()
     logger.info(summary_line(report))
     return out, report
+
+
+def clean_sources(sources: Mapping[str, Any], text_fields: Mapping[str, str], dedup: DedupConfig | None,
+                  decontaminate: DecontaminateConfig | None, held_out: Mapping[str, Sequence[str]],
+                  workers: int = 1) -> Any:
+    """[`clean_documents`] over map-style `sources` (`{name: datasets.Dataset | sequence}`) with one progress bar
+    for the phase (documents/s)."""
+    from ..callbacks.progress import PhaseBar
+
+    with PhaseBar("Cleaning training text", total=sum(len(ds) for ds in sources.values())) as bar:
+        return clean_documents({n: iter_texts(ds, text_fields[n]) for n, ds in sources.items()}, dedup,
+                               decontaminate, held_out, workers=workers, progress=bar.update)
 
 
 def _select(ds: Any, idx: np.ndarray) -> Any:

@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import SELF, DataConfig, SourceConfig
 from ..mixers.core import document_indices, pack_blocks
@@ -20,6 +20,9 @@ from ..mixers.prepared import (MANIFEST, STORE_VERSION, PreparedMixer, PreparedS
                                files_fingerprint, tokenizer_fingerprint)
 from ..mixers.replay import ReplayMixer, ReplayMixerConfig
 from ..validation import ConfigTypeError
+
+if TYPE_CHECKING:
+    from ..callbacks.progress import PhaseBar
 
 logger = logging.getLogger(__name__)
 
@@ -114,13 +117,15 @@ def load_split(spec: str, source: SourceConfig, field: str, streaming: bool = Fa
 
 
 def tokenize_and_pack(ds, tokenizer, text_field: str, block_size: int, desc: str = "", packing: str = "documents",
-                      add_bos: str = "auto"):
+                      add_bos: str = "auto", bar: PhaseBar | None = None):
     """Tokenize a text dataset and pack it into `block_size` blocks.
 
     `packing="documents"`: `input_ids`, `position_ids` (restarting at every document, which starts with BOS when
     [`bos_for`] says so) and `labels` (-100 where a document starts), the layout the mixers train on;
     `packing="concat"`: `input_ids`, an all-ones `attention_mask`, `labels`. Works on map-style and streaming
-    datasets alike (lazily on the latter). Each document ends with the tokenizer's EOS token.
+    datasets alike (lazily on the latter). Each document ends with the tokenizer's EOS token. `bar`: the
+    [`PhaseBar`] of the phase, counting the documents and tokens (map-style datasets; `datasets`' own bars are
+    the caller's to turn off, see [`datasets_bars_off`]).
     """
     import datasets
 
@@ -132,7 +137,10 @@ def tokenize_and_pack(ds, tokenizer, text_field: str, block_size: int, desc: str
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
         # past the rows checked up front (`check_data_rows`): a non-string text is refused, never dropped
         texts = [batch[text_field][i] for i in document_indices(batch[text_field], desc or "the corpus")]
-        return {"input_ids": tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []}
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        if bar is not None:
+            bar.update(len(batch[text_field]), sum(len(x) for x in ids))
+        return {"input_ids": ids}
 
     def group(batch: dict[str, list]) -> dict[str, list]:
         if packing == "documents":
@@ -143,13 +151,21 @@ def tokenize_and_pack(ds, tokenizer, text_field: str, block_size: int, desc: str
                 "labels": [list(b) for b in blocks]}
 
     extra: dict[str, Any] = {"desc": f"Tokenizing {desc}"} if is_map else {}
+    counted, documents = (bar.documents, len(ds)) if bar is not None and is_map else (0, 0)
     ds = ds.map(tokenize, batched=True, remove_columns=columns, **extra)
+    if bar is not None and bar.documents - counted < documents:  # read from `datasets`' cache: count it now
+        bar.update(documents - (bar.documents - counted), count_token_ids(ds))
     if is_map:
         extra["desc"] = f"Packing {desc} into {block_size}-token blocks"
     # 1000 documents per batch: the dropped tail per batch is < 1 block, negligible next to ~1000 documents
     return ds.map(group, batched=True, batch_size=1000, remove_columns=["input_ids"], **extra)
 
 
+
+def count_token_ids(ds: Any) -> int:
+    """Token ids in the `input_ids` column of a map-style dataset, from its Arrow offsets (no row is read)."""
+    column = ds.data.column("input_ids")
+    return int(sum(int(c.offsets[-1].as_py()) - int(c.offsets[0].as_py()) for c in column.chunks))
 
 
 # --- data cleaning (issue 34): the held-out texts the training text is decontaminated against ---
@@ -175,21 +191,26 @@ def held_out_texts(data: DataConfig, extra: Mapping[str, Any] | None = None) -> 
 def build_eval_sets(cfg: DataConfig, tokenizer, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Held-out block sets by name: `general` / `domain` (their `eval` splits), every named `eval_sets` entry, plus
     `extra` text datasets (e.g. `general_self`), each capped at `max_eval_blocks`."""
+    from ..callbacks.progress import PhaseBar, datasets_bars_off
+
     texts: dict[str, tuple[Any, str, str]] = {}
-    for name, (spec, where) in cfg.held_out_files().items():
-        texts[name] = (load_split(spec.path, spec, where), spec.text_field, where)
+    with datasets_bars_off():  # small sets: no `datasets` bar per set while they load either
+        for name, (spec, where) in cfg.held_out_files().items():
+            texts[name] = (load_split(spec.path, spec, where), spec.text_field, where)
     for name, ds in (extra or {}).items():
         texts[name] = (ds, "text", "data.synth.eval_tokens")
     out = {}
-    for name, (ds, text_field, where) in texts.items():
-        blocks = tokenize_and_pack(ds, tokenizer, text_field, cfg.block_size, f"{name} held-out", cfg.packing,
-                                   cfg.add_bos)
-        if len(blocks) == 0:
-            raise ValueError(f"`{where}`: the held-out text is shorter than one block "
-                             f"(`data.block_size`={cfg.block_size}); add text or lower `data.block_size`")
-        if cfg.max_eval_blocks:
-            blocks = blocks.select(range(min(cfg.max_eval_blocks, len(blocks))))
-        out[name] = blocks
+    total = sum(len(ds) for ds, _, _ in texts.values())
+    with datasets_bars_off(), PhaseBar("Tokenizing held-out sets", total=total) as bar:  # one bar, all sets
+        for name, (ds, text_field, where) in texts.items():
+            blocks = tokenize_and_pack(ds, tokenizer, text_field, cfg.block_size, f"{name} held-out", cfg.packing,
+                                       cfg.add_bos, bar=bar)
+            if len(blocks) == 0:
+                raise ValueError(f"`{where}`: the held-out text is shorter than one block "
+                                 f"(`data.block_size`={cfg.block_size}); add text or lower `data.block_size`")
+            if cfg.max_eval_blocks:
+                blocks = blocks.select(range(min(cfg.max_eval_blocks, len(blocks))))
+            out[name] = blocks
     return out
 
 

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..collators.masking import CausalSpanCollator, LEMCollator, LexiconMaskingCollator, MaskingConfig
 from ..config import CPTConfig
 from ..mixers.core import document_indices
-from .data import load_split
+from .data import count_token_ids, load_split
 from .run_data import RunData
+
+if TYPE_CHECKING:
+    from ..callbacks.progress import PhaseBar
 
 # ~4 characters per token in English subword vocabularies: chunks of block_size tokens fit without truncation
 CHARS_PER_TOKEN = 4
@@ -109,8 +112,15 @@ def make_collator(masking: MaskingConfig, tokenizer: Any, objective: str, seed: 
                                   random_replace_prob=masking.random_replace_prob, seed=seed)
 
 
-def _prepare(ds: Any, cfg: CPTConfig, tokenizer: Any, text_field: str, what: str) -> Any:
-    """Chunk, tag and tokenize one split into span features (or plain MLM features for `random`)."""
+def _prepare(ds: Any, cfg: CPTConfig, tokenizer: Any, text_field: str, what: str, bar: PhaseBar) -> Any:
+    """Chunk, tag and tokenize one split into span features (or plain MLM features for `random`), counted on
+    the phase's `bar` once done."""
+    out = _features_of(ds, cfg, tokenizer, text_field, what)
+    bar.update(len(ds), count_token_ids(out))
+    return out
+
+
+def _features_of(ds: Any, cfg: CPTConfig, tokenizer: Any, text_field: str, what: str) -> Any:
     from ..collators.spans import tag_entities, tag_lexicon, tokenize_with_spans
 
     masking: MaskingConfig = cfg.masking
@@ -205,11 +215,20 @@ def build_masked_data(cfg: CPTConfig, tokenizer: Any) -> tuple[Any, dict[str, An
                                            {n: getattr(data, n).text_field for n in names},
                                            held_out_texts(data, run_held_out_sets(cfg)), tokenizer)
     # --- end data cleaning ---
-    train_parts = []
-    for name in names:
-        src = getattr(data, name)
-        part = _prepare(loaded[name], cfg, tokenizer, src.text_field, f"{name} training text")
-        train_parts.append(part.add_column("source", [name] * len(part)))
+    from ..callbacks.progress import PhaseBar, datasets_bars_off
+
+    with datasets_bars_off():  # small sets: no `datasets` bar per set while they load either
+        held_out_sets = {name: (load_split(spec.path, spec, where), spec, where)
+                         for name, (spec, where) in data.held_out_files().items()}  # `general`, `domain`, named
+    total = sum(len(ds) for ds in loaded.values()) + sum(len(ds) for ds, _, _ in held_out_sets.values())
+    with datasets_bars_off(), PhaseBar("Tokenizing training text and held-out sets", total=total) as bar:
+        train_parts = []
+        for name in names:
+            src = getattr(data, name)
+            part = _prepare(loaded[name], cfg, tokenizer, src.text_field, f"{name} training text", bar)
+            train_parts.append(part.add_column("source", [name] * len(part)))
+        prepared = {name: (_prepare(ds, cfg, tokenizer, spec.text_field, f"{name} held-out text", bar), where)
+                    for name, (ds, spec, where) in held_out_sets.items()}
     if len(train_parts) == 2:
         lengths = [mean_length(p) for p in train_parts]
         train = datasets.interleave_datasets(train_parts, probabilities=chunk_probabilities(r, *lengths),
@@ -218,8 +237,7 @@ def build_masked_data(cfg: CPTConfig, tokenizer: Any) -> tuple[Any, dict[str, An
         train = train_parts[0].shuffle(seed=data.shuffle_seed)
     collator = make_collator(cfg.masking, tokenizer, cfg.objective, seed=cfg.train.seed)
     eval_sets = {}
-    for name, (spec, where) in data.held_out_files().items():  # `general`, `domain`, the named `eval_sets`
-        ds = _prepare(load_split(spec.path, spec, where), cfg, tokenizer, spec.text_field, f"{name} held-out text")
+    for name, (ds, where) in prepared.items():
         if data.max_eval_blocks:
             ds = ds.select(range(min(data.max_eval_blocks, len(ds))))
         if len(ds) == 0:

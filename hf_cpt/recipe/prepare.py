@@ -15,7 +15,7 @@ import logging
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,7 +25,10 @@ from ..mixers.core import document_indices
 from ..mixers.packing import document_tokens
 from ..mixers.prepared import MANIFEST, PreparedStore, describe_difference, document_separator
 from ..utils import commit_staging_dir, make_staging_dir
-from .data import check_data_paths, config_sources, load_split, store_fingerprint
+from .data import check_data_paths, config_sources, count_token_ids, load_split, store_fingerprint
+
+if TYPE_CHECKING:
+    from ..callbacks.progress import PhaseBar
 
 logger = logging.getLogger(__name__)
 
@@ -37,11 +40,14 @@ def _check_num_proc(num_proc: object, field: str, what: str = "processes that to
 
 
 def tokenize_documents(ds: Any, tokenizer: Any, text_field: str, num_proc: int = 1, desc: str = "",
-                       cache_file_name: str | None = None, bos_id: int | None = None) -> Any:
+                       cache_file_name: str | None = None, bos_id: int | None = None,
+                       bar: PhaseBar | None = None) -> Any:
     """`ds` (a `datasets.Dataset` with a text column) as rows of `input_ids` (int32): each document's ids after
     `bos_id` (when set) and followed by the EOS id, as the on-the-fly mixer reads documents; blank documents
-    become empty rows (kept, so row `i` is still document `i` when the documents are shuffled). `cache_file_name`: where `datasets` writes the result
-    (default: its cache, where an identical earlier result is reused)."""
+    become empty rows (kept, so row `i` is still document `i` when the documents are shuffled). `cache_file_name`:
+    where `datasets` writes the result (default: its cache, where an identical earlier result is reused). `bar`:
+    the [`PhaseBar`] of the phase, counting documents and tokens as they go (with `num_proc` > 1, once the
+    source is done)."""
     import datasets
 
     sep = document_separator(tokenizer)
@@ -54,12 +60,18 @@ def tokenize_documents(ds: Any, tokenizer: Any, text_field: str, num_proc: int =
             encoded = tokenizer([texts[i] for i in keep], add_special_tokens=False)["input_ids"]
             for i, toks in zip(keep, encoded):
                 ids[i] = document_tokens(toks, bos_id, sep)
+        if bar is not None:
+            bar.update(len(texts), sum(len(x) for x in ids))
         return {"input_ids": ids}
 
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))})
-    return ds.map(tokenize, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
-                  remove_columns=ds.column_names, features=features, desc=f"Tokenizing {desc}".strip(),
-                  cache_file_name=cache_file_name)
+    counted = bar.documents if bar is not None else 0
+    out = ds.map(tokenize, batched=True, batch_size=1000, num_proc=num_proc if num_proc > 1 else None,
+                 remove_columns=ds.column_names, features=features, desc=f"Tokenizing {desc}".strip(),
+                 cache_file_name=cache_file_name)
+    if bar is not None and bar.documents - counted < len(ds):  # tokenized in workers, or read from the cache
+        bar.update(len(ds) - (bar.documents - counted), count_token_ids(out))
+    return out
 
 
 def prepare_sources(sources: Mapping[str, str], tokenizer: Any, output_dir: str | Path, *,
@@ -141,8 +153,7 @@ def load_and_clean_sources(sources: Mapping[str, str], fingerprint: dict[str, An
     """Every source loaded (`datasets.Dataset`), then cleaned across sources (in the order given: the first
     copy is kept). Returns `{name: (kept documents, decisions or None)}` and the cleaning report (None: off)."""
     from ..config import SourceConfig
-    from ..data_clean import clean_documents
-    from .cleaning import iter_texts, cleaning_enabled
+    from .cleaning import clean_sources, cleaning_enabled
 
     loaded = {}
     for name, spec in sources.items():
@@ -154,8 +165,7 @@ def load_and_clean_sources(sources: Mapping[str, str], fingerprint: dict[str, An
     if not cleaning_enabled(dedup, decontaminate):
         return {n: (ds, None) for n, ds in loaded.items()}, None
     fields = {n: fingerprint["sources"][n]["text_field"] for n in loaded}
-    result = clean_documents({n: iter_texts(ds, fields[n]) for n, ds in loaded.items()}, dedup, decontaminate, held_out,
-                             workers=workers)
+    result = clean_sources(loaded, fields, dedup, decontaminate, held_out, workers)
     out = {}
     for name, ds in loaded.items():
         keep = result.keep(name)
@@ -170,34 +180,34 @@ def _write_sources(staging: Path, loaded: Mapping[str, tuple[Any, Any]], tokeniz
                    fingerprint: dict[str, Any], cleaning: dict[str, Any] | None) -> dict[str, Any]:
     from .cleaning import count_tokens
 
+    from ..callbacks.progress import PhaseBar, datasets_bars_off
+
     manifest: dict[str, Any] = {"fingerprint": fingerprint, "vocab_size": len(tokenizer), "sources": {}}
-    for name, (ds, original) in loaded.items():
-        tf = fingerprint["sources"][name]["text_field"]
-        # the map output goes to the staging directory (not the `datasets` cache: no second copy of 100 GB, and
-        # no stale reuse), then into the store's own layout; the intermediate files are deleted
-        work = staging / f".{name}-map"
-        work.mkdir()
-        tokens = tokenize_documents(ds, tokenizer, tf, num_proc, desc=name, cache_file_name=str(work / "map.arrow"),
-                                    bos_id=fingerprint["bos"])
-        tokens.save_to_disk(str(staging / name))
-        n_docs, n_tokens = len(tokens), _count_tokens(tokens)
-        del tokens
-        shutil.rmtree(work)
-        manifest["sources"][name] = {"dir": name, "documents": n_docs, "tokens": n_tokens}
-        logger.info("prepared %s: %d documents, %d tokens", name, n_docs, n_tokens)
-        if cleaning is not None:  # the removed documents' tokens, and the kept ones as stored (with BOS/EOS)
-            count_tokens(cleaning["result"].report, name, original[0], original[1], tf, tokenizer, kept_tokens=n_tokens)
+    total = sum(len(ds) for ds, _ in loaded.values())
+    with datasets_bars_off(), PhaseBar("Tokenizing training sources", total=total) as bar:  # one bar, all sources
+        for name, (ds, original) in loaded.items():
+            tf = fingerprint["sources"][name]["text_field"]
+            # the map output goes to the staging directory (not the `datasets` cache: no second copy of 100 GB,
+            # and no stale reuse), then into the store's own layout; the intermediate files are deleted
+            work = staging / f".{name}-map"
+            work.mkdir()
+            tokens = tokenize_documents(ds, tokenizer, tf, num_proc, desc=name,
+                                        cache_file_name=str(work / "map.arrow"), bos_id=fingerprint["bos"], bar=bar)
+            tokens.save_to_disk(str(staging / name))
+            n_docs, n_tokens = len(tokens), count_token_ids(tokens)
+            del tokens
+            shutil.rmtree(work)
+            manifest["sources"][name] = {"dir": name, "documents": n_docs, "tokens": n_tokens}
+            logger.info("prepared %s: %d documents, %d tokens", name, n_docs, n_tokens)
+            if cleaning is not None:  # the removed documents' tokens, and the kept ones as stored (with BOS/EOS)
+                count_tokens(cleaning["result"].report, name, original[0], original[1], tf, tokenizer,
+                             kept_tokens=n_tokens)
     if cleaning is not None:
         from ..data_clean import summary_line
 
         manifest["cleaning"] = cleaning["result"].report.to_dict()
         logger.info(summary_line(manifest["cleaning"]))
     return manifest
-
-
-def _count_tokens(tokens: Any) -> int:
-    column = tokens.data.column("input_ids")
-    return int(sum(int(c.offsets[-1].as_py()) - int(c.offsets[0].as_py()) for c in column.chunks))
 
 
 def load_tokenizer(cfg: CPTConfig) -> Any:

@@ -198,6 +198,8 @@ def init_distill(model: Any, old: torch.Tensor, start: torch.Tensor, contexts: S
     """
     from tqdm.auto import tqdm
 
+    from ..callbacks.progress import bars_disabled
+
     use_bf16 = resolve_precision(model, precision) == "bfloat16"
     device_type = next(model.parameters()).device.type
 
@@ -238,7 +240,8 @@ def init_distill(model: Any, old: torch.Tensor, start: torch.Tensor, contexts: S
     stats: dict[str, float] = {"contexts": float(len(contexts)), "bfloat16": float(use_bf16)}
     try:
         rng = random.Random(seed)
-        bar = tqdm(total=steps * len(batches), desc="token distillation", disable=not progress)
+        bar = tqdm(total=steps * len(batches), desc="token distillation",
+                   disable=not progress or bars_disabled())  # redirected: no carriage returns in the log
         first: list[float] = []
         for step in range(steps):
             visit = list(range(len(batches)))
