@@ -539,9 +539,17 @@ def plan(
     plot: Annotated[Path, typer.Option(help="PNG: pilots measured vs fitted, the plan with its band.")] = Path(
         "plan.png"),
     output_json: Annotated[Optional[Path], typer.Option("--json", help="Write the whole plan as JSON.")] = None,
+    write_config: Annotated[Optional[Path], typer.Option(
+        help="Write the recommended run's config, its predicted losses in `monitor.prediction` (checked by "
+             "`hf-cpt train` at every evaluation).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="The config to plan, with --write-config (default: the "
+                                                        "first pilot's recipe).")] = None,
 ) -> None:
     """Fit the CPT learning-dynamics law to pilot runs and recommend a schedule, peak LR and replay ratio."""
-    from ..recipe.plan import plan_cpt, plot_plan, write_plan
+    from ..recipe.plan import pilot_config, plan_cpt, plot_plan, write_plan, write_plan_config
+
+    if config is not None and write_config is None:
+        raise ValueError("`--config` goes with `--write-config`: the config to plan and where to write the planned one")
 
     result = plan_cpt(runs, budget_steps, tolerance, tolerance_mode,
                       schedules=[s.strip() for s in schedules.split(",") if s.strip()],
@@ -569,6 +577,12 @@ def plan(
                    f"{result.general_bound:.4f}), domain loss {c.domain_end:.4f} (band top {c.domain_hi:.4f}); "
                    f"{result.bootstrap_samples} bootstrap refits")
     typer.echo(f"  plot: {plot}" + (f"  plan: {output_json}" if output_json else ""))
+    if write_config is not None:
+        from ..config import CPTConfig
+
+        base = CPTConfig.from_yaml(config) if config is not None else pilot_config(runs[0])
+        write_plan_config(result, base, write_config)
+        typer.echo(f"Wrote {write_config} (predicted losses in `monitor.prediction`): hf-cpt train {write_config}")
 
 
 # --- hf-cpt merge (issue 33): one command, the logic is in hf_cpt.recipe.merge_run --------------------------------------
