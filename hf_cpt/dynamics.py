@@ -541,7 +541,7 @@ TECHNIQUE = Technique(
     key=None,  # no block: `hf-cpt plan` fits pilot runs' curves (recipe/plan.py)
     exports={**names("dynamics", "fit_dynamics", "bootstrap_dynamics", "predict_band", "predict_curves",
                      "DynamicsLaw", "DynamicsFit", "LossLaw", "PilotCurve"),
-             **names("recipe.plan", "plan_cpt", "plan_from_pilots", "read_pilot", "plot_plan", "write_plan", "planned_config", "write_plan_config",
-                     "CPTPlan", "PlanCandidate")},
+             **names("recipe.plan", "plan_cpt", "plan_from_pilots", "read_pilot", "plot_plan", "write_plan",
+                     "planned_config", "write_plan_config", "CPTPlan", "PlanCandidate")},
     functional=names("dynamics", "annealing_area", "fit_dynamics", "forward_area"),
 )

@@ -75,7 +75,8 @@ def prediction_section(f: dict[str, Any]) -> str:
         return [f"{e[f'{role}_predicted']:.4f} ({e[f'{role}_lo']:.4f}-{e[f'{role}_hi']:.4f})",
                 f"{e[f'{role}_measured']:.4f}{mark}"]
 
-    rows = [f"| step | {p['general_set']} predicted (band) | measured | {p['domain_set']} predicted (band) | measured |",
+    rows = [f"| step | {p['general_set']} predicted (band) | measured | {p['domain_set']} predicted (band) | "
+            "measured |",
             "|---:|---:|---:|---:|---:|"]
     rows += ["| " + " | ".join([str(e["step"]), *cells(e, "general"), *cells(e, "domain")]) + " |"
              for e in p["evals"]]

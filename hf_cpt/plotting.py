@@ -123,9 +123,8 @@ def _draw_prediction(ax: Any, prediction: dict[str, Any], role: str) -> None:
     if not rows:
         return
     steps = [e["step"] for e in rows]
-    band = prediction.get("band") or "predicted band"
     ax.fill_between(steps, [e[f"{role}_lo"] for e in rows], [e[f"{role}_hi"] for e in rows], color="0.6", alpha=0.3,
-                    lw=0, zorder=0, label=f"plan: {band}")
+                    lw=0, zorder=0, label="plan: predicted band")
     ax.plot(steps, [e[f"{role}_predicted"] for e in rows], ls=":", color="0.3", zorder=1, label="plan: predicted")
     out = [(e["step"], e[f"{role}_measured"]) for e in rows if e.get(f"{role}_inside") is False]
     if out:

@@ -214,8 +214,10 @@ class ForgettingMonitorCallback(TrainerCallback, ExportableState):
     loss or its KL to the base (see [`ForgettingMonitorConfig`] `guards`).
 
     Reads ``eval_<set>_loss`` (and ``eval_<set>_kl`` / ``eval_<set>_top1_agree`` from [`KLToBaseCallback`]) for
-    every held-out set from the Trainer's evaluation metrics. Its history is saved with Trainer checkpoints
-    (restored with ``restore_callback_states_from_checkpoint=True``).
+    every held-out set from the Trainer's evaluation metrics. With `prediction` (a planned run's predicted losses,
+    [`hf_cpt.prediction.PredictionConfig`]) it compares the general and domain loss of every evaluation with their
+    predicted band (`summary()["prediction"]`) and warns once, at the first measurement outside it. Its history
+    is saved with Trainer checkpoints (restored with ``restore_callback_states_from_checkpoint=True``).
 
     Args:
         config: a [`ForgettingMonitorConfig`]; keyword arguments build one when omitted.

@@ -549,7 +549,8 @@ def plan(
     from ..recipe.plan import pilot_config, plan_cpt, plot_plan, write_plan, write_plan_config
 
     if config is not None and write_config is None:
-        raise ValueError("`--config` goes with `--write-config`: the config to plan and where to write the planned one")
+        raise ValueError("`--config` goes with `--write-config`: the config to plan and where to write the planned "
+                         "one")
 
     result = plan_cpt(runs, budget_steps, tolerance, tolerance_mode,
                       schedules=[s.strip() for s in schedules.split(",") if s.strip()],

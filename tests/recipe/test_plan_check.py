@@ -83,3 +83,12 @@ def test_a_planned_config_trains_records_predicted_vs_measured_and_warns_once(pl
     assert (result.output_dir / "forgetting.png").stat().st_size > 10_000
     saved = CPTConfig.from_pretrained(result.output_dir)
     assert saved.monitor.prediction == cfg.monitor.prediction  # the recipe keeps what it was checked against
+
+
+def test_the_cli_refuses_a_config_to_plan_without_where_to_write_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from hf_cpt.cli.main import app
+
+    result = CliRunner().invoke(app, ["plan", str(tmp_path), "--budget-steps", "8", "--config", "run.yaml"])
+    assert result.exit_code == 2 and "`--config` goes with `--write-config`" in result.output
