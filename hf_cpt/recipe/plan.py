@@ -11,6 +11,7 @@ checkpoint's `trainer_state.json`) gives the held-out losses at each evaluation.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,8 @@ from ..config import CONFIG_FILE, CPTConfig
 from ..dynamics import DynamicsFit, PilotCurve, bootstrap_dynamics, fit_dynamics, predict_band
 from ..validation import check_number
 from .outputs import METRICS_FILE
+
+logger = logging.getLogger(__name__)
 
 CANDIDATE_SCHEDULES = ("constant", "cosine", "wsd")
 # transformers scheduler names -> the schedule family the fit tells apart
@@ -324,6 +327,46 @@ def pilot_config(run_dir: str | Path) -> CPTConfig:
         raise FileNotFoundError(f"{str(run_dir)!r} has no {CONFIG_FILE}: pass output directories written by "
                                 "`hf-cpt train`")
     return CPTConfig.from_pretrained(cfg_dir)
+
+
+def pilot_run_configs(cfg: CPTConfig, pilot_steps: int, schedules: Sequence[str] = ("constant", "cosine"),
+                      replay_ratios: Sequence[float] | None = None) -> dict[str, CPTConfig]:
+    """The pilots `hf-cpt plan --run` trains: `cfg` for `pilot_steps` updates, evaluated >= 8 times, at each replay
+    ratio (default: `cfg`'s) with each candidate schedule at `cfg`'s peak LR, by directory name."""
+    evals = max(1, pilot_steps // 8)
+    out = {}
+    for r in replay_ratios if replay_ratios is not None else [cfg.data.replay_ratio]:
+        for sched in schedules:
+            block = asdict(candidate_schedule(sched, pilot_steps))
+            out[f"pilot-{sched}-r{r:g}"] = cfg.override({
+                "train.max_steps": pilot_steps, "train.eval_steps": evals, "train.warmup_steps": 0,
+                "train.lr_scheduler_type": None, "schedule": block, "data.replay_ratio": float(r),
+                "data.replay_stages": [], "output_dir": None, "monitor.prediction": None})
+    return out
+
+
+def run_plan(cfg: CPTConfig, budget_steps: int, tolerance: float, output_dir: str | Path,
+             pilot_steps: int | None = None, replay_ratios: Sequence[float] | None = None,
+             pilot_schedules: Sequence[str] = ("constant", "cosine"), overwrite: bool = False,
+             **kwargs: Any) -> tuple[CPTPlan, Any]:
+    """Pilots -> fit -> plan -> the planned run, in one call (`hf-cpt plan --run`): trains
+    [`pilot_run_configs`] (default `pilot_steps`: 10 % of the budget, at least 8) into `<output_dir>.pilots/`,
+    plans from them ([`plan_cpt`], `**kwargs`), writes the planned config as `<output_dir>.planned.yaml` and trains
+    it into `output_dir` (`overwrite`: replace it). Returns the plan and the run's `CPTResult`."""
+    from .train import run_cpt
+
+    output_dir = Path(output_dir)
+    steps = pilot_steps if pilot_steps is not None else max(8, budget_steps // 10)
+    root = output_dir.with_name(f"{output_dir.name}.pilots")
+    configs = pilot_run_configs(cfg, steps, pilot_schedules, replay_ratios)
+    dirs = []
+    for i, (name, pilot) in enumerate(configs.items()):
+        logger.info("plan pilot %d/%d: %s, %d steps", i + 1, len(configs), name, steps)
+        dirs.append(run_cpt(pilot, output_dir=root / name, overwrite=True).output_dir)
+    plan = plan_cpt(dirs, budget_steps, tolerance, **kwargs)
+    planned = write_plan_config(plan, cfg, output_dir.with_name(f"{output_dir.name}.planned.yaml"))
+    logger.info("planned run: %s", planned.monitor.prediction.source)
+    return plan, run_cpt(planned, output_dir=output_dir, overwrite=overwrite)
 
 
 def plan_cpt(run_dirs: Sequence[str | Path], budget_steps: int, tolerance: float, tolerance_mode: str = "relative",

@@ -92,3 +92,29 @@ def test_the_cli_refuses_a_config_to_plan_without_where_to_write_it(tmp_path):
 
     result = CliRunner().invoke(app, ["plan", str(tmp_path), "--budget-steps", "8", "--config", "run.yaml"])
     assert result.exit_code == 2 and "`--config` goes with `--write-config`" in result.output
+
+
+@pytest.mark.slow  # two pilots, a fit and the planned run (~30 s under load)
+def test_plan_run_trains_pilots_plans_and_runs_the_checked_plan(tmp_path, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from hf_cpt.cli.main import app
+
+    d = tiny_run_dict(tiny_model_dir)
+    d["monitor"]["kl"] = False
+    d["data"]["max_eval_blocks"] = 2
+    d["train"]["eval_steps"] = 4
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(d))
+    out = tmp_path / "planned"
+    result = CliRunner().invoke(app, ["plan", "--run", "--config", str(tmp_path / "run.yaml"), "--budget-steps", "16",
+                                      "--pilot-steps", "8", "--tolerance", "0.5", "--bootstrap", "0",
+                                      "--schedules", "cosine", "-o", str(out), "--plot", str(tmp_path / "plan.png")])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "planned.pilots").iterdir()) == ["pilot-constant-r0.25",
+                                                                              "pilot-cosine-r0.25"]
+    assert "fit on 2 pilots (constant, cosine; replay ratios 0.25)" in result.output
+    assert f"Planned run in {out}: general loss inside the predicted band at" in result.output
+    planned = CPTConfig.from_yaml(tmp_path / "planned.planned.yaml")
+    assert planned.train.max_steps == 16 and planned.monitor.prediction.steps == [0, 4, 8, 12, 16]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [e["step"] for e in metrics["forgetting"]["prediction"]["evals"]] == [0, 4, 8, 12, 16]
