@@ -606,6 +606,10 @@ def plan(
         typer.echo(f"  predicted general loss {c.general_end:.4f} (band top {c.general_hi:.4f}; bound "
                    f"{result.general_bound:.4f}), domain loss {c.domain_end:.4f} (band top {c.domain_hi:.4f}); "
                    f"{result.bootstrap_samples} bootstrap refits")
+    pilot_updates = sum(len(p.lrs) for p in f.pilots)
+    typer.echo(f"  pilot cost: {pilot_updates} updates, {pilot_updates / budget_steps:.0%} of the planned run's "
+               f"{budget_steps}" + (f" ({pilot_updates * result.tokens_per_step:.3g} tokens)" if result.tokens_per_step
+                                      else ""))
     typer.echo(f"  plot: {plot}" + (f"  plan: {output_json}" if output_json else ""))
     if write_config is not None:
         from ..config import CPTConfig

@@ -113,6 +113,7 @@ def test_plan_run_trains_pilots_plans_and_runs_the_checked_plan(tmp_path, tiny_m
     assert sorted(p.name for p in (tmp_path / "planned.pilots").iterdir()) == ["pilot-constant-r0.25",
                                                                               "pilot-cosine-r0.25"]
     assert "fit on 2 pilots (constant, cosine; replay ratios 0.25)" in result.output
+    assert "pilot cost: 16 updates, 100% of the planned run's 16 (1.02e+03 tokens)" in result.output
     assert f"Planned run in {out}: general loss inside the predicted band at" in result.output
     planned = CPTConfig.from_yaml(tmp_path / "planned.planned.yaml")
     assert planned.train.max_steps == 16 and planned.monitor.prediction.steps == [0, 4, 8, 12, 16]
