@@ -542,6 +542,6 @@ TECHNIQUE = Technique(
     exports={**names("dynamics", "fit_dynamics", "bootstrap_dynamics", "predict_band", "predict_curves",
                      "DynamicsLaw", "DynamicsFit", "LossLaw", "PilotCurve"),
              **names("recipe.plan", "plan_cpt", "plan_from_pilots", "read_pilot", "plot_plan", "write_plan",
-                     "CPTPlan", "PlanCandidate")},
+                     "planned_config", "write_plan_config", "CPTPlan", "PlanCandidate")},
     functional=names("dynamics", "annealing_area", "fit_dynamics", "forward_area"),
 )

@@ -58,6 +58,34 @@ def guard_table(f: dict[str, Any]) -> str:
     return "\n".join(rows) if len(rows) > 2 else "No guard on forgetting."
 
 
+def prediction_section(f: dict[str, Any]) -> str:
+    """The card's "Predicted vs measured" section: per evaluation the planned run's predicted loss, its band and the
+    measurement on the general and domain sets (`metrics.json` `forgetting.prediction`); empty without a
+    prediction."""
+    from .prediction import summarize_prediction
+
+    p = f.get("prediction")
+    if not p:
+        return ""
+
+    def cells(e: dict[str, Any], role: str) -> list[str]:
+        if f"{role}_predicted" not in e:
+            return ["", ""]
+        mark = "" if e[f"{role}_inside"] else " **outside**"
+        return [f"{e[f'{role}_predicted']:.4f} ({e[f'{role}_lo']:.4f}-{e[f'{role}_hi']:.4f})",
+                f"{e[f'{role}_measured']:.4f}{mark}"]
+
+    rows = [f"| step | {p['general_set']} predicted (band) | measured | {p['domain_set']} predicted (band) | "
+            "measured |",
+            "|---:|---:|---:|---:|---:|"]
+    rows += ["| " + " | ".join([str(e["step"]), *cells(e, "general"), *cells(e, "domain")]) + " |"
+             for e in p["evals"]]
+    band = f" Band: {p['band']}." if p.get("band") else ""
+    source = f" Prediction: {p['source']}." if p.get("source") else ""
+    return (f"\n### Predicted vs measured\n\nThe run was planned (`monitor.prediction`): "
+            f"{summarize_prediction(p)}.{band}{source}\n\n" + "\n".join(rows) + "\n")
+
+
 def _summary_line(metrics: dict[str, Any]) -> str:
     return f"\n**Summary.** {metrics['summary']}\n" if metrics.get("summary") else ""
 
@@ -130,6 +158,9 @@ def render_model_card(config: dict[str, Any], metrics: dict[str, Any], base_mode
     numbers["guards"] = [{k: g.get(k) for k in ("guarded_set", "tolerance_metric", "tolerance", "tolerance_mode",
                                                 "tolerance_bound", "tolerance_breached", "breach_step")}
                          for g in forgetting_guards(f)]
+    if f.get("prediction"):  # the plan check: evaluations inside the predicted band, per set
+        numbers["prediction"] = {k: f["prediction"].get(k) for k in ("general_inside", "general_checked",
+                                                                     "domain_inside", "domain_checked", "left_band")}
     # every other held-out set (e.g. general_self) and the KL to the base model
     numbers.update({k: v for k, v in f.items() if k not in numbers and v is not None
                     and k.endswith(("_loss_start", "_loss_end", "_delta_rel", "_kl_end", "_top1_agree_end"))})
@@ -166,7 +197,7 @@ text mixed with general (replay) text. {config.get('description') or ''}
 {forgetting_table(f)}
 
 {guard_table(f)}
-{_summary_line(metrics)}
+{prediction_section(f)}{_summary_line(metrics)}
 
 ![forgetting plot](forgetting.png)
 

@@ -18,6 +18,7 @@ def plot_forgetting(
     downstream: list[dict[str, float]] | None = None,
     guards: list[dict[str, Any]] | None = None,
     domain_sets: tuple[str, ...] | list[str] = (),
+    prediction: dict[str, Any] | None = None,
 ) -> Path:
     """Write a PNG: general held-out losses (every general set), domain loss, the KL to the base model with
     top-1 agreement when measured, and downstream (lm-eval) task scores when given; Δ vs step 0 in the legends.
@@ -33,6 +34,9 @@ def plot_forgetting(
             whether it was breached.
         domain_sets: more domain sets (named `data.eval_sets` of kind domain), drawn beside `domain`; every other set
             is drawn as general.
+        prediction: predicted vs measured (`metrics.json` `forgetting.prediction`, from
+            [`hf_cpt.prediction.compare_prediction`]): the predicted curve and its band are drawn under the measured
+            `general` and `domain` curves, measurements outside the band marked with a red x.
     """
     import matplotlib
 
@@ -73,6 +77,9 @@ def plot_forgetting(
             if g["guarded_set"] == name and g["tolerance_metric"] == "loss":
                 bound = tolerance_bound(losses[0], g["tolerance"], g["tolerance_mode"])
                 ax.axhline(bound, ls="--", color=colors[name], label=_guard_label(g, bound))
+    if prediction:
+        for ax, role in ((axes[0], "general"), (axes[1], "domain")):
+            _draw_prediction(ax, prediction, role)
     if has_kl:
         ax = axes[2]
         ax.set_title("KL(base ‖ model) on general sets")
@@ -109,6 +116,20 @@ def plot_forgetting(
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
+
+
+def _draw_prediction(ax: Any, prediction: dict[str, Any], role: str) -> None:
+    rows = [e for e in prediction.get("evals", []) if f"{role}_predicted" in e]
+    if not rows:
+        return
+    steps = [e["step"] for e in rows]
+    ax.fill_between(steps, [e[f"{role}_lo"] for e in rows], [e[f"{role}_hi"] for e in rows], color="0.6", alpha=0.3,
+                    lw=0, zorder=0, label="plan: predicted band")
+    ax.plot(steps, [e[f"{role}_predicted"] for e in rows], ls=":", color="0.3", zorder=1, label="plan: predicted")
+    out = [(e["step"], e[f"{role}_measured"]) for e in rows if e.get(f"{role}_inside") is False]
+    if out:
+        ax.scatter(*zip(*out), marker="x", color="red", s=50, zorder=3,
+                   label=f"outside the band ({len(out)}/{len(rows)})")
 
 
 def _guard_label(guard: dict[str, Any], bound: float) -> str:

@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover  (type names only: this module imports not
 TECHNIQUE_MODULES: list[str] = [
     "hf_cpt.mixers.replay",            # replay mixing             `data`
     "hf_cpt.callbacks.forgetting",     # forgetting monitor, KL    `monitor`
+    "hf_cpt.prediction",               # plan check                `monitor.prediction`
     "hf_cpt.mixers.packing",           # document packing          `data.packing`
     "hf_cpt.mixers.prepared",          # data at scale             `data.prepared_dir`
     "hf_cpt.data_clean",               # data cleaning             `data.dedup`, `data.decontaminate`

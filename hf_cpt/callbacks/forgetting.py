@@ -23,6 +23,7 @@ from transformers.trainer_callback import ExportableState
 
 from ..registry import Technique, TrainerParts, names
 from ..monitoring import TOLERANCE_MODES, compute_forgetting, exceeds_tolerance, tolerance_bound  # noqa: F401
+from ..prediction import PredictionConfig, compare_prediction, describe_departure, inside_band, predicted_loss
 from ..utils import check_top_k
 from ..validation import check_bool, check_choice, check_int, check_name, check_number
 
@@ -123,6 +124,11 @@ class ForgettingMonitorConfig:
         default=64, metadata={"help": "Base log-probs kept per token for the KL estimate (a lower bound; exact when "
                                       "= vocabulary size)."}
     )
+    prediction: PredictionConfig | None = field(
+        default=None, metadata={"help": "Predicted general and domain loss per evaluation step with a band (written "
+                                        "by `hf-cpt plan --write-config`): every evaluation is compared with it, "
+                                        "and the run warns once when a measurement leaves the band."}
+    )
 
     def __post_init__(self) -> None:
         check_name("general", self.general)
@@ -133,6 +139,11 @@ class ForgettingMonitorConfig:
         check_bool("evaluate_at_end", self.evaluate_at_end)
         check_bool("kl", self.kl)
         check_int("kl_top_k", self.kl_top_k)
+        if isinstance(self.prediction, dict):  # a checkpoint's `state()` holds plain data
+            self.prediction = PredictionConfig(**self.prediction)
+        elif self.prediction is not None and not isinstance(self.prediction, PredictionConfig):
+            raise ValueError(f"`prediction` must be a mapping (written by `hf-cpt plan --write-config`), got "
+                             f"{self.prediction!r}")
         self.guards = [_as_guard(g, i) for i, g in enumerate(self.guards or [])]
         if self.guards:
             given = [k for k, default in _SHORTHAND.items() if getattr(self, k) not in (None, default)]
@@ -203,8 +214,10 @@ class ForgettingMonitorCallback(TrainerCallback, ExportableState):
     loss or its KL to the base (see [`ForgettingMonitorConfig`] `guards`).
 
     Reads ``eval_<set>_loss`` (and ``eval_<set>_kl`` / ``eval_<set>_top1_agree`` from [`KLToBaseCallback`]) for
-    every held-out set from the Trainer's evaluation metrics. Its history is saved with Trainer checkpoints
-    (restored with ``restore_callback_states_from_checkpoint=True``).
+    every held-out set from the Trainer's evaluation metrics. With `prediction` (a planned run's predicted losses,
+    [`hf_cpt.prediction.PredictionConfig`]) it compares the general and domain loss of every evaluation with their
+    predicted band (`summary()["prediction"]`) and warns once, at the first measurement outside it. Its history
+    is saved with Trainer checkpoints (restored with ``restore_callback_states_from_checkpoint=True``).
 
     Args:
         config: a [`ForgettingMonitorConfig`]; keyword arguments build one when omitted.
@@ -219,6 +232,8 @@ class ForgettingMonitorCallback(TrainerCallback, ExportableState):
         self.history: list[dict[str, float]] = []
         self.breach_steps: list[int | None] = [None] * len(self.guards)  # per guard: its first breach
         self._checked: list[int | None] = [None] * len(self.guards)  # per guard: the step last checked
+        self.prediction_warned = False  # `monitor.prediction`: the one warning, once per run (kept on resume)
+        self._predicted: dict[str, int] = {}  # per set role: the step last compared with the prediction
 
     @property
     def breach_step(self) -> int | None:
@@ -233,7 +248,8 @@ class ForgettingMonitorCallback(TrainerCallback, ExportableState):
     def state(self) -> dict:
         return {
             "args": {"config": asdict(self.config)},
-            "attributes": {"history": [dict(r) for r in self.history], "breach_steps": list(self.breach_steps)},
+            "attributes": {"history": [dict(r) for r in self.history], "breach_steps": list(self.breach_steps),
+                           "prediction_warned": self.prediction_warned},
         }
 
     # --- hooks -----------------------------------------------------------------------------------------------
@@ -273,6 +289,8 @@ class ForgettingMonitorCallback(TrainerCallback, ExportableState):
                 if guard.key in record and self._checked[i] != step:
                     self._checked[i] = step
                     self._check(i, record, state, control)
+            if self.config.prediction is not None:
+                self._check_prediction(record, state)
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -289,6 +307,9 @@ class ForgettingMonitorCallback(TrainerCallback, ExportableState):
         out: dict[str, Any] = compute_forgetting(self.history, self.config.general, self.config.domain)
         out["guards"] = [self._guard_summary(i) for i in range(len(self.guards))]
         out.update(tolerance_breached=self.breach_step is not None, breach_step=self.breach_step)
+        if self.config.prediction is not None:  # predicted vs measured at every evaluation
+            out["prediction"] = compare_prediction(self.history, self.config.prediction, self.config.general,
+                                                   self.config.domain)
         return out
 
     def _guard_summary(self, i: int) -> dict[str, Any]:
@@ -321,6 +342,23 @@ class ForgettingMonitorCallback(TrainerCallback, ExportableState):
         msg = (f"held-out {what} on {g.set!r} rose from {baseline:.4f} to {record[g.key]:.4f} at step "
                f"{record['step']}, past the {g.mode} tolerance {g.tolerance}")
         act_on_breach(action, msg, state, control)
+
+    def _check_prediction(self, record: dict[str, float], state) -> None:
+        # each set once per step, when its value arrives; one warning per run, at the first departure
+        step = record["step"]
+        for role, name in (("general", self.config.general), ("domain", self.config.domain)):
+            measured = record.get(f"{name}_loss")
+            if measured is None or self._predicted.get(role) == step:
+                continue
+            self._predicted[role] = step
+            predicted = predicted_loss(self.config.prediction, role, step)
+            if predicted is None or inside_band(measured, *predicted[1:]) or self.prediction_warned:
+                continue
+            self.prediction_warned = True
+            if state.is_world_process_zero:
+                logger.warning(describe_departure({"role": role, "set": name, "step": step, "measured": measured,
+                                                   "predicted": predicted[0], "lo": predicted[1],
+                                                   "hi": predicted[2]}))
 
 
 # --- registry entry ---------------------------------------------------------------------------------------------------

@@ -526,8 +526,9 @@ def _floats(name: str, text: Optional[str]) -> Optional[list[float]]:
 @app.command()
 @_user_errors
 def plan(
-    runs: Annotated[list[Path], typer.Argument(help="Pilot output directories of `hf-cpt train` (>= 2 schedules).")],
     budget_steps: Annotated[int, typer.Option(help="Updates of the planned run (>= the longest pilot).")],
+    runs: Annotated[Optional[list[Path]], typer.Argument(
+        help="Pilot output directories of `hf-cpt train` (>= 2 schedules); none with --run.")] = None,
     tolerance: Annotated[float, typer.Option(help="Allowed rise of the general held-out loss at the end.")] = 0.05,
     tolerance_mode: Annotated[str, typer.Option(help="relative (0.05 = 5%) or absolute (nats).")] = "relative",
     schedules: Annotated[str, typer.Option(help="Candidate schedules, comma-separated.")] = "constant,cosine,wsd",
@@ -539,14 +540,51 @@ def plan(
     plot: Annotated[Path, typer.Option(help="PNG: pilots measured vs fitted, the plan with its band.")] = Path(
         "plan.png"),
     output_json: Annotated[Optional[Path], typer.Option("--json", help="Write the whole plan as JSON.")] = None,
+    write_config: Annotated[Optional[Path], typer.Option(
+        help="Write the recommended run's config, its predicted losses in `monitor.prediction` (checked by "
+             "`hf-cpt train` at every evaluation).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="The config to plan, with --write-config (default: the "
+                                                        "first pilot's recipe) or --run.")] = None,
+    run: Annotated[bool, typer.Option(
+        "--run", help="Train the pilots (constant and cosine at the config's replay ratio), plan, and train the "
+                      "planned run into --output-dir.")] = False,
+    template: Annotated[Optional[str], typer.Option("--template", "-t", help="With --run: a shipped template "
+                                                                             "(default quickstart).")] = None,
+    output_dir: Annotated[Optional[Path], typer.Option("--output-dir", "-o", help="With --run: the planned run's "
+                                                                                  "directory.")] = None,
+    pilot_steps: Annotated[Optional[int], typer.Option(help="With --run: updates per pilot (default 10% of the "
+                                                            "budget, >= 8).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="With --run: replace a non-empty --output-dir.")] = False,
 ) -> None:
     """Fit the CPT learning-dynamics law to pilot runs and recommend a schedule, peak LR and replay ratio."""
-    from ..recipe.plan import plan_cpt, plot_plan, write_plan
+    from ..prediction import summarize_prediction
+    from ..recipe.plan import pilot_config, plan_cpt, plot_plan, write_plan, write_plan_config
 
-    result = plan_cpt(runs, budget_steps, tolerance, tolerance_mode,
-                      schedules=[s.strip() for s in schedules.split(",") if s.strip()],
-                      peak_lrs=_floats("--peak-lrs", peak_lrs), replay_ratios=_floats("--replay-ratios", replay_ratios),
-                      warmup_steps=warmup_steps, bootstrap=bootstrap)
+    if config is not None and write_config is None and not run:
+        raise ValueError("`--config` goes with `--write-config`: the config to plan and where to write the planned "
+                         "one")
+    options = dict(schedules=[s.strip() for s in schedules.split(",") if s.strip()],
+                   peak_lrs=_floats("--peak-lrs", peak_lrs), replay_ratios=_floats("--replay-ratios", replay_ratios),
+                   warmup_steps=warmup_steps, bootstrap=bootstrap)
+    cfg = None  # the config planned with --run
+    if run:
+        if runs:
+            raise ValueError("`--run` trains its own pilots: give a config (`--config` / `--template`), not pilot "
+                             "runs")
+        from ..recipe import default_output_dir, load_config
+        from ..recipe.plan import run_plan
+
+        template = template if template is not None or config is not None else "quickstart"
+        cfg = load_config(config, template)
+        out = output_dir or default_output_dir(cfg, config, template, "-planned")
+        result, trained = run_plan(cfg, budget_steps, tolerance, out, pilot_steps=pilot_steps, overwrite=overwrite,
+                                   tolerance_mode=tolerance_mode, **options)
+    else:
+        if not runs:
+            raise ValueError("give pilot output directories of `hf-cpt train`, or `--run` to train them first")
+        if template is not None or output_dir is not None or pilot_steps is not None or overwrite:
+            raise ValueError("`--template`, `--output-dir`, `--pilot-steps` and `--overwrite` go with `--run`")
+        result, trained = plan_cpt(runs, budget_steps, tolerance, tolerance_mode, **options), None
     plot_plan(result, plot)
     if output_json is not None:
         write_plan(result, output_json)
@@ -568,7 +606,21 @@ def plan(
         typer.echo(f"  predicted general loss {c.general_end:.4f} (band top {c.general_hi:.4f}; bound "
                    f"{result.general_bound:.4f}), domain loss {c.domain_end:.4f} (band top {c.domain_hi:.4f}); "
                    f"{result.bootstrap_samples} bootstrap refits")
+    pilot_updates = sum(len(p.lrs) for p in f.pilots)
+    typer.echo(f"  pilot cost: {pilot_updates} updates, {pilot_updates / budget_steps:.0%} of the planned run's "
+               f"{budget_steps}" + (f" ({pilot_updates * result.tokens_per_step:.3g} tokens)" if result.tokens_per_step
+                                      else ""))
     typer.echo(f"  plot: {plot}" + (f"  plan: {output_json}" if output_json else ""))
+    if write_config is not None:
+        from ..config import CPTConfig
+
+        base = (cfg if cfg is not None else CPTConfig.from_yaml(config) if config is not None
+                else pilot_config(runs[0]))
+        write_plan_config(result, base, write_config)
+        typer.echo(f"Wrote {write_config} (predicted losses in `monitor.prediction`): hf-cpt train {write_config}")
+    if trained is not None:
+        check = trained.metrics["forgetting"].get("prediction") or {}
+        typer.echo(f"Planned run in {trained.output_dir}: {summarize_prediction(check) if check else 'not checked'}")
 
 
 # --- hf-cpt merge (issue 33): one command, the logic is in hf_cpt.recipe.merge_run --------------------------------------

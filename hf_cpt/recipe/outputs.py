@@ -25,6 +25,7 @@ def write_outputs(cfg: CPTConfig, directory: Path, metrics: dict[str, Any]) -> N
         title=f"hf-cpt: {cfg.model.name_or_path}",
         downstream=(metrics.get("downstream") or {}).get("history"),
         domain_sets=[n for n, kind in cfg.data.held_out_kinds().items() if kind == "domain"],
+        prediction=metrics["forgetting"].get("prediction"),
     )
     if metrics.get("vocab") is not None:
         (directory / VOCAB_FILE).write_text(json.dumps(metrics["vocab"], indent=2, ensure_ascii=False),

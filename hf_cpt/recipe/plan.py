@@ -11,6 +11,7 @@ checkpoint's `trainer_state.json`) gives the held-out losses at each evaluation.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,8 @@ from ..config import CONFIG_FILE, CPTConfig
 from ..dynamics import DynamicsFit, PilotCurve, bootstrap_dynamics, fit_dynamics, predict_band
 from ..validation import check_number
 from .outputs import METRICS_FILE
+
+logger = logging.getLogger(__name__)
 
 CANDIDATE_SCHEDULES = ("constant", "cosine", "wsd")
 # transformers scheduler names -> the schedule family the fit tells apart
@@ -92,11 +95,7 @@ def read_pilot(run_dir: str | Path) -> tuple[PilotCurve, int]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"pilot run {str(run_dir)!r} does not exist")
-    cfg_dir = run_dir if (run_dir / CONFIG_FILE).is_file() else run_dir.parent
-    if not (cfg_dir / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{str(run_dir)!r} has no {CONFIG_FILE}: pass output directories written by "
-                                "`hf-cpt train`")
-    cfg = CPTConfig.from_pretrained(cfg_dir)
+    cfg = pilot_config(run_dir)
     if cfg.data.replay_stages:
         raise ValueError(f"pilot {str(run_dir)!r} changes its replay ratio during the run (`data.replay_stages`): "
                          "the law models one ratio per run; use pilots with a fixed `data.replay_ratio`")
@@ -117,20 +116,25 @@ def read_pilot(run_dir: str | Path) -> tuple[PilotCurve, int]:
 
 
 # --- candidates --------------------------------------------------------------------------------------------------
-def candidate_lrs(schedule: str, steps: int, peak_lr: float, warmup_steps: int = 0, min_lr_ratio: float = 0.1,
-                  decay_fraction: float = 0.2) -> list[float]:
-    """LR per update of a candidate run: `constant`, `cosine` (to `min_lr_ratio`) or `wsd` (linear decay over the
-    last `decay_fraction` of the run), each after a linear warmup of `warmup_steps` from 0 (hf_cpt's rewarm
-    schedules, the ones `schedule:` in a config runs)."""
+def candidate_schedule(schedule: str, steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.1,
+                       decay_fraction: float = 0.2) -> RewarmConfig:
+    """The `schedule:` block of a candidate run: `constant`, `cosine` (to `min_lr_ratio`) or `wsd` (linear decay
+    over the last `decay_fraction` of the run's `steps`), each after a linear warmup of `warmup_steps` from 0."""
     if schedule not in CANDIDATE_SCHEDULES:
         raise ValueError(f"`schedules` must be among {CANDIDATE_SCHEDULES}, got {schedule!r}")
     if schedule == "constant":
-        cfg = RewarmConfig(schedule="constant", warmup_steps=warmup_steps)
-    elif schedule == "cosine":
-        cfg = RewarmConfig(schedule="rewarm", warmup_steps=warmup_steps, decay="cosine", min_lr_ratio=min_lr_ratio)
-    else:
-        cfg = RewarmConfig(schedule="wsd", warmup_steps=warmup_steps, decay="linear", min_lr_ratio=min_lr_ratio,
-                           decay_steps=max(1, round(decay_fraction * steps)))
+        return RewarmConfig(schedule="constant", warmup_steps=warmup_steps)
+    if schedule == "cosine":
+        return RewarmConfig(schedule="rewarm", warmup_steps=warmup_steps, decay="cosine", min_lr_ratio=min_lr_ratio)
+    return RewarmConfig(schedule="wsd", warmup_steps=warmup_steps, decay="linear", min_lr_ratio=min_lr_ratio,
+                        decay_steps=max(1, round(decay_fraction * steps)))
+
+
+def candidate_lrs(schedule: str, steps: int, peak_lr: float, warmup_steps: int = 0, min_lr_ratio: float = 0.1,
+                  decay_fraction: float = 0.2) -> list[float]:
+    """LR per update of a candidate run (see [`candidate_schedule`]): what a run with that `schedule:` block and
+    `train.learning_rate: peak_lr` trains with."""
+    cfg = candidate_schedule(schedule, steps, warmup_steps, min_lr_ratio, decay_fraction)
     return [peak_lr * lr_multiplier(s, cfg, steps) for s in range(steps)]
 
 
@@ -246,6 +250,123 @@ def plan_from_pilots(pilots: Sequence[PilotCurve], budget_steps: int, tolerance:
     return CPTPlan(fit=fit, budget_steps=budget_steps, tokens_per_step=tokens_per_step, tolerance=tolerance,
                    tolerance_mode=tolerance_mode, general_bound=bound, level=level, bootstrap_samples=len(laws),
                    candidates=candidates, recommended=best, curves=curves, settings=settings)
+
+
+def evaluation_steps(max_steps: int, eval_steps: int) -> list[int]:
+    """The steps a run of `hf-cpt train` evaluates at: 0, every `eval_steps`, and the last step."""
+    return sorted({0, *range(eval_steps, max_steps + 1, eval_steps), max_steps})
+
+
+def plan_prediction(plan: CPTPlan, steps: Sequence[int]) -> dict[str, Any]:
+    """The `monitor.prediction` block of the recommended run: its predicted general and domain loss at `steps`,
+    each with a band: the plan's bootstrap band (when it has one) around the prediction, widened on both sides by
+    the fit's RMSE on the pilots of that set (the scatter of one measured curve around the law).
+
+    Raises:
+        ValueError: the plan recommends no run, or a step is outside the planned run.
+    """
+    c = plan.recommended
+    if c is None or not plan.curves:
+        raise ValueError("the plan recommends no run (no candidate keeps the general loss within the tolerance): "
+                         "there is no prediction to write; raise `--tolerance` or allow more replay")
+    steps = [int(s) for s in steps]
+    if not steps or min(steps) < 0 or max(steps) > plan.budget_steps:
+        raise ValueError(f"prediction steps must lie in [0, {plan.budget_steps}] (the planned run), got {steps}")
+    out: dict[str, Any] = {"steps": steps}
+    for role in ("general", "domain"):
+        rmse = float(getattr(plan.fit, f"rmse_{role}"))
+        point = [float(plan.curves[role][s]) for s in steps]
+        lo = [min(float(plan.curves.get(f"{role}_lo", plan.curves[role])[s]), p) - rmse for s, p in zip(steps, point)]
+        hi = [max(float(plan.curves.get(f"{role}_hi", plan.curves[role])[s]), p) + rmse for s, p in zip(steps, point)]
+        out.update({role: point, f"{role}_lo": lo, f"{role}_hi": hi})
+    bands = (f"{plan.level:.0%} bootstrap band ({plan.bootstrap_samples} refits)" if "general_lo" in plan.curves
+             else "the prediction")
+    out["band"] = (f"{bands} +- the fit's RMSE on the pilots ({plan.fit.rmse_general:.4f} general, "
+                   f"{plan.fit.rmse_domain:.4f} domain)")
+    out["source"] = (f"hf-cpt plan from {len(plan.fit.pilots)} pilots: {c.schedule}, peak LR {c.peak_lr:g}, replay "
+                     f"{c.replay_ratio:g}, {plan.budget_steps} steps")
+    out.update(replay_ratio=c.replay_ratio, learning_rate=c.peak_lr, max_steps=plan.budget_steps)
+    return out
+
+
+def planned_config(plan: CPTPlan, cfg: CPTConfig) -> CPTConfig:
+    """`cfg` (e.g. a pilot's recipe) as the recommended run: `train.max_steps` the budget, `train.learning_rate` the
+    peak LR, the candidate's `schedule:` block, `data.replay_ratio`, and its prediction as `monitor.prediction` at
+    the run's evaluation steps (checked by `hf-cpt train` at every evaluation)."""
+    c = plan.recommended
+    if c is None:
+        plan_prediction(plan, [0])  # raises: no run recommended
+    s = plan.settings
+    schedule = candidate_schedule(c.schedule, plan.budget_steps, s["warmup_steps"], s["min_lr_ratio"],
+                                  s["decay_fraction"])
+    steps = evaluation_steps(plan.budget_steps, cfg.train.eval_steps)
+    return cfg.override({"train.max_steps": plan.budget_steps, "train.learning_rate": c.peak_lr,
+                         "train.warmup_steps": 0, "train.lr_scheduler_type": None, "schedule": asdict(schedule),
+                         "data.replay_ratio": c.replay_ratio, "data.replay_stages": [], "output_dir": None,
+                         "monitor.prediction": plan_prediction(plan, steps)})
+
+
+def write_plan_config(plan: CPTPlan, cfg: CPTConfig, path: str | Path) -> CPTConfig:
+    """Write [`planned_config`] to `path` (atomically), with a comment saying where it came from; returns it."""
+    from ..config import write_yaml
+
+    new = planned_config(plan, cfg)
+    c = plan.recommended
+    header = (f"# planned by `hf-cpt plan` from {len(plan.fit.pilots)} pilots: {c.schedule}, peak LR {c.peak_lr:g}, "
+              f"replay_ratio {c.replay_ratio:g}, {plan.budget_steps} steps; `monitor.prediction` holds the predicted "
+              "losses `hf-cpt train` checks at every evaluation\n")
+    write_yaml(new, path, header)
+    return new
+
+
+def pilot_config(run_dir: str | Path) -> CPTConfig:
+    """The recipe of a pilot run directory (or of the run a checkpoint directory belongs to)."""
+    run_dir = Path(run_dir)
+    cfg_dir = run_dir if (run_dir / CONFIG_FILE).is_file() else run_dir.parent
+    if not (cfg_dir / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{str(run_dir)!r} has no {CONFIG_FILE}: pass output directories written by "
+                                "`hf-cpt train`")
+    return CPTConfig.from_pretrained(cfg_dir)
+
+
+def pilot_run_configs(cfg: CPTConfig, pilot_steps: int, schedules: Sequence[str] = ("constant", "cosine"),
+                      replay_ratios: Sequence[float] | None = None) -> dict[str, CPTConfig]:
+    """The pilots `hf-cpt plan --run` trains: `cfg` for `pilot_steps` updates, evaluated >= 8 times, at each replay
+    ratio (default: `cfg`'s) with each candidate schedule at `cfg`'s peak LR, by directory name."""
+    evals = max(1, pilot_steps // 8)
+    out = {}
+    for r in replay_ratios if replay_ratios is not None else [cfg.data.replay_ratio]:
+        for sched in schedules:
+            block = asdict(candidate_schedule(sched, pilot_steps))
+            out[f"pilot-{sched}-r{r:g}"] = cfg.override({
+                "train.max_steps": pilot_steps, "train.eval_steps": evals, "train.warmup_steps": 0,
+                "train.lr_scheduler_type": None, "schedule": block, "data.replay_ratio": float(r),
+                "data.replay_stages": [], "output_dir": None, "monitor.prediction": None})
+    return out
+
+
+def run_plan(cfg: CPTConfig, budget_steps: int, tolerance: float, output_dir: str | Path,
+             pilot_steps: int | None = None, replay_ratios: Sequence[float] | None = None,
+             pilot_schedules: Sequence[str] = ("constant", "cosine"), overwrite: bool = False,
+             **kwargs: Any) -> tuple[CPTPlan, Any]:
+    """Pilots -> fit -> plan -> the planned run, in one call (`hf-cpt plan --run`): trains
+    [`pilot_run_configs`] (default `pilot_steps`: 10 % of the budget, at least 8) into `<output_dir>.pilots/`,
+    plans from them ([`plan_cpt`], `**kwargs`), writes the planned config as `<output_dir>.planned.yaml` and trains
+    it into `output_dir` (`overwrite`: replace it). Returns the plan and the run's `CPTResult`."""
+    from .train import run_cpt
+
+    output_dir = Path(output_dir)
+    steps = pilot_steps if pilot_steps is not None else max(8, budget_steps // 10)
+    root = output_dir.with_name(f"{output_dir.name}.pilots")
+    configs = pilot_run_configs(cfg, steps, pilot_schedules, replay_ratios)
+    dirs = []
+    for i, (name, pilot) in enumerate(configs.items()):
+        logger.info("plan pilot %d/%d: %s, %d steps", i + 1, len(configs), name, steps)
+        dirs.append(run_cpt(pilot, output_dir=root / name, overwrite=True).output_dir)
+    plan = plan_cpt(dirs, budget_steps, tolerance, **kwargs)
+    planned = write_plan_config(plan, cfg, output_dir.with_name(f"{output_dir.name}.planned.yaml"))
+    logger.info("planned run: %s", planned.monitor.prediction.source)
+    return plan, run_cpt(planned, output_dir=output_dir, overwrite=overwrite)
 
 
 def plan_cpt(run_dirs: Sequence[str | Path], budget_steps: int, tolerance: float, tolerance_mode: str = "relative",

@@ -51,7 +51,7 @@ def test_read_pilot_gets_the_lrs_the_trainer_used_and_both_losses(pilots):
 def test_plan_round_trips_real_runs(pilots, tmp_path):
     result = runner.invoke(app, ["plan", *map(str, pilots.values()), "--budget-steps", "20", "--tolerance", "0.5",
                                  "--bootstrap", "4", "--plot", str(tmp_path / "plan.png"), "--json",
-                                 str(tmp_path / "plan.json")])
+                                 str(tmp_path / "plan.json"), "--write-config", str(tmp_path / "planned.yaml")])
     assert result.exit_code == 0, result.output
     assert "fit on 4 pilots (constant, cosine; replay ratios 0.5, 0.25)" in result.output
     assert "Plan for 20 steps (1.28e+03 tokens)" in result.output
@@ -69,6 +69,14 @@ def test_plan_round_trips_real_runs(pilots, tmp_path):
     if "general_hi" in curves:
         assert all(lo <= p <= hi for lo, p, hi in zip(curves["general_lo"], curves["general"], curves["general_hi"]))
     assert (tmp_path / "plan.png").stat().st_size > 10_000
+    # the planned run's config: the recommendation, and its prediction at the run's evaluations (every step)
+    assert f"Wrote {tmp_path / 'planned.yaml'}" in result.output
+    planned = CPTConfig.from_yaml(tmp_path / "planned.yaml")
+    assert planned.train.max_steps == 20 and planned.data.replay_ratio == pytest.approx(rec["replay_ratio"])
+    assert planned.train.learning_rate == pytest.approx(rec["peak_lr"]) and planned.output_dir is None
+    pred = planned.monitor.prediction
+    assert pred.steps == list(range(21)) and pred.general == pytest.approx(curves["general"])
+    assert all(lo <= p <= hi for lo, p, hi in zip(pred.domain_lo, pred.domain, pred.domain_hi))
     # the fitted curves go through the measured points (tiny noisy runs: within a loose margin)
     assert plan["fit"]["rmse_general"] < 0.1 and plan["fit"]["rmse_domain"] < 0.1
 
