@@ -52,6 +52,12 @@ class PredictionConfig:
     max_steps: int | None = field(default=None, metadata={"help": "`train.max_steps` it was made for."})
 
     def __post_init__(self) -> None:
+        # the run it was made for first: one wrong field is named as itself, before the curves are looked at
+        if self.replay_ratio is not None:
+            self.replay_ratio = check_fraction("replay_ratio", self.replay_ratio)
+        if self.learning_rate is not None:
+            self.learning_rate = check_number("learning_rate", self.learning_rate, 0.0, min_inclusive=False)
+        check_int("max_steps", self.max_steps, optional=True)
         if not isinstance(self.steps, list) or not self.steps:
             raise ValueError(f"`steps` must be a non-empty list of evaluation steps, got {self.steps!r}")
         for i, s in enumerate(self.steps):
@@ -70,11 +76,6 @@ class PredictionConfig:
                 if not a <= p <= b:
                     raise ValueError(f"`{role}_lo[{i}]` <= `{role}[{i}]` <= `{role}_hi[{i}]` does not hold ({a:g}, "
                                      f"{p:g}, {b:g}): the band must hold its prediction")
-        if self.replay_ratio is not None:
-            self.replay_ratio = check_fraction("replay_ratio", self.replay_ratio)
-        if self.learning_rate is not None:
-            self.learning_rate = check_number("learning_rate", self.learning_rate, 0.0, min_inclusive=False)
-        check_int("max_steps", self.max_steps, optional=True)
 
 
 def predicted_loss(prediction: PredictionConfig, role: str, step: int) -> tuple[float, float, float] | None:

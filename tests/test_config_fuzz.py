@@ -89,7 +89,9 @@ def mutations(rng: random.Random, fields: list):
 
 
 # blocks whose defaults alone are incomplete: what they need besides the probed field
-COMPLETE = {"downstream": {"tasks": ["hf_cpt_kjv_mc"]}, "synth": {"eval_tokens": 64}}
+COMPLETE = {"downstream": {"tasks": ["hf_cpt_kjv_mc"]}, "synth": {"eval_tokens": 64},
+            "prediction": {"steps": [0], **{f"{role}{end}": [3.0] for role in ("general", "domain")
+                                            for end in ("", "_lo", "_hi")}}}
 
 
 def _with(dotted: str, value) -> dict:
@@ -98,6 +100,8 @@ def _with(dotted: str, value) -> dict:
         cfg["downstream"] = dict(COMPLETE["downstream"])
     if dotted.startswith("data.synth."):
         cfg["data"] = {"synth": dict(COMPLETE["synth"])}
+    if dotted.startswith("monitor.prediction."):
+        cfg["monitor"] = {"prediction": dict(COMPLETE["prediction"])}
     *parents, leaf = dotted.split(".")
     node = cfg
     for key in parents:

@@ -57,7 +57,16 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     model, added tokens), or for a slow one its vocabulary and special tokens, plus the EOS id."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
+        # without the truncation / padding state, which a call like `tokenizer(x, truncation=True)` leaves behind
+        # on the shared backend and the next plain call resets: it is no property of the tokenizer
         body = backend.to_str()
+        if backend.truncation is not None or backend.padding is not None:
+            from tokenizers import Tokenizer
+
+            plain = Tokenizer.from_str(body)
+            plain.no_truncation()
+            plain.no_padding()
+            body = plain.to_str()
     else:
         body = json.dumps(sorted(tokenizer.get_vocab().items())) + repr(getattr(tokenizer, "all_special_tokens", []))
     body += f"|{type(tokenizer).__name__}|eos={document_separator(tokenizer)}"

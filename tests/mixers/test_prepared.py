@@ -248,3 +248,18 @@ def test_documents_are_read_across_arrow_chunks(tmp_path):
         assert src.doc_tokens(d, 0, len(rows[d])).tolist() == rows[d]
         if len(rows[d]) >= 3:
             assert src.doc_tokens(d, 1, 3).tolist() == rows[d][1:3]
+
+
+def test_the_tokenizer_fingerprint_ignores_truncation_state_left_on_the_backend(tiny_tokenizer):
+    """A call with `truncation=True` leaves truncation on the shared fast backend until the next plain call resets
+    it; a store prepared in between must not look like one made with another tokenizer."""
+    from hf_cpt.mixers.prepared import tokenizer_fingerprint
+
+    plain = tokenizer_fingerprint(tiny_tokenizer)
+    tiny_tokenizer("some text to cut", truncation=True, max_length=3)
+    try:
+        assert tiny_tokenizer.backend_tokenizer.truncation is not None  # the state this guards against
+        assert tokenizer_fingerprint(tiny_tokenizer) == plain
+    finally:
+        tiny_tokenizer.backend_tokenizer.no_truncation()
+    assert tokenizer_fingerprint(tiny_tokenizer) == plain
