@@ -364,6 +364,16 @@ class CMRPrediction:
     power_law_note: str | None = None
 
 
+def check_prediction_args(budget_tokens: Any, bootstrap: Any, level: Any) -> None:
+    """The arguments every CMR prediction takes (`predict_cmr`, `cmr_select.predict_selected_cmr`), checked once."""
+    if isinstance(budget_tokens, bool) or not isinstance(budget_tokens, (int, float)) or not budget_tokens > 0:
+        raise ValueError(f"`budget_tokens` must be > 0, got {budget_tokens!r}")
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
+        raise ValueError(f"`bootstrap` must be an integer >= 0, got {bootstrap!r}")
+    if not 0 < level < 1:
+        raise ValueError(f"`level` must be in (0, 1), got {level!r}")
+
+
 def predict_cmr(fit: CMRFit, budget_tokens: float, bootstrap: int = 100, seed: int = 0,
                 level: float = 0.9) -> CMRPrediction:
     """The CMR at `budget_tokens`, with a `level` interval from a residual bootstrap (`bootstrap` refits).
@@ -382,12 +392,7 @@ def predict_cmr(fit: CMRFit, budget_tokens: float, bootstrap: int = 100, seed: i
     Raises:
         ValueError: when no share keeps the general loss within the tolerance at that budget.
     """
-    if isinstance(budget_tokens, bool) or not isinstance(budget_tokens, (int, float)) or not budget_tokens > 0:
-        raise ValueError(f"`budget_tokens` must be > 0, got {budget_tokens!r}")
-    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
-        raise ValueError(f"`bootstrap` must be an integer >= 0, got {bootstrap!r}")
-    if not 0 < level < 1:
-        raise ValueError(f"`level` must be in (0, 1), got {level!r}")
+    check_prediction_args(budget_tokens, bootstrap, level)
     point = critical_ratio(fit.law, budget_tokens, fit.tolerance, fit.tolerance_mode)
     power = (float(np.clip(cmr_power_law(budget_tokens, *fit.power_law), 0.0, 1.0))
              if fit.power_law is not None else None)

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from ..import_utils import require
-from .cmr import CMRRecord, check_records, general_bound
+from .cmr import CMRRecord, check_prediction_args, check_records, general_bound
 from .cmr_candidates import (  # noqa: F401  (fit_* and PilotSchedule: re-exported, the public names live here too)
     CANDIDATES,
     FITTERS,
@@ -304,12 +304,7 @@ def predict_selected_cmr(selection: CMRSelection, budget_tokens: float, bootstra
     Raises:
         ValueError: bad arguments, or a CMR outside the pilots' ratios (no candidate extrapolates in the ratio).
     """
-    if isinstance(budget_tokens, bool) or not isinstance(budget_tokens, (int, float)) or not budget_tokens > 0:
-        raise ValueError(f"`budget_tokens` must be > 0, got {budget_tokens!r}")
-    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 0:
-        raise ValueError(f"`bootstrap` must be an integer >= 0, got {bootstrap!r}")
-    if not 0 < level < 1:
-        raise ValueError(f"`level` must be in (0, 1), got {level!r}")
+    check_prediction_args(budget_tokens, bootstrap, level)
     lo_r, hi_r = selection.ratio_range
     cmr, status = solve_ratio(selection.model.general, budget_tokens, selection.bound, lo_r, hi_r)
     if status == "below":
