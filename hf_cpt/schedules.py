@@ -26,10 +26,10 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
-from .validation import check_choice, check_int, check_number
+from .validation import build_list_item, check_choice, check_int, check_number
 
 WARMUPS = ("linear", "cosine", "1-sqrt")
 DECAYS = ("cosine", "linear", "1-sqrt", "inverse_sqrt", "none")
@@ -161,23 +161,7 @@ def trainer_scheduler_name(cfg: RewarmConfig) -> str:
 
 def _as_cycle(c: CycleConfig | dict, i: int) -> CycleConfig:
     """A cycle from YAML data, with errors naming `cycles[i].field`."""
-    if isinstance(c, CycleConfig):
-        return c
-    if not isinstance(c, dict):
-        raise ValueError(f"`cycles[{i}]` must be a mapping of cycle fields, got {c!r}")
-    known = {f.name for f in fields(CycleConfig)}
-    for key in c:
-        if key not in known:
-            raise ValueError(f"unknown field `cycles[{i}].{key}` (known: {', '.join(sorted(known))})")
-    if "steps" not in c:
-        raise ValueError(f"`cycles[{i}].steps` is required")
-    try:
-        return CycleConfig(**c)
-    except ValueError as e:
-        msg = str(e)
-        for name in known:
-            msg = msg.replace(f"`{name}`", f"`cycles[{i}].{name}`")
-        raise ValueError(msg) from None
+    return build_list_item(CycleConfig, c, f"cycles[{i}]", "a mapping of cycle fields", required=("steps",))
 
 
 def build_cycles(cfg: RewarmConfig, total_steps: int) -> list[CycleConfig]:

@@ -10,6 +10,7 @@ otherwise; ints are accepted where floats are, never the reverse.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -116,3 +117,34 @@ def _range(lo: float | None, hi: float | None, lo_inc: bool, hi_inc: bool) -> st
     if hi is not None:
         return f"{'<=' if hi_inc else '<'} {hi:g}"
     return ""
+
+
+def build_list_item(cls: type, value: Any, path: str, expected: str, required: Iterable[str] = ()) -> Any:
+    """One item of a list of config blocks (`cycles[i]`, `guards[i]`) as a `cls` dataclass, from YAML data or an
+    instance, with every error naming `path.field`.
+
+    Args:
+        cls: the item's dataclass.
+        value: a `cls` (returned as is) or a mapping of its fields.
+        path: how errors name the item (`"cycles[0]"`).
+        expected: what a non-mapping is told it must be (`"a mapping of cycle fields"`).
+        required: fields named as missing before the dataclass is built.
+    """
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"`{path}` must be {expected}, got {value!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in value:
+        if key not in known:
+            raise ValueError(f"unknown field `{path}.{key}` (known: {', '.join(sorted(known))})")
+    for key in required:
+        if key not in value:
+            raise ValueError(f"`{path}.{key}` is required")
+    try:
+        return cls(**value)
+    except ValueError as e:
+        msg = str(e)
+        for name in known:
+            msg = msg.replace(f"`{name}`", f"`{path}.{name}`")
+        raise ValueError(msg) from None

@@ -15,7 +15,7 @@ integration (TensorBoard, W&B, ...) as ``eval_<name>_loss``. Pass the held-out s
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
@@ -25,7 +25,7 @@ from ..registry import Technique, TrainerParts, names
 from ..monitoring import TOLERANCE_MODES, compute_forgetting, exceeds_tolerance, tolerance_bound  # noqa: F401
 from ..prediction import PredictionConfig, compare_prediction, describe_departure, inside_band, predicted_loss
 from ..utils import check_top_k
-from ..validation import check_bool, check_choice, check_int, check_name, check_number
+from ..validation import build_list_item, check_bool, check_choice, check_int, check_name, check_number
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import CPTConfig
@@ -180,22 +180,8 @@ class ForgettingMonitorConfig:
 
 def _as_guard(g: GuardConfig | dict, i: int) -> GuardConfig:
     """A guard from YAML data or a checkpoint's state, with errors naming `guards[i].field`."""
-    if isinstance(g, GuardConfig):
-        return g
-    if not isinstance(g, dict):
-        raise ValueError(f"`guards[{i}]` must be a mapping like {{set: general_self, metric: kl, tolerance: 0.2}}, "
-                         f"got {g!r}")
-    known = {f.name for f in fields(GuardConfig)}
-    for key in g:
-        if key not in known:
-            raise ValueError(f"unknown field `guards[{i}].{key}` (known: {', '.join(sorted(known))})")
-    try:
-        return GuardConfig(**g)
-    except ValueError as e:
-        msg = str(e)
-        for name in known:
-            msg = msg.replace(f"`{name}`", f"`guards[{i}].{name}`")
-        raise ValueError(msg) from None
+    return build_list_item(GuardConfig, g, f"guards[{i}]",
+                           "a mapping like {set: general_self, metric: kl, tolerance: 0.2}")
 
 
 def act_on_breach(action: str, message: str, state: Any, control: Any) -> None:
