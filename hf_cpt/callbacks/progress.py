@@ -20,6 +20,7 @@ bars off meanwhile: [`datasets_bars_off`]) and data cleaning (documents).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import sys
 import time
@@ -27,6 +28,20 @@ from collections.abc import Iterator
 from typing import Any, Self
 
 from transformers.trainer_callback import ProgressCallback
+
+
+_LABEL: contextvars.ContextVar[str] = contextvars.ContextVar("hf_cpt_training_bar_label", default="training")
+
+
+@contextlib.contextmanager
+def training_bar_label(label: str) -> Iterator[None]:
+    """Name the training bar of the runs started inside the block ("pilot 1/2: pilot-constant-r0.25" in
+    `hf-cpt plan --run`, a study's run) instead of "training"; the previous name returns when the block ends."""
+    token = _LABEL.set(label)
+    try:
+        yield
+    finally:
+        _LABEL.reset(token)
 
 
 def tokens_per_second(tokens: float, seconds: float) -> str:
@@ -47,10 +62,13 @@ class PhaseProgressCallback(ProgressCallback):
         tokens_per_step: training tokens per optimizer update over all processes (blocks per update x block
             size), for the tokens/s of the training phase.
         eval_tokens_per_batch: tokens per evaluation batch on one process (eval batch size x block size).
+        label: the bar's name while training; default "training", or the name set by [`training_bar_label`].
     """
 
-    def __init__(self, tokens_per_step: int, eval_tokens_per_batch: int, max_str_len: int = 100) -> None:
+    def __init__(self, tokens_per_step: int, eval_tokens_per_batch: int, max_str_len: int = 100,
+                 label: str | None = None) -> None:
         super().__init__(max_str_len=max_str_len)
+        self.label = label if label is not None else _LABEL.get()
         self.tokens_per_step = tokens_per_step
         self.eval_tokens_per_batch = eval_tokens_per_batch
         self._train_seconds = 0.0  # training time so far, evaluations excluded
@@ -64,7 +82,7 @@ class PhaseProgressCallback(ProgressCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         super().on_train_begin(args, state, control, **kwargs)
         if self.training_bar is not None:
-            self.training_bar.set_description("training")
+            self.training_bar.set_description(self.label)
             self.training_bar.unit = "step"
         self._first_step = self.current_step = state.global_step
         if self.training_bar is not None and state.global_step:
@@ -87,7 +105,8 @@ class PhaseProgressCallback(ProgressCallback):
                 self._train_seconds += max(self._mark - self._since, 0.0)
                 self._since = None
             self._eval_started, self._eval_batches = self._mark, 0
-            self.training_bar.set_description("evaluating", refresh=False)
+            self.training_bar.set_description(
+                "evaluating" if self.label == "training" else f"{self.label}: evaluating", refresh=False)
         self._eval_batches += 1
         total = len(eval_dataloader) if eval_dataloader is not None and hasattr(eval_dataloader, "__len__") else "?"
         rate = tokens_per_second(self._eval_batches * self.eval_tokens_per_batch,
@@ -99,7 +118,7 @@ class PhaseProgressCallback(ProgressCallback):
         if self.training_bar is not None and self._eval_started is not None:
             self._eval_started = None
             self.training_bar.set_postfix_str(self._training_rate(), refresh=False)
-            self.training_bar.set_description("training")
+            self.training_bar.set_description(self.label)
             self._since = self._mark = self._clock()
 
     def _training_rate(self) -> str:

@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..callbacks.progress import training_bar_label
 from ..callbacks.rewarm import RewarmConfig
 from ..config import CPTConfig, write_yaml
 from ..mixers.cmr import CMRFit, CMRPrediction, CMRRecord, write_records
@@ -65,7 +66,8 @@ def run_cmr_pilot(cfg: CPTConfig, domain_ratios: Sequence[float], num_budgets: i
         for i, c in enumerate(configs):
             r = 1.0 - c.data.replay_ratio
             logger.info("CMR pilot %d/%d: domain share %.3g", i + 1, len(configs), r)
-            result = run_cpt(c, output_dir=Path(tmp) / f"r{i}")
+            with training_bar_label(f"CMR pilot {i + 1}/{len(configs)} domain {r:.3g}"):
+                result = run_cpt(c, output_dir=Path(tmp) / f"r{i}")
             world = result.metrics.get("world_size", 1)
             g, d = c.monitor.general, c.monitor.domain
             for row in result.metrics["eval_history"]:

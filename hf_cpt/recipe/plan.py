@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..monitoring import tolerance_bound
+from ..callbacks.progress import training_bar_label
 from ..callbacks.rewarm import RewarmConfig, lr_multiplier
 from ..config import CONFIG_FILE, CPTConfig
 from ..dynamics import DynamicsFit, PilotCurve, bootstrap_dynamics, fit_dynamics, predict_band
@@ -362,7 +363,8 @@ def run_plan(cfg: CPTConfig, budget_steps: int, tolerance: float, output_dir: st
     dirs = []
     for i, (name, pilot) in enumerate(configs.items()):
         logger.info("plan pilot %d/%d: %s, %d steps", i + 1, len(configs), name, steps)
-        dirs.append(run_cpt(pilot, output_dir=root / name, overwrite=True).output_dir)
+        with training_bar_label(f"pilot {i + 1}/{len(configs)} {name}"):  # one bar per pilot, named
+            dirs.append(run_cpt(pilot, output_dir=root / name, overwrite=True).output_dir)
     plan = plan_cpt(dirs, budget_steps, tolerance, **kwargs)
     planned = write_plan_config(plan, cfg, output_dir.with_name(f"{output_dir.name}.planned.yaml"))
     logger.info("planned run: %s", planned.monitor.prediction.source)

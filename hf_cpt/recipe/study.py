@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..callbacks.progress import training_bar_label
 from ..config import CPTConfig
 from ..merge_sweep import pareto_front
 
@@ -155,7 +156,8 @@ def run_config(cfg: CPTConfig, name: str, defences: Sequence[str], seeds: Sequen
                 continue
             run_dir = out / defence / f"seed{seed}"
             if not (run_dir / "metrics.json").is_file():
-                run_cpt(seeded.override(DEFENCES[defence](seeded)), output_dir=run_dir, overwrite=True)
+                with training_bar_label(f"{name} {defence} seed {seed}"):
+                    run_cpt(seeded.override(DEFENCES[defence](seeded)), output_dir=run_dir, overwrite=True)
             metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
             score = _shipped_score(seeded, run_dir, metrics, out / "shipped" / defence / f"seed{seed}") \
                 if defence in SHIPS_UNMONITORED else score_run(seeded, metrics)

@@ -9,7 +9,7 @@ from tqdm import tqdm
 from transformers import TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import CallbackHandler, DefaultFlowCallback, ProgressCallback
 
-from hf_cpt.callbacks.progress import PhaseProgressCallback, swap_progress_bar, tokens_per_second
+from hf_cpt.callbacks.progress import PhaseProgressCallback, swap_progress_bar, tokens_per_second, training_bar_label
 
 
 @pytest.fixture
@@ -52,6 +52,23 @@ def test_training_and_its_evaluations_share_one_bar_with_tokens_per_second(bars)
     cb.on_train_end(args, state, control)
     assert len(made) == 1  # no nested bar per evaluation
     assert "\x1b[A" not in out.getvalue()  # no cursor-up codes: nothing is stacked
+
+
+def test_a_labelled_block_names_the_bars_of_the_runs_inside_it(bars):
+    made, _ = bars
+    state, control = TrainerState(), TrainerControl()
+    state.max_steps = 2
+    with training_bar_label("pilot 1/2 pilot-constant-r0.25"):
+        with training_bar_label("inner"):
+            assert PhaseProgressCallback(1, 1).label == "inner"
+        cb = PhaseProgressCallback(tokens_per_step=10, eval_tokens_per_batch=10)
+    assert PhaseProgressCallback(1, 1).label == "training"  # the name ends with the block
+    cb.on_train_begin(None, state, control)
+    assert made[0].desc.startswith("pilot 1/2 pilot-constant-r0.25")
+    cb.on_prediction_step(None, state, control, eval_dataloader=[0])
+    assert made[0].desc.startswith("pilot 1/2 pilot-constant-r0.25: evaluating")
+    cb.on_evaluate(None, state, control, metrics={})
+    assert made[0].desc.startswith("pilot 1/2 pilot-constant-r0.25") and "evaluating" not in made[0].desc
 
 
 def test_the_recipe_swaps_the_trainers_bar_and_keeps_it_off_when_disabled(tmp_path):
