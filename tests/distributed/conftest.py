@@ -42,12 +42,14 @@ def _launch(root: Path, tiny_model_dir: Path) -> Launches:
                    make_tiny_tokenizer())
     # `hf-cpt train` in one process vs FSDP (and vs DDP, test_ddp.py): the same global batch of 2 blocks, with the
     # techniques whose recipe path differs under FSDP: the rewarm optimizer built in `create_optimizer` (FSDP
-    # refuses `Trainer(optimizers=...)`) and active forgetting (once refused by the recipe under FSDP)
+    # refuses `Trainer(optimizers=...)`), active forgetting (once refused by the recipe under FSDP), and the
+    # parameter groups (no decay on embeddings, norms, biases; the bottom block frozen before wrapping)
     cfg = tiny_run_dict(tiny_model_dir, max_steps=4, per_device_train_batch_size=2)
     cfg["train"].pop("warmup_steps")
     cfg["train"].pop("lr_scheduler_type")  # the `schedule` block defines the LR
     cfg["schedule"] = {"schedule": "rewarm", "warmup_steps": 2, "embedding_lr_ratio": 0.5}
     cfg["active_forgetting"] = {"every_k_updates": 3}
+    cfg["train"] |= {"weight_decay": 0.1, "freeze_layers": 1}  # decay groups and a frozen block, sharded too
     run_yaml = root / "run.yaml"
     run_yaml.write_text(yaml.safe_dump(cfg))
     return launch_all(root, store, run_yaml)

@@ -251,13 +251,14 @@ def test_sigkill_during_a_sharded_run_then_resume_gives_bitwise_identical_weight
     assert len(AutoTokenizer.from_pretrained(final)) == model.config.vocab_size
 
 
-def test_hf_cpt_train_under_fsdp_writes_what_one_process_writes(launches):
+def test_hf_cpt_train_under_fsdp_writes_what_one_process_writes(launches, tiny_model_dir):
     """`hf-cpt train RUN.yaml` itself (the CLI command, in each of 2 processes as `accelerate launch -m
     hf_cpt.cli.main` runs it) with FSDP2 through `train.training_args` and the shipped config's
     `SHARDED_STATE_DICT`, launched as 2 "nodes" x 1 process, against the same command in one process (same global
     batch). The run uses `schedule: rewarm` with an embedding LR (the recipe builds that optimizer in
     `create_optimizer`, since FSDP refuses `Trainer(optimizers=...)`) and `active_forgetting` every 3 updates
-    (no longer refused by the recipe under FSDP). The same files (full `model.safetensors` with the tied head once, tokenizer, card, metrics, plot,
+    (no longer refused by the recipe under FSDP), weight decay 0.1 in hf-cpt's groups and `train.freeze_layers: 1`
+    (the bottom block keeps the base's weights in both runs). The same files (full `model.safetensors` with the tied head once, tokenizer, card, metrics, plot,
     config), losses and held-out history within 1e-5, the final weights within 1e-5, loadable by stock
     `from_pretrained`. The recipe's CPU refusal is lifted for this process only (fsdp_cpu.allow_recipe_fsdp)."""
     from safetensors.torch import load_file
@@ -293,3 +294,8 @@ def test_hf_cpt_train_under_fsdp_writes_what_one_process_writes(launches):
     card = (two / "README.md").read_text()  # the model card, with the run's held-out history
     assert card.startswith("---") and "continual-pretraining" in card and str(m2["train_tokens"]["domain"]) in card
     assert "active forgetting: embeddings reset every 3 updates" in card and "LR schedule: `rewarm`" in card
+    assert "bottom 1 transformer layers frozen" in card and "none on embeddings, norms or biases" in card
+    base = load_file(tiny_model_dir / "model.safetensors")
+    frozen = [k for k in base if k.startswith("model.layers.0.")]
+    assert frozen and all(torch.equal(w[k], base[k]) for w in (w1, w2) for k in frozen)  # the frozen block
+    assert not torch.equal(w2["model.layers.1.self_attn.q_proj.weight"], base["model.layers.1.self_attn.q_proj.weight"])
