@@ -197,3 +197,17 @@ def test_python_blocks_run(doc, tmp_path, monkeypatch):
         exec(compile(shrunk, f"{doc} block {index}", "exec"), namespace)
         ran += 1
     assert ran, f"{doc}: no Python block ran"
+    if doc in _AFTER:
+        _AFTER[doc](namespace)
+
+
+def _readme_ran(namespace: dict) -> None:
+    """The README's Trainer example, shrunk to 2 steps with an evaluation each: the monitor saw step 0 and both
+    updates, and its summary holds the start and end losses it promises."""
+    monitor = namespace["monitor"]
+    assert [r["step"] for r in monitor.history] == [0, 1, 2]
+    summary = monitor.summary()
+    assert summary["domain_loss_start"] is not None and summary["general_loss_end"] is not None
+
+
+_AFTER = {"README.md": _readme_ran}  # what a doc's blocks must have done, read from their namespace
