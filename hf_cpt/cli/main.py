@@ -663,7 +663,8 @@ def study(
     configs: Annotated[list[Path], typer.Argument(help="hf-cpt YAML configs (one per domain); drawn on shared axes.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where runs, study.json and study.png go.")],
     defences: Annotated[str, typer.Option(help="Comma-separated: naive (always run, the reference), rewarm, "
-                                               "replay, self_replay, distill, average, lora, freeze, merge.")] =
+                                               "replay, self_replay, distill, average, lora, freeze, merge (the naive run merged with "
+                                               "its base at 4 alphas), merge:NAME (defence NAME's run merged).")] =
         "naive,rewarm,self_replay,distill,merge",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds (train.seed and data.shuffle_seed).")] = "0",
     steps: Annotated[Optional[int], typer.Option(help="Override `train.max_steps` of every config.")] = None,

@@ -2,7 +2,8 @@
 
 [`run_study`] (CLI: `hf-cpt study CONFIG [CONFIG ...] --defences naive,rewarm,distill,merge --seeds 0,1,2`) trains
 every defence of [`DEFENCES`] on each config with each seed (`train.seed` and `data.shuffle_seed`), merges the
-naive run with its base at several alphas when `merge` is asked for, and scores every run on the config's own
+naive run with its base at several alphas when `merge` is asked for (any trained defence's run with `merge:NAME`,
+e.g. `merge:distill`: a combination that costs no more training), and scores every run on the config's own
 held-out sets:
 
     domain gain   = domain loss at step 0 - domain loss at the end        (`monitor.domain`)
@@ -104,11 +105,24 @@ class StudyResult:
     plot: Path | None = None
 
 
+def _merged_defence(name: str) -> str | None:
+    """The trained defence a merge entry merges with its base: `merge` -> `naive`, `merge:distill` -> `distill`;
+    None for a trained defence."""
+    if name == "merge":
+        return "naive"
+    head, sep, run = name.partition(":")
+    return run if head == "merge" and sep else None
+
+
 def check_defences(defences: Sequence[str]) -> list[str]:
-    unknown = [d for d in defences if d not in DEFENCES]
+    """The defences in run order, naive (the reference) first; `merge:X` (the run of defence X merged with its base
+    at every alpha) adds X when it is not listed."""
+    unknown = [d for d in defences if d not in DEFENCES and _merged_defence(d) not in set(DEFENCES) - {"merge"}]
     if unknown or not defences:
-        raise ValueError(f"`defences`: unknown {unknown or 'none given'}; choose from {', '.join(DEFENCES)}")
-    return ["naive", *[d for d in dict.fromkeys(defences) if d != "naive"]]  # naive is the reference
+        raise ValueError(f"`defences`: unknown {unknown or 'none given'}; choose from {', '.join(DEFENCES)}, or "
+                         "merge:DEFENCE (a trained defence merged with the base)")
+    named = [*defences, *[m for d in defences if (m := _merged_defence(d)) is not None]]
+    return ["naive", *[d for d in dict.fromkeys(named) if d != "naive"]]
 
 
 def score_run(cfg: CPTConfig, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -120,7 +134,7 @@ def score_run(cfg: CPTConfig, metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def _merge_rows(cfg: CPTConfig, run_dir: Path, metrics: dict[str, Any], out: Path,
-                alphas: Sequence[float] = MERGE_ALPHAS) -> list[dict[str, Any]]:
+                alphas: Sequence[float] = MERGE_ALPHAS, label: str = "merge") -> list[dict[str, Any]]:
     """The run merged with its base at each alpha (`hf-cpt merge --alpha ...`), each scored on the held-out sets
     after training, against the run's step-0 losses."""
     from .merge_run import merge_with_base
@@ -130,7 +144,7 @@ def _merge_rows(cfg: CPTConfig, run_dir: Path, metrics: dict[str, Any], out: Pat
         merge_with_base(run_dir, list(alphas), out, overwrite=True)
     sweep = json.loads(cached.read_text(encoding="utf-8"))["rows"]
     f, g = metrics["forgetting"], cfg.monitor.general
-    return [{"defence": f"merge {r['alpha']:g}", "domain_gain": f[f"{cfg.monitor.domain}_loss_start"] -
+    return [{"defence": f"{label} {r['alpha']:g}", "domain_gain": f[f"{cfg.monitor.domain}_loss_start"] -
              r["domain_loss"], "kl": r["kl"], "general_delta": r[f"{g}_loss"] - f[f"{g}_loss_start"]}
             for r in sweep]
 
@@ -151,8 +165,9 @@ def run_config(cfg: CPTConfig, name: str, defences: Sequence[str], seeds: Sequen
     rows = []
     for seed in seeds:
         seeded = cfg.override({"train.seed": seed, "data.shuffle_seed": seed})
+        merged = {m for d in defences if (m := _merged_defence(d)) is not None}
         for defence in defences:
-            if defence == "merge":
+            if _merged_defence(defence) is not None:  # no training: a trained run's sweep, below
                 continue
             run_dir = out / defence / f"seed{seed}"
             if not (run_dir / "metrics.json").is_file():
@@ -163,8 +178,10 @@ def run_config(cfg: CPTConfig, name: str, defences: Sequence[str], seeds: Sequen
                 if defence in SHIPS_UNMONITORED else score_run(seeded, metrics)
             rows.append({"config": name, "defence": defence, "seed": seed, **score})
             log(f"{name} {defence} seed {seed}: domain gain {rows[-1]['domain_gain']:.4f}, KL {rows[-1]['kl']:.4f}")
-            if defence == "naive" and "merge" in defences:
-                for r in _merge_rows(seeded, run_dir, metrics, out / "merge" / f"seed{seed}"):
+            if defence in merged:  # `merge` rows for the naive run, `distill+merge A` for `merge:distill`
+                where, label = ("merge", "merge") if defence == "naive" else (f"merge-{defence}",
+                                                                              f"{defence}+merge")
+                for r in _merge_rows(seeded, run_dir, metrics, out / where / f"seed{seed}", label=label):
                     rows.append({"config": name, "seed": seed, **r})
     return rows
 

@@ -33,8 +33,14 @@ def test_the_summary_marks_the_front_and_the_verdict_says_met_or_missed_by_how_m
 
 def test_unknown_defences_are_refused_and_naive_always_runs_first():
     assert check_defences(["merge", "rewarm"]) == ["naive", "merge", "rewarm"]
+    # a trained defence merged with its base: the training run it needs is added once
+    assert check_defences(["merge:distill", "rewarm"]) == ["naive", "merge:distill", "rewarm", "distill"]
+    assert check_defences(["distill", "merge:distill"]) == ["naive", "distill", "merge:distill"]
     with pytest.raises(ValueError, match=r"`defences`: unknown \['ewc'\]"):
         check_defences(["ewc"])
+    for bad in ("merge:merge", "merge:ewc", "merge:"):
+        with pytest.raises(ValueError, match="merge:DEFENCE"):
+            check_defences([bad])
 
 
 @pytest.mark.slow  # two tiny runs and two merge sweeps (~30 s under load)
@@ -44,11 +50,12 @@ def test_the_cli_runs_a_study_on_any_config(tiny_model_dir, tmp_path):
     run["monitor"] = {**run["monitor"], "general": "bible"}
     (tmp_path / "docs.yaml").write_text(yaml.safe_dump(run))
     code, out = invoke_like_main(["study", str(tmp_path / "docs.yaml"), "--out", str(tmp_path / "s"),
-                                  "--defences", "average,merge", "--seeds", "0"])
+                                  "--defences", "average,merge,merge:average", "--seeds", "0"])
     assert code == 0, out
     saved = json.loads((tmp_path / "s" / "study.json").read_text())
     (line,) = saved["verdict"]
     assert line.startswith("docs: front (domain gain vs KL) ") and "goal M" in line
-    assert {r["defence"] for r in saved["rows"]} == {"naive", "average", "merge 0.25", "merge 0.5", "merge 0.75",
-                                                     "merge 0.9"}
+    assert {r["defence"] for r in saved["rows"]} == {"naive", "average", *[f"{m} {a}" for m in ("merge",
+                                                     "average+merge") for a in (0.25, 0.5, 0.75, 0.9)]}
+    assert (tmp_path / "s" / "docs" / "merge-average" / "seed0" / "merge_sweep.json").is_file()
     assert (tmp_path / "s" / "study.png").is_file()
