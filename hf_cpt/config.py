@@ -28,6 +28,7 @@ from .callbacks.active_forgetting import ActiveForgettingConfig
 from .callbacks.downstream import DownstreamConfig
 from .callbacks.forgetting import ForgettingMonitorConfig
 from .callbacks.rewarm import RewarmConfig
+from .callbacks.merge_base import MergeBaseConfig
 from .callbacks.weight_averaging import WeightAveragingConfig
 from .collators.distill_replay import DistillConfig
 from .collators.masking import MASKING_KINDS, MaskingConfig
@@ -282,9 +283,9 @@ def _eval_set(name: Any, value: Any) -> EvalSetConfig:
     if not isinstance(name, str) or not _SET_NAME.fullmatch(name):
         raise ValueError(f"`eval_sets`: the set name {name!r} must start with a letter and hold only letters, digits, "
                          "`_` and `-` (it becomes `eval_<name>_loss`)")
-    if name in BUILT_IN_SETS or name.startswith("avg_"):
+    if name in BUILT_IN_SETS or name.startswith(("avg_", "merged_")):
         raise ValueError(f"`{where}`: {name!r} is taken ({', '.join(BUILT_IN_SETS)} are built in, `avg_*` are the "
-                         "weight average's sets); choose another name")
+                         "weight average's sets, `merged_*` the merge with the base's); choose another name")
     if isinstance(value, EvalSetConfig):
         return value
     if isinstance(value, str):
@@ -430,6 +431,10 @@ class CPTConfig:
         default=None, metadata={"help": "An EMA or last-K average of the weights, evaluated beside the live model "
                                         "(`eval_avg_<set>_loss`); `ship: true` writes the average."}
     )
+    merge_base: MergeBaseConfig | None = field(
+        default=None, metadata={"help": "Merge with the base at the end: base + alpha x (trained - base), evaluated "
+                                        "beside the live model (`eval_merged_<set>_loss`, KL) and shipped."}
+    )
     lora: LoraAdapterConfig | None = field(
         default=None, metadata={"help": "Train a LoRA adapter (peft) instead of every weight: `{r, alpha, dropout, "
                                         "target_modules, modules_to_save, embeddings, save: merged|adapter}`."}
@@ -516,10 +521,11 @@ class CPTConfig:
                                                                else ")")))
             raise ValueError(f"`monitor.{role}` is {wanted!r}, which is not a held-out set of this run "
                              f"(sets: {names})")
+        merged = [f"merged_{n}" for n in names] if self.merge_base is not None and self.merge_base.evaluate else []
         for i, guard in enumerate(self.monitor.guards):
-            if guard.set not in names:
+            if guard.set not in names + merged:
                 raise ValueError(f"`monitor.guards[{i}].set` is {guard.set!r}, which is not a held-out set of this "
-                                 f"run (sets: {names})")
+                                 f"run (sets: {names + merged})")
 
     @property
     def needs_chunked_loss(self) -> bool:

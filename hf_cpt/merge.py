@@ -285,19 +285,3 @@ def merge_checkpoints(base_dir: str | Path, adapted_dir: str | Path, output_dir:
 
 __all__ = ["CheckpointReader", "MergeSummary", "check_alpha", "interpolate_tensor", "merge_checkpoints",
            "checkpoint_layout", "tied_partner", "write_checkpoint", "write_safetensors"]
-
-
-# --- registry entry ---------------------------------------------------------------------------------------------------
-from .registry import Technique, names  # noqa: E402  (stdlib only; kept with the entry it serves)
-
-TECHNIQUE = Technique(
-    name="merging with the base",
-    key=None,  # no block: `hf-cpt merge` / `merge_with_base` work on a finished run (recipe/merge_run.py)
-    exports={**names("merge", "merge_checkpoints", "interpolate_tensor", "MergeSummary"),
-             "merge_lora_checkpoint": "merge_lora",
-             **names("merge_sweep", "pareto_front", "knee_point", "pick_row", "plot_merge_sweep"),
-             **names("recipe.merge_run", "merge_with_base", "MergeResult")},
-    functional={"interpolate_tensor": "merge", "lora_delta": "merge_lora",
-                **names("merge_sweep", "knee_point", "pareto_front", "pick_row")},
-)
-

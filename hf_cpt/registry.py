@@ -41,7 +41,7 @@ TECHNIQUE_MODULES: list[str] = [
     "hf_cpt.dynamics",                 # CPT learning dynamics     (`hf-cpt plan`)
     "hf_cpt.callbacks.downstream",     # downstream evaluation     `downstream`
     "hf_cpt.callbacks.weight_averaging",  # weight averaging      `weight_averaging`
-    "hf_cpt.merge",                    # merging with the base     (`hf-cpt merge`)
+    "hf_cpt.callbacks.merge_base",     # merging with the base     `merge_base` (and `hf-cpt merge`)
     "hf_cpt.synth",                    # self-synthesised data     `data.synth`
     "hf_cpt.collators.distill_replay",        # distillation replay       `train.distill`
     "hf_cpt.liger",                    # memory: chunked loss      `train.chunked_loss`, `train.use_liger`
