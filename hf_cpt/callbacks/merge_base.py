@@ -190,6 +190,10 @@ def _check(cfg: CPTConfig) -> None:
         raise ValueError("`merge_base` with `lora`: interpolating both LoRA factors is not the linear merge; drop "
                          "`merge_base` and run `hf-cpt merge RUN_DIR --alpha A` on the finished run (it merges the "
                          "adapter at strength A)")
+    wa = cfg.weight_averaging
+    if cfg.merge_base is not None and cfg.merge_base.ship and wa is not None and wa.ship:
+        raise ValueError("`merge_base.ship` and `weight_averaging.ship` both replace the saved weights: keep one "
+                         "(set the other's `ship: false` to evaluate it beside the live model)")
 
 
 def _setup(parts: TrainerParts) -> Any:

@@ -46,6 +46,8 @@ def test_bad_settings_get_one_line_naming_the_field():
         MergeBaseConfig(alpha=1.5)
     with pytest.raises(ValueError, match="`merge_base` with `lora`.*hf-cpt merge"):
         CPTConfig.from_dict({"merge_base": {"alpha": 0.5}, "lora": {"r": 4}})
+    with pytest.raises(ValueError, match="`merge_base.ship` and `weight_averaging.ship`"):
+        CPTConfig.from_dict({"merge_base": {"alpha": 0.5}, "weight_averaging": {"ship": True}})
     with pytest.raises(ValueError, match="`merged_\\*` the merge"):
         CPTConfig.from_dict({"data": {"eval_sets": {"merged_x": "a.jsonl"}}})
     guard = {"monitor": {"guards": [{"set": "merged_general", "metric": "kl", "tolerance": 0.2}]}}
