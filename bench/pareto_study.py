@@ -36,7 +36,7 @@ import yaml  # noqa: E402
 
 LINUX_DOC = Path("/usr/share/doc/linux-doc-6.1/Documentation")
 DEBIAN_REF = Path("/usr/share/debian-reference/debian-reference.en.txt.gz")
-DEFENCES = "naive,rewarm,self_replay,distill,average,lora,freeze,merge,merge:distill"
+DEFENCES = "naive,rewarm,self_replay,distill,average,lora,freeze,merge,merge:rewarm,merge:distill"
 
 
 def _write_jsonl(path: Path, texts: list[str]) -> Path:
