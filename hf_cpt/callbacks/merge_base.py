@@ -13,8 +13,10 @@ the run measures, guards (`monitor.guards: [{set: merged_general_self, ...}]`) a
 At every evaluation the callback swaps the merged weights in, logs `eval_merged_<set>_loss` (and, for the sets
 the KL to the base is measured on, `eval_merged_<set>_kl` / `eval_merged_<set>_top1_agree`, from the same base
 targets), and swaps the trained weights back: the forgetting monitor records the sets `merged_<set>`, the plot
-draws them, the card and `metrics.json` report them. With `ship` (the default) the model ends training holding the
-merge, so it is what is saved. Rows of new tokens (`vocab:`) come from the trained model, as in `hf-cpt merge`.
+draws them, the card and `metrics.json` report them. With `ship` (the default) the merge goes into the model after
+the last update, before the run's final evaluation, so every end number (held-out losses, KL, guards, lm-eval
+scores, the summary sentence) describes the model that is saved; the trained model's own curve is the live one up
+to the evaluation before. Rows of new tokens (`vocab:`) come from the trained model, as in `hf-cpt merge`.
 
 Memory, stated: a float32 copy of every trainable parameter at the start of training (the base), on the CPU.
 Refused: sharded models (each rank holds a shard) and LoRA runs (merge the adapter at strength alpha with
@@ -143,7 +145,7 @@ class MergeBaseCallback(TrainerCallback):
         from .weight_averaging import held_out_loss
 
         extra: dict[str, float] = {}
-        if state.global_step == 0:  # before any update the merge is the base, which the live model is
+        if state.global_step == 0 or self.shipped:  # the live model is the merge: the base at step 0, or shipped
             for n in wanted:
                 extra.update({f"eval_{PREFIX}{n}_{m}": float(logs[f"eval_{n}_{m}"])
                               for m in ("loss", "kl", "top1_agree") if f"eval_{n}_{m}" in logs})
@@ -169,16 +171,31 @@ class MergeBaseCallback(TrainerCallback):
                              attention_mask=kl.masks[name], position_ids=kl.positions[name])
         return {f"eval_{PREFIX}{name}_kl": result["kl"], f"eval_{PREFIX}{name}_top1_agree": result["top1_agree"]}
 
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        if self.config.ship and model is not None and not self.shipped:
-            model = unwrap_model(model)
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for name, value in self.merged_weights(model).items():
-                    params[name].copy_(value)
-            self.shipped = True
-            logger.info("merge_base: the model now holds base + %g x (trained - base) (shipped)", self.config.alpha)
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        # ship after the last update, before the run's final evaluation: every end number (losses, KL, guards,
+        # downstream scores, the summary) then describes the model that is saved
+        if self.config.ship and model is not None and state.global_step >= state.max_steps:
+            self.ship(model)
         return control
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self.config.ship and model is not None and not self.shipped:  # stopped early (e.g. by a guard)
+            self.ship(model)
+            logger.warning("merge_base: the run stopped at step %d, before its end: the merge is saved, but its last "
+                           "evaluation measured the trained model (see the `merged_*` sets)", state.global_step)
+        return control
+
+    def ship(self, model: torch.nn.Module) -> None:
+        """Put the merge into the model's parameters (once)."""
+        if self.shipped:
+            return
+        model = unwrap_model(model)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.merged_weights(model).items():
+                params[name].copy_(value)
+        self.shipped = True
+        logger.info("merge_base: the model now holds base + %g x (trained - base) (shipped)", self.config.alpha)
 
 
 __all__ = ["MergeBaseCallback", "MergeBaseConfig", "base_snapshot"]

@@ -39,6 +39,16 @@ def test_the_merge_is_the_interpolation_exact_at_both_ends_and_swapping_restores
     with cb.swapped_in(model):
         assert torch.equal(model.model.embed_tokens.weight, merged[name])
     assert all(torch.equal(p, trained[n]) for n, p in model.named_parameters())
+    from transformers import TrainerControl, TrainerState
+
+    state = TrainerState(global_step=3, max_steps=4)
+    ship0 = MergeBaseCallback(MergeBaseConfig(alpha=0.0), base)
+    ship0.on_step_end(None, state, TrainerControl(), model=model)
+    assert not ship0.shipped  # not before the last update
+    state.global_step = 4
+    ship0.on_step_end(None, state, TrainerControl(), model=model)
+    ship0.on_train_end(None, state, TrainerControl(), model=model)  # once only
+    assert ship0.shipped and all(torch.equal(p, base[n]) for n, p in model.named_parameters())  # alpha 0: the base
 
 
 def test_bad_settings_get_one_line_naming_the_field():
@@ -64,10 +74,13 @@ def test_a_run_evaluates_the_merge_beside_the_live_model_and_ships_it(tmp_path, 
     cfg = CPTConfig.from_dict(d)
     run_cpt(cfg, output_dir=tmp_path / "out")
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    first, last = metrics["eval_history"][0], metrics["eval_history"][-1]
+    first, mid, last = metrics["eval_history"]
     assert first["merged_domain_loss"] == first["domain_loss"]  # step 0: the merge is the base
-    assert last["step"] == 4 and last["merged_domain_loss"] != last["domain_loss"]
-    assert 0 < last["merged_general_kl"] < last["general_kl"]  # halfway back to the base: nearer to it
+    assert mid["step"] == 2 and mid["merged_domain_loss"] != mid["domain_loss"]
+    assert 0 < mid["merged_general_kl"] < mid["general_kl"]  # halfway back to the base: nearer to it
+    # shipped after the last update, before the final evaluation: the end numbers are the saved model's
+    assert last["step"] == 4 and last["merged_domain_loss"] == last["domain_loss"]
+    assert last["merged_general_kl"] == last["general_kl"] > 0
     assert metrics["forgetting"]["merged_general_kl_end"] == last["merged_general_kl"]
     (guard,) = metrics["forgetting"]["guards"]
     assert guard["guarded_set"] == "merged_general" and guard["end"] == last["merged_general_kl"]
@@ -76,7 +89,7 @@ def test_a_run_evaluates_the_merge_beside_the_live_model_and_ships_it(tmp_path, 
     from hf_cpt.mixers.packing import DocumentMaskingGuard
 
     DocumentMaskingGuard.attach(model)
-    assert held_out_loss(model, sets["domain"], 4) == pytest.approx(last["merged_domain_loss"], abs=1e-5)
+    assert held_out_loss(model, sets["domain"], 4) == pytest.approx(last["domain_loss"], abs=1e-5)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     w, b = model.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight
     assert not torch.equal(w, b)
