@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 
 from hf_cpt.mixers.cmr import fit_cmr_law, plot_cmr, predict_cmr, read_records  # noqa: E402
 from hf_cpt.recipe.cmr_pilot import run_cmr_pilot  # noqa: E402
-from hf_cpt.templates import load_template  # noqa: E402
+from hf_cpt.config import CPTConfig  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     csv = a.out / "records.csv"
-    cfg = load_template("quickstart")
+    cfg = CPTConfig.from_yaml(Path(__file__).with_name("quickstart_round2.yaml"))  # the recipe measured
     cfg.train.max_steps = a.steps
     t0 = time.perf_counter()
     if not a.reuse:

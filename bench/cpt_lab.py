@@ -736,14 +736,14 @@ def smol_config(schedule: str, steps: int, replay: float):
     """The quickstart template (embedded SmolLM2-135M, Python docs) replaying self-synthesised general text,
     held-out sets `general_self` (what the base model writes) and `domain`."""
     from hf_cpt.callbacks.rewarm import RewarmConfig
-    from hf_cpt.templates import load_template
+    from hf_cpt.config import CPTConfig
 
     warm = 4
     sched = {"constant": RewarmConfig(schedule="constant", warmup_steps=warm),
              "cosine": RewarmConfig(schedule="rewarm", warmup_steps=warm, decay="cosine", min_lr_ratio=0.1),
              "wsd": RewarmConfig(schedule="wsd", warmup_steps=warm, decay="linear", min_lr_ratio=0.1,
                                  decay_steps=max(1, round(0.2 * steps)))}[schedule]
-    cfg = load_template("quickstart")
+    cfg = CPTConfig.from_yaml(Path(__file__).with_name("quickstart_round2.yaml"))  # the recipe measured
     return cfg.override({"data.general.train": "self", "data.synth.train_tokens": 12_000, "data.replay_ratio": replay,
                          "monitor.general": "general_self", "monitor.kl": False, "monitor.action": "none",
                          "monitor.guards": [{"set": "general_self", "metric": "loss"}],  # no KL measured

@@ -48,9 +48,9 @@ def main() -> None:
     from hf_cpt.evaluation import OFFLINE_TASKS
     from hf_cpt.recipe.data import build_eval_sets
     from hf_cpt.recipe.models import load_model_and_tokenizer
-    from hf_cpt.templates import load_template
+    from hf_cpt.config import CPTConfig
 
-    cfg = load_template("quickstart")
+    cfg = CPTConfig.from_yaml(Path(__file__).with_name("quickstart_round2.yaml"))  # the recipe measured
     a.limit = a.limit or cfg.downstream.limit
     a.batch_size = a.batch_size or cfg.downstream.batch_size
     model, tok = load_model_and_tokenizer(cfg.model)

@@ -30,14 +30,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from hf_cpt.templates import load_template  # noqa: E402
+from hf_cpt.config import CPTConfig  # noqa: E402
 from hf_cpt.recipe.train import run_cpt  # noqa: E402
 
 INITS = ["distill", "ofa", "subword_mean", "mean", "random"]
 
 
 def run(init: str | None, n_new: int, steps: int, workdir: Path, min_frequency: int = 1) -> dict:
-    cfg = load_template("quickstart").to_dict()
+    cfg = CPTConfig.from_yaml(Path(__file__).with_name("quickstart_round2.yaml")).to_dict()
     cfg["train"].update(max_steps=steps, eval_steps=steps, logging_steps=steps)
     cfg["schedule"]["warmup_steps"] = min(cfg["schedule"]["warmup_steps"], steps)
     # losses per init only: no self-synthesised set (the extended model would sample its own) and no KL pass, so
@@ -47,7 +47,6 @@ def run(init: str | None, n_new: int, steps: int, workdir: Path, min_frequency: 
                           guards=[{"set": "general", "metric": "loss", "tolerance": 10.0}])
     if init is not None:
         cfg["vocab"] = {"n_new_tokens": n_new, "init": init, "min_frequency": min_frequency}
-    from hf_cpt.config import CPTConfig
 
     t0 = time.perf_counter()
     res = run_cpt(CPTConfig.from_dict(cfg), output_dir=workdir / (init or "base"))

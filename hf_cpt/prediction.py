@@ -185,6 +185,10 @@ def _check(cfg: CPTConfig) -> None:
     if p.replay_ratio is not None and cfg.data.replay_stages:
         raise ValueError("`monitor.prediction` was made for one replay ratio, but `data.replay_stages` changes it "
                          "during the run: remove one of them")
+    if cfg.merge_base is not None and cfg.merge_base.ship:
+        raise ValueError("`monitor.prediction` predicts the trained model, but `merge_base.ship` measures the merge at "
+                         "the end: remove `merge_base` (merge afterwards with `hf-cpt merge RUN --alpha A`) or the "
+                         "prediction")
 
 
 def _card(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:

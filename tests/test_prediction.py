@@ -82,6 +82,8 @@ def test_a_prediction_made_for_another_run_is_refused_naming_the_setting():
         ok.override({"data.replay_ratio": 0.5})
     with pytest.raises(ValueError, match=r"made for `train.max_steps` 4, but the run has 8"):
         ok.override({"train.max_steps": 8})
+    with pytest.raises(ValueError, match=r"`merge_base.ship` measures the merge at the end"):
+        ok.override({"merge_base": {"alpha": 0.5}})
     with pytest.raises(ValueError, match=r"`monitor.prediction.general` must hold one loss per step"):
         CPTConfig.from_dict({"monitor": {"prediction": {**block, "general": [2.0]}}})
 

@@ -19,14 +19,16 @@ scores, the summary sentence) describes the model that is saved; the trained mod
 to the evaluation before. Rows of new tokens (`vocab:`) come from the trained model, as in `hf-cpt merge`.
 
 Memory, stated: a float32 copy of every trainable parameter at the start of training (the base), on the CPU.
-Refused: sharded models (each rank holds a shard) and LoRA runs (merge the adapter at strength alpha with
-`hf-cpt merge RUN --alpha A` instead: interpolating both LoRA factors is not the linear merge).
+A LoRA run merges at adapter strength alpha, as `hf-cpt merge` does: the B factors (zero at the start) are
+scaled by alpha and the A factors kept, so the update B @ A becomes alpha x B @ A; `modules_to_save` and trained
+embedding rows are interpolated whole. Refused: sharded models (each rank holds a shard).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -45,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger(__name__)
 
 PREFIX = "merged_"
+_LORA_A = re.compile(r"\.lora_(embedding_)?A\b")  # peft's down-projection factors
 
 
 @dataclass
@@ -108,6 +111,9 @@ class MergeBaseCallback(TrainerCallback):
         out = {}
         for name, base in self.base.items():
             p = params[name].detach()
+            if _LORA_A.search(name):  # a LoRA run: B scaled by alpha is alpha x the adapter's update B @ A
+                out[name] = p.clone()
+                continue
             merged = interpolate_tensor(base, p.float().cpu(), self.config.alpha,
                                         new_rows_from=self.new_rows_from if name in rows else None, name=name)
             out[name] = merged.to(device=p.device, dtype=p.dtype)
@@ -203,10 +209,6 @@ __all__ = ["MergeBaseCallback", "MergeBaseConfig", "base_snapshot"]
 
 # --- registry entry ---------------------------------------------------------------------------------------------------
 def _check(cfg: CPTConfig) -> None:
-    if cfg.merge_base is not None and cfg.lora is not None:
-        raise ValueError("`merge_base` with `lora`: interpolating both LoRA factors is not the linear merge; drop "
-                         "`merge_base` and run `hf-cpt merge RUN_DIR --alpha A` on the finished run (it merges the "
-                         "adapter at strength A)")
     wa = cfg.weight_averaging
     if cfg.merge_base is not None and cfg.merge_base.ship and wa is not None and wa.ship:
         raise ValueError("`merge_base.ship` and `weight_averaging.ship` both replace the saved weights: keep one "

@@ -39,7 +39,8 @@ def pilot_configs(cfg: CPTConfig, domain_ratios: Sequence[float], num_budgets: i
     warmup = cfg.schedule.warmup_steps if cfg.schedule is not None else cfg.train.warmup_steps
     schedule = RewarmConfig(schedule="constant", warmup_steps=min(warmup, steps // num_budgets))
     return [cfg.override({"data.replay_ratio": 1.0 - r, "data.replay_stages": [], "train.warmup_steps": 0, "train.lr_scheduler_type": None,
-                          "train.eval_steps": steps // num_budgets, "schedule": schedule, "monitor.action": "none"})
+                          "train.eval_steps": steps // num_budgets, "schedule": schedule, "monitor.action": "none",
+                          "merge_base": None})  # the trained model's curve, not a merge
             for r in ratios]
 
 

@@ -293,7 +293,8 @@ def plan_prediction(plan: CPTPlan, steps: Sequence[int]) -> dict[str, Any]:
 def planned_config(plan: CPTPlan, cfg: CPTConfig) -> CPTConfig:
     """`cfg` (e.g. a pilot's recipe) as the recommended run: `train.max_steps` the budget, `train.learning_rate` the
     peak LR, the candidate's `schedule:` block, `data.replay_ratio`, and its prediction as `monitor.prediction` at
-    the run's evaluation steps (checked by `hf-cpt train` at every evaluation)."""
+    the run's evaluation steps (checked by `hf-cpt train` at every evaluation). A `merge_base` block is dropped,
+    with a warning: the prediction is of the trained model."""
     c = plan.recommended
     if c is None:
         plan_prediction(plan, [0])  # raises: no run recommended
@@ -301,7 +302,11 @@ def planned_config(plan: CPTPlan, cfg: CPTConfig) -> CPTConfig:
     schedule = candidate_schedule(c.schedule, plan.budget_steps, s["warmup_steps"], s["min_lr_ratio"],
                                   s["decay_fraction"])
     steps = evaluation_steps(plan.budget_steps, cfg.train.eval_steps)
-    return cfg.override({"train.max_steps": plan.budget_steps, "train.learning_rate": c.peak_lr,
+    if cfg.merge_base is not None:  # the plan predicts the trained model; a merge would change what is measured
+        logger.warning("plan: the planned run drops `merge_base` (alpha %g): the prediction is of the trained model; "
+                       "merge it afterwards with `hf-cpt merge RUN --alpha %g`", cfg.merge_base.alpha,
+                       cfg.merge_base.alpha)
+    return cfg.override({"merge_base": None,"train.max_steps": plan.budget_steps, "train.learning_rate": c.peak_lr,
                          "train.warmup_steps": 0, "train.lr_scheduler_type": None, "schedule": asdict(schedule),
                          "data.replay_ratio": c.replay_ratio, "data.replay_stages": [], "output_dir": None,
                          "monitor.prediction": plan_prediction(plan, steps)})
@@ -342,7 +347,8 @@ def pilot_run_configs(cfg: CPTConfig, pilot_steps: int, schedules: Sequence[str]
             out[f"pilot-{sched}-r{r:g}"] = cfg.override({
                 "train.max_steps": pilot_steps, "train.eval_steps": evals, "train.warmup_steps": 0,
                 "train.lr_scheduler_type": None, "schedule": block, "data.replay_ratio": float(r),
-                "data.replay_stages": [], "output_dir": None, "monitor.prediction": None})
+                "data.replay_stages": [], "output_dir": None, "monitor.prediction": None,
+                "merge_base": None})  # a pilot measures the trained model's curve, not a merge
     return out
 
 

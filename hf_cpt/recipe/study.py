@@ -34,7 +34,7 @@ REPLAY = 0.25
 MERGE_ALPHAS = (0.25, 0.5, 0.75, 0.9)
 SHIPS_UNMONITORED = ("average",)  # their output is not the live model the monitor evaluated
 _OFF = {"data.replay_ratio": 0.0, "data.replay_stages": [], "schedule": None, "train.distill": None, "lora": None,
-        "weight_averaging": None, "train.freeze_layers": 0}
+        "weight_averaging": None, "train.freeze_layers": 0, "merge_base": None}  # merges: `merge`, `merge:NAME`
 
 
 def _rewarm(cfg: CPTConfig) -> dict[str, Any]:

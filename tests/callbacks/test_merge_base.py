@@ -51,11 +51,24 @@ def test_the_merge_is_the_interpolation_exact_at_both_ends_and_swapping_restores
     assert ship0.shipped and all(torch.equal(p, base[n]) for n, p in model.named_parameters())  # alpha 0: the base
 
 
+def test_a_lora_model_merges_at_adapter_strength_alpha():
+    pytest.importorskip("peft")
+    from hf_cpt.adapters import add_lora_for_cpt
+
+    model = add_lora_for_cpt(make_tiny_llama(64), r=4, alpha=8, target_modules=["q_proj", "v_proj"],
+                             embeddings="none")
+    base = base_snapshot(model)
+    assert base and all("lora_" in n for n in base)  # only the adapter trains
+    _moved(model)  # B leaves zero: the adapter now changes the model
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    trained_delta = q.get_delta_weight("default").clone()
+    with MergeBaseCallback(MergeBaseConfig(alpha=0.3), base).swapped_in(model):
+        assert torch.allclose(q.get_delta_weight("default"), 0.3 * trained_delta, atol=1e-6)
+
+
 def test_bad_settings_get_one_line_naming_the_field():
     with pytest.raises(ValueError, match="`alpha`"):
         MergeBaseConfig(alpha=1.5)
-    with pytest.raises(ValueError, match="`merge_base` with `lora`.*hf-cpt merge"):
-        CPTConfig.from_dict({"merge_base": {"alpha": 0.5}, "lora": {"r": 4}})
     with pytest.raises(ValueError, match="`merge_base.ship` and `weight_averaging.ship`"):
         CPTConfig.from_dict({"merge_base": {"alpha": 0.5}, "weight_averaging": {"ship": True}})
     with pytest.raises(ValueError, match="`merged_\\*` the merge"):

@@ -60,6 +60,10 @@ def test_a_planned_config_trains_records_predicted_vs_measured_and_warns_once(pl
     assert cfg.train.max_steps == STEPS and cfg.schedule.decay == "cosine" and cfg.data.replay_ratio == 0.25
     assert cfg.monitor.prediction.steps == [0, 3, 6]
     assert (tmp_path / "planned.yaml").read_text().startswith("# planned by `hf-cpt plan` from 3 pilots")
+    with caplog.at_level(logging.WARNING, logger="hf_cpt"):  # the plan predicts the trained model: no merge
+        assert planned_config(plan, base.override({"merge_base": {"alpha": 0.5}})).merge_base is None
+    assert any("drops `merge_base` (alpha 0.5)" in r.getMessage() for r in caplog.records)
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="hf_cpt"):
         result = run_cpt(cfg, output_dir=tmp_path / "out")
     # the prediction (2-3 nats) is deliberately wrong for the tiny model: one warning line, at the first evaluation

@@ -27,7 +27,8 @@ def test_template_parses_into_the_python_dataclasses(name):
 def test_quickstart_is_fully_offline():
     cfg = load_template("quickstart")
     assert cfg.model.name_or_path.startswith("embedded:")
-    assert cfg.data.domain.train.startswith("embedded:") and cfg.data.general.eval.startswith("embedded:")
+    assert cfg.data.domain.train.startswith("embedded:")
+    assert all(s.path.startswith("embedded:") for s in cfg.data.eval_sets.values())
 
 
 def test_unknown_template_suggests_a_name():
