@@ -49,8 +49,11 @@ def plot_forgetting(
         guards = [] if tolerance is None else [{"guarded_set": general, "tolerance_metric": tolerance_metric,
                                                  "tolerance": tolerance, "tolerance_mode": tolerance_mode}]
     on_domain = {domain, *domain_sets}
-    sets = [general] + sorted({k[: -len("_loss")] for r in history for k in r if k.endswith("_loss")}
-                              - {general} - on_domain) + [domain] + sorted(set(domain_sets) - {domain})
+    # the weight average's and the merge's copies of a domain set (`avg_<set>`, `merged_<set>`) are domain sets too
+    on_domain |= {f"{p}{n}" for p in ("avg_", "merged_") for n in list(on_domain)}
+    logged = {k[: -len("_loss")] for r in history for k in r if k.endswith("_loss")}
+    sets = [general] + sorted(logged - {general} - on_domain) + [domain] + sorted(
+        (set(domain_sets) | (on_domain & logged)) - {domain})
     has_kl = any(k.endswith("_kl") for r in history for k in r)
     scores = sorted({k for r in downstream or [] for k in r if k != "step" and "_stderr" not in k})
     panels = 2 + has_kl + bool(scores)
